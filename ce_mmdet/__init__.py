@@ -1,0 +1,15 @@
+"""ce_mmdet: Channel Equilibrium networks as an MMDetection 3.x plugin.
+
+Importing this package registers every module (``custom_imports=dict(
+imports=['ce_mmdet'])`` is all a config needs) and allow-lists the types that
+mmengine checkpoints hold, so ``torch.load(weights_only=True)`` (torch >= 2.6)
+reads them.
+"""
+from .utils.safe_load import register_mmengine_safe_globals
+from .version import __version__
+
+register_mmengine_safe_globals()
+
+from . import models  # noqa: E402,F401  (registers modules)
+
+__all__ = ['__version__', 'register_mmengine_safe_globals']

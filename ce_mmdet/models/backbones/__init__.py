@@ -1,0 +1,3 @@
+from .ce_resnet import CEBasicBlock, CEResNet
+
+__all__ = ['CEBasicBlock', 'CEResNet']

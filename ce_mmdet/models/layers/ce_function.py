@@ -1,0 +1,283 @@
+"""The fused Channel Equilibrium operator (one concept: the op and its gradient).
+
+The layer (:class:`~ce_mmdet.models.layers.ChannelEquilibrium`) holds parameters
+and buffers; this file holds the arithmetic. It is split in two parts:
+
+* the *small graph* (:func:`ce_small_graph`): everything that only touches
+  per-sample / per-group statistics (LayerNorm MLP, Newton iterations, the gate).
+  Its tensors are tiny (``N*C`` and ``G*d*d`` elements) and it is plain autograd.
+* the *big passes* over the feature map, done by :class:`_CEFunction`:
+
+  - forward: per-sample channel means and per-sample group Gram matrices
+    ``Q[n, g] = X[n, g] X[n, g]^T`` (one batched GEMM reading ``X`` in place,
+    no transposed copy), then ``out[n, g] = A[n, g] X[n, g]`` with the
+    per-sample block-diagonal map ``A = sig(a) W + (1 - sig(a)) diag(y / s)``
+    (one batched GEMM);
+  - backward: ``dA = dout X^T`` (one GEMM), the small graph is re-run under
+    autograd to map ``dA`` back onto the statistics and the parameters, then
+    ``dX = A^T dout + (dQ + dQ^T) X + dmean / HW`` with the second GEMM
+    accumulated into the first (``baddbmm``), so no extra full-size tensor is
+    made for the sum.
+
+Only the input and small tensors are saved for backward.
+Statistics, Gram matrices and Newton iterations run in float32 (or float64 for a
+float64 input) whatever the input dtype; the output has the input dtype.
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: A hook that sums small statistic tensors over processes (SyncCE), or None.
+ReduceFn = Optional[Callable[[Tensor], Tensor]]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype the statistics are computed in: float64 stays, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def newton_whitening(cov: Tensor, num_iters: int) -> Tensor:
+    """Approximate inverse square root by Newton's iterations, as published.
+
+    ``S_N = S / tr(S)``, ``P_0 = I``, ``P_{k+1} = 1.5 P_k - 0.5 P_k^3 S_N``;
+    returns ``P_T`` (not rescaled by the trace).
+
+    Args:
+        cov (Tensor): (G, d, d) covariance matrices (eps already added).
+        num_iters (int): T, the number of iterations (>= 1).
+
+    Returns:
+        Tensor: (G, d, d) whitening matrices.
+    """
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    cov_n = cov / trace[:, None, None]
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    p = eye.expand_as(cov)
+    for _ in range(num_iters):
+        p = 1.5 * p - 0.5 * torch.linalg.matrix_power(p, 3) @ cov_n
+    return p
+
+
+def instance_weights(var: Tensor, fc1_weight: Tensor, ln_weight: Tensor,
+                     ln_bias: Tensor, fc2_weight: Tensor,
+                     ln_eps: float) -> Tensor:
+    """``sigmoid(fc2(relu(LN(fc1(v)))))`` of the instance reweighting branch."""
+    hidden = F.linear(var, fc1_weight)
+    hidden = F.layer_norm(hidden, hidden.shape[-1:], ln_weight, ln_bias,
+                          ln_eps)
+    return torch.sigmoid(F.linear(F.relu(hidden), fc2_weight))
+
+
+def ce_small_graph(stats: Tuple[Tensor, Tensor], params: Tuple[Tensor, ...],
+                   buffers: Tuple[Tensor, Tensor], hw: int, group_size: int,
+                   num_iters: int, eps: float, training: bool,
+                   reduce_fn: ReduceFn = None
+                   ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """Map statistics and parameters to the per-sample block-diagonal map.
+
+    Args:
+        stats (tuple[Tensor]): training: (per-sample channel means (N, C),
+            per-sample Gram matrices (N, G, d, d)); eval: (per-sample channel
+            means (N, C), per-sample unbiased variances (N, C)).
+        params (tuple[Tensor]): gate (1,), fc1 weight, LN weight, LN bias, fc2
+            weight.
+        buffers (tuple[Tensor]): running whitening matrices (G, d, d) and
+            running scale (1,), used in eval.
+        hw (int): H * W.
+        group_size (int): d.
+        num_iters (int): Newton iterations.
+        eps (float): the covariance ridge, the scale floor and the LN eps.
+        training (bool): batch statistics (True) or running ones (False).
+        reduce_fn (callable, optional): sums a tensor over processes.
+
+    Returns:
+        tuple: ``A`` (N, G, d, d) in the statistics dtype, and in training the
+        batch whitening matrices (G, d, d) and scale (1,) for the running
+        averages (None, None in eval).
+    """
+    mean, second = stats
+    gate, fc1_w, ln_w, ln_b, fc2_w = params
+    n, c = mean.shape
+    g = c // group_size
+    denom = max(hw - 1, 1)
+    if training:
+        # unbiased per-sample variance from the Gram diagonal; clamp the
+        # rounding error of the difference, never a defined value.
+        sumsq = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
+        var = ((sumsq - hw * mean * mean) / denom).clamp_min(0)
+        var_sum = var.sum().reshape(1)
+        gram_sum = second.sum(0)
+        mean_sum = mean.sum(0)
+        count = torch.tensor([float(n)], dtype=mean.dtype, device=mean.device)
+        if reduce_fn is not None:
+            flat = reduce_fn(
+                torch.cat([var_sum, count,
+                           mean_sum, gram_sum.reshape(-1)]))
+            var_sum, count = flat[0:1], flat[1:2]
+            mean_sum = flat[2:2 + c]
+            gram_sum = flat[2 + c:].reshape(g, group_size, group_size)
+        # s = sqrt(mean v); clamping under the sqrt keeps its gradient finite
+        scale = torch.sqrt((var_sum / (count * c)).clamp_min(eps * eps))
+        mu = (mean_sum / count).reshape(g, group_size, 1)
+        eye = torch.eye(group_size, dtype=mean.dtype, device=mean.device)
+        cov = gram_sum / (count * hw) - mu @ mu.transpose(1, 2) + eps * eye
+        wm = newton_whitening(cov, num_iters)
+    else:
+        var = second
+        wm = buffers[0].to(mean.dtype)
+        scale = buffers[1].to(mean.dtype).clamp_min(eps)
+    y = instance_weights(var, fc1_w.to(var.dtype), ln_w.to(var.dtype),
+                         ln_b.to(var.dtype), fc2_w.to(var.dtype), eps)
+    lam = torch.sigmoid(gate.to(var.dtype))
+    diag = ((1 - lam) * y / scale).reshape(n, g, group_size)
+    a = lam * wm.unsqueeze(0) + torch.diag_embed(diag)
+    if training:
+        return a, wm, scale
+    return a, None, None
+
+
+def _grouped(x: Tensor, group_size: int) -> Tensor:
+    """(N, C, H, W) contiguous -> (N, G, d, HW) view, no copy."""
+    n, c, h, w = x.shape
+    return x.view(n, c // group_size, group_size, h * w)
+
+
+class _CEFunction(torch.autograd.Function):
+    """Channel Equilibrium with a recomputing backward (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, wm_buf: Tensor, scale_buf: Tensor,
+                group_size: int, num_iters: int, eps: float, training: bool,
+                reduce_fn: ReduceFn, *params: Tensor
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+        n, c, h, w = x.shape
+        hw = h * w
+        cdt = compute_dtype(x.dtype)
+        xg = _grouped(x, group_size)
+        xs = xg if x.dtype == cdt else xg.to(cdt)
+        if training:
+            mean = xs.mean(-1).reshape(n, c)
+            second = torch.matmul(xs, xs.transpose(-1, -2))
+        else:
+            var, mean = torch.var_mean(
+                xs, dim=-1, correction=1 if hw > 1 else 0)
+            var, mean = var.reshape(n, c), mean.reshape(n, c)
+            second = var
+        del xs
+        with torch.no_grad():
+            a, wm, scale = ce_small_graph(
+                (mean, second), params, (wm_buf, scale_buf), hw, group_size,
+                num_iters, eps, training, reduce_fn)
+        # write into a fresh (N, C, H, W) tensor: the output must not be a
+        # view, so that callers may modify it in place (``out += identity``)
+        out = x.new_empty((n, c, h, w))
+        torch.matmul(a.to(x.dtype), xg, out=_grouped(out, group_size))
+        if training:
+            # the running buffers are not read by a training backward; saving
+            # them would trip autograd's version check on the next update.
+            wm_buf = scale_buf = torch.empty(0)
+        else:
+            wm = scale = torch.empty(0, dtype=cdt, device=x.device)
+        ctx.save_for_backward(x, mean, second, a, wm_buf, scale_buf, *params)
+        ctx.conf = (group_size, num_iters, eps, training, reduce_fn)
+        ctx.mark_non_differentiable(wm, scale)
+        return out, wm, scale
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
+        x, mean, second, a, wm_buf, scale_buf, *params = ctx.saved_tensors
+        group_size, num_iters, eps, training, reduce_fn = ctx.conf
+        n, c, h, w = x.shape
+        hw = h * w
+        cdt = a.dtype
+        xg = _grouped(x, group_size)
+        go = _grouped(grad_out.contiguous(), group_size)
+        lowp = x.dtype != cdt
+        go_c = go.to(cdt) if lowp else go
+        x_c = xg.to(cdt) if lowp else xg
+        # dL/dA[n, g] = dout[n, g] @ X[n, g]^T, reduced over HW in cdt
+        grad_a = torch.matmul(go_c, x_c.transpose(-1, -2))
+
+        need_params = ctx.needs_input_grad[8:]
+        with torch.enable_grad():
+            stats = (mean.detach().requires_grad_(),
+                     second.detach().requires_grad_())
+            leaf_params = tuple(
+                p.detach().requires_grad_(bool(req))
+                for p, req in zip(params, need_params))
+            a_re, _, _ = ce_small_graph(stats, leaf_params,
+                                        (wm_buf, scale_buf), hw, group_size,
+                                        num_iters, eps, training, reduce_fn)
+            wrt = list(stats) + [p for p in leaf_params if p.requires_grad]
+            grads = torch.autograd.grad(a_re, wrt, grad_a, allow_unused=True)
+        d_mean, d_second = grads[0], grads[1]
+        param_grads = iter(grads[2:])
+        d_params = [
+            next(param_grads) if p.requires_grad else None
+            for p in leaf_params
+        ]
+        d_params = [
+            torch.zeros_like(p) if (d is None and p.requires_grad) else d
+            for p, d in zip(leaf_params, d_params)
+        ]
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            d_mean = (torch.zeros_like(mean) if d_mean is None else d_mean)
+            d_mean = d_mean.reshape(n, c // group_size, group_size, 1)
+            dx = torch.matmul(a.transpose(-1, -2), go_c)
+            if training:
+                d_second = (torch.zeros_like(second)
+                            if d_second is None else d_second)
+                sym = d_second + d_second.transpose(-1, -2)
+                dx = dx.view(-1, group_size, hw)
+                dx.baddbmm_(sym.reshape(-1, group_size, group_size),
+                            x_c.reshape(-1, group_size, hw))
+                dx = dx.view(n, -1, group_size, hw)
+                dx.add_(d_mean / hw)
+            elif d_second is not None:
+                # v = sum((x - m)^2) / (HW - 1): dv -> 2 dv (x - m) / (HW - 1)
+                coef = (2 * d_second / max(hw - 1, 1)).reshape(
+                    n, c // group_size, group_size, 1)
+                dx.addcmul_(x_c, coef)
+                dx.sub_(coef * mean.reshape(n, -1, group_size, 1))
+                dx.add_(d_mean / hw)
+            grad_x = dx.view(n, c, h, w).to(x.dtype)
+        return (grad_x, None, None, None, None, None, None, None, *d_params)
+
+
+def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
+                        running_wm: Tensor, running_scale: Tensor,
+                        group_size: int, num_iters: int, eps: float,
+                        momentum: float, training: bool,
+                        reduce_fn: ReduceFn = None) -> Tensor:
+    """Functional Channel Equilibrium on a contiguous (N, C, H, W) tensor.
+
+    Args:
+        x (Tensor): NCHW-contiguous input.
+        params (tuple[Tensor]): gate (1,), fc1 weight (C', C), LN weight (C',),
+            LN bias (C',), fc2 weight (C, C').
+        running_wm (Tensor): (G, d, d) running whitening matrices, updated in
+            place in training.
+        running_scale (Tensor): (1,) running IR scale, updated in place in
+            training.
+        group_size (int): channels per whitening group.
+        num_iters (int): Newton iterations.
+        eps (float): covariance ridge, scale floor and LayerNorm eps.
+        momentum (float): running-average momentum (PyTorch convention).
+        training (bool): use batch statistics and update running buffers.
+        reduce_fn (callable, optional): sums statistics over processes.
+
+    Returns:
+        Tensor: same shape and dtype as ``x``.
+    """
+    out, wm, scale = _CEFunction.apply(x, running_wm, running_scale,
+                                       group_size, num_iters, eps, training,
+                                       reduce_fn, *params)
+    if training and momentum > 0:
+        with torch.no_grad():
+            running_wm.lerp_(wm.to(running_wm.dtype), momentum)
+            running_scale.lerp_(scale.to(running_scale.dtype), momentum)
+    return out

@@ -1,0 +1,174 @@
+"""Channel Equilibrium (CE) layer, Shao et al., ICML 2020."""
+import numbers
+
+import torch
+import torch.nn as nn
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmdet.registry import MODELS
+from torch import Tensor
+
+from .ce_function import channel_equilibrium
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{name} must be an int, got {value!r} '
+                        f'({type(value).__name__})')
+    if value < minimum:
+        raise ValueError(f'{name} must be >= {minimum}, got {value}')
+    return int(value)
+
+
+@MODELS.register_module()
+class ChannelEquilibrium(nn.Module):
+    """Channel Equilibrium: batch decorrelation mixed with instance
+    reweighting by a learned gate. Placed right after a BatchNorm.
+
+    Contract (the published computation, to the letter). For an input ``X`` of
+    shape (N, C, H, W), ``G = C / group_size`` groups of ``d = group_size``
+    channels:
+
+    * IR branch: ``v[n, c]`` = unbiased variance of ``X[n, c]`` over H*W;
+      ``y = sigmoid(fc2(relu(LN(fc1(v)))))``; ``s = sqrt(mean(v))`` over the
+      whole batch in training, ``running_scale`` in eval;
+      ``ir = X * y[n, c] / s``.
+    * BD branch: per group, ``S = eps*I + cov(x_g)`` over the N*H*W positions,
+      ``W_g = P_T`` with ``P_0 = I``,
+      ``P_{k+1} = 1.5 P_k - 0.5 P_k^3 S / tr(S)``; ``running_wm`` in eval.
+      ``bd = W_g @ x_g`` on the *uncentred* input.
+    * ``out = sigmoid(gate) * bd + (1 - sigmoid(gate)) * ir``.
+
+    Running buffers follow PyTorch's momentum convention
+    (``r = (1 - momentum) * r + momentum * batch_value``), are updated only in
+    training mode and never carry autograd history. ``running_scale`` starts
+    at 1 and ``running_wm`` at the identity, so an untrained layer is finite
+    in eval mode. Where the formula is undefined (H*W == 1, a constant input)
+    the result is kept finite by clamping the scale to ``eps`` and the
+    variance denominator to 1; wherever the formula is defined the result
+    equals it.
+
+    Both branches are applied as one per-sample block-diagonal map
+    ``sigmoid(gate) * W_g + (1 - sigmoid(gate)) * diag(y[n] / s)`` in a single
+    pass over ``X``; the backward keeps only the input and small tensors
+    (see :mod:`ce_mmdet.models.layers.ce_function`). Statistics run in float32
+    for half/bfloat16 inputs (also under autocast); the output has the input
+    dtype. channels_last inputs give channels_last outputs.
+
+    Args:
+        in_channels (int): C. Must be a multiple of ``group_size``.
+        group_size (int): channels per whitening group d. Default: 16.
+        num_iters (int): Newton iterations T, >= 1. Default: 3.
+        reduction (int): hidden width of the IR sub-network is
+            ``in_channels // reduction`` (must be >= 1). Default: 4.
+        eps (float): covariance ridge, scale floor and LayerNorm eps.
+            Default: 1e-5.
+        momentum (float): running-average momentum in [0, 1]. Default: 0.1.
+
+    Example:
+        >>> import torch
+        >>> from ce_mmdet.models import ChannelEquilibrium
+        >>> ce = ChannelEquilibrium(32, group_size=16)
+        >>> x = torch.randn(2, 32, 8, 8)
+        >>> ce(x).shape
+        torch.Size([2, 32, 8, 8])
+        >>> _ = ce.eval()
+        >>> bool(torch.isfinite(ce(x)).all())
+        True
+    """
+
+    _abbr_ = 'ce'
+    # version 1: gate, fc1, norm, fc2, running_wm, running_scale
+    _version = 1
+
+    def __init__(self,
+                 in_channels: int,
+                 group_size: int = 16,
+                 num_iters: int = 3,
+                 reduction: int = 4,
+                 eps: float = 1e-5,
+                 momentum: float = 0.1) -> None:
+        super().__init__()
+        in_channels = _check_int('in_channels', in_channels, 1)
+        group_size = _check_int('group_size', group_size, 1)
+        num_iters = _check_int('num_iters', num_iters, 1)
+        reduction = _check_int('reduction', reduction, 1)
+        if in_channels % group_size != 0:
+            raise ValueError(
+                f'in_channels ({in_channels}) must be a multiple of '
+                f'group_size ({group_size}); groups are never shrunk silently')
+        hidden = in_channels // reduction
+        if hidden < 1:
+            raise ValueError(
+                f'reduction={reduction} leaves in_channels // reduction = '
+                f'{hidden} hidden units for in_channels={in_channels}; it '
+                f'must be <= in_channels')
+        if not isinstance(eps, numbers.Real) or not eps > 0:
+            raise ValueError(f'eps must be a positive number, got {eps!r}')
+        if not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
+            raise ValueError(f'momentum must be in [0, 1], got {momentum!r}')
+        self.in_channels = in_channels
+        self.group_size = group_size
+        self.num_groups = in_channels // group_size
+        self.num_iters = num_iters
+        self.reduction = reduction
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.norm = nn.LayerNorm(hidden, eps=self.eps)
+        self.fc2 = nn.Linear(hidden, in_channels, bias=False)
+        self.register_buffer(
+            'running_wm',
+            torch.eye(group_size).repeat(self.num_groups, 1, 1))
+        self.register_buffer('running_scale', torch.ones(1))
+
+    def reset_running_stats(self) -> None:
+        """Identity whitening and unit scale, as at construction."""
+        with torch.no_grad():
+            self.running_wm.copy_(
+                torch.eye(self.group_size).expand_as(self.running_wm))
+            self.running_scale.fill_(1)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f'expected a Tensor, got {type(x).__name__}')
+        if x.dim() != 4:
+            raise ValueError(f'expected a 4-D (N, C, H, W) input, got shape '
+                             f'{tuple(x.shape)}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'expected {self.in_channels} channels, got '
+                             f'{x.shape[1]} (input shape {tuple(x.shape)})')
+        if not x.is_floating_point():
+            raise TypeError(f'expected a floating point input, got {x.dtype}')
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply CE. Returns a tensor of the shape and dtype of ``x``."""
+        self._check_input(x)
+        if x.numel() == 0:
+            return x.clone()
+        channels_last = (not x.is_contiguous()
+                         and x.is_contiguous(memory_format=torch.channels_last))
+        params = (self.gate, self.fc1.weight, self.norm.weight,
+                  self.norm.bias, self.fc2.weight)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = channel_equilibrium(
+                x.contiguous(), params, self.running_wm, self.running_scale,
+                self.group_size, self.num_iters, self.eps, self.momentum,
+                self.training)
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, group_size={self.group_size}, '
+                f'num_groups={self.num_groups}, num_iters={self.num_iters}, '
+                f'reduction={self.reduction}, eps={self.eps}, '
+                f'momentum={self.momentum}')
+
+
+# mmcv's build_plugin_layer looks the type up in mmengine's root registry
+# unless the default scope is 'mmdet'; register there too so that
+# ``plugins=[dict(cfg=dict(type='ChannelEquilibrium'), ...)]`` works in plain
+# Python as well as in mmdet configs.
+MMENGINE_MODELS.register_module(module=ChannelEquilibrium)

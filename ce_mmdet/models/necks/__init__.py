@@ -1,0 +1,3 @@
+from .ce_fpn import CEFPN, ConvNormCE
+
+__all__ = ['CEFPN', 'ConvNormCE']

@@ -1,0 +1,134 @@
+"""A tiny, deterministic, synthetic COCO-format detection/segmentation set.
+
+Images show a few filled shapes (rectangles, circles, triangles) on a noisy
+background; every shape is one instance with its box, polygon mask, area and
+``iscrowd=0``. Shapes do not overlap, so each polygon is the visible mask.
+The same arguments always give the same files (numpy RandomState; JPEG by
+Pillow at a fixed quality).
+"""
+import json
+import math
+import os
+import os.path as osp
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ('rectangle', 'circle', 'triangle')
+SIZES = ((320, 240), (256, 256), (240, 320))  # (width, height)
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float,
+             rng: np.random.RandomState) -> List[Tuple[float, float]]:
+    if kind == 'rectangle':
+        w, h = r * rng.uniform(0.7, 1.0), r * rng.uniform(0.5, 1.0)
+        return [(cx - w, cy - h), (cx + w, cy - h), (cx + w, cy + h),
+                (cx - w, cy + h)]
+    if kind == 'circle':
+        return [(cx + r * math.cos(2 * math.pi * k / 16),
+                 cy + r * math.sin(2 * math.pi * k / 16)) for k in range(16)]
+    angle = rng.uniform(0, 2 * math.pi)
+    return [(cx + r * math.cos(angle + 2 * math.pi * k / 3),
+             cy + r * math.sin(angle + 2 * math.pi * k / 3)) for k in range(3)]
+
+
+def _area(poly: Sequence[Tuple[float, float]]) -> float:
+    x = np.array([p[0] for p in poly])
+    y = np.array([p[1] for p in poly])
+    return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x,
+                                                                        1))))
+
+
+def _make_image(rng: np.random.RandomState, width: int, height: int,
+                max_objects: int):
+    base = rng.randint(40, 200, size=3)
+    noise = rng.randint(-25, 26, size=(height, width, 3))
+    img = np.clip(base[None, None] + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(img)
+    draw = ImageDraw.Draw(image)
+    placed: List[Tuple[float, float, float]] = []
+    objects = []
+    for _ in range(rng.randint(1, max_objects + 1)):
+        for _attempt in range(50):
+            r = rng.uniform(14, min(width, height) / 5)
+            cx = rng.uniform(r + 2, width - r - 2)
+            cy = rng.uniform(r + 2, height - r - 2)
+            if all(math.hypot(cx - px, cy - py) > r + pr + 4
+                   for px, py, pr in placed):
+                break
+        else:
+            continue
+        placed.append((cx, cy, r))
+        label = int(rng.randint(len(CLASSES)))
+        poly = _polygon(CLASSES[label], cx, cy, r, rng)
+        poly = [(round(x, 2), round(y, 2)) for x, y in poly]
+        colour = tuple(int(c) for c in (255 - base + rng.randint(-30, 31, 3))
+                       % 256)
+        draw.polygon(poly, fill=colour)
+        objects.append((label, poly))
+    return image, objects
+
+
+def make_split(out_dir: str, split: str, num_images: int, seed: int,
+               max_objects: int = 4) -> Dict:
+    """Write ``{split}2017/*.jpg`` and return the COCO dict of the split."""
+    rng = np.random.RandomState(seed)
+    img_dir = osp.join(out_dir, f'{split}2017')
+    os.makedirs(img_dir, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        width, height = SIZES[i % len(SIZES)]
+        image, objects = _make_image(rng, width, height, max_objects)
+        image_id = i + 1
+        file_name = f'{image_id:012d}.jpg'
+        image.save(osp.join(img_dir, file_name), quality=95)
+        images.append(
+            dict(id=image_id, file_name=file_name, width=width, height=height))
+        for label, poly in objects:
+            xs = [p[0] for p in poly]
+            ys = [p[1] for p in poly]
+            x0, y0 = min(xs), min(ys)
+            annotations.append(
+                dict(
+                    id=len(annotations) + 1,
+                    image_id=image_id,
+                    category_id=label + 1,
+                    bbox=[
+                        round(x0, 2),
+                        round(y0, 2),
+                        round(max(xs) - x0, 2),
+                        round(max(ys) - y0, 2)
+                    ],
+                    area=round(_area(poly), 2),
+                    segmentation=[[c for p in poly for c in p]],
+                    iscrowd=0))
+    categories = [
+        dict(id=i + 1, name=name, supercategory='shape')
+        for i, name in enumerate(CLASSES)
+    ]
+    return dict(
+        info=dict(description=f'ce_mmdet tiny synthetic COCO ({split})'),
+        licenses=[],
+        images=images,
+        annotations=annotations,
+        categories=categories)
+
+
+def make_tiny_coco(out_dir: str, num_train: int = 24, num_val: int = 8,
+                   seed: int = 0) -> Dict[str, str]:
+    """Write the tiny set under ``out_dir``; returns the annotation paths."""
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f'num_train and num_val must be >= 1, got '
+                         f'{num_train}, {num_val}')
+    ann_dir = osp.join(out_dir, 'annotations')
+    os.makedirs(ann_dir, exist_ok=True)
+    paths = {}
+    for split, num, split_seed in (('train', num_train, seed),
+                                   ('val', num_val, seed + 1000)):
+        coco = make_split(out_dir, split, num, split_seed)
+        path = osp.join(ann_dir, f'instances_{split}2017.json')
+        with open(path, 'w') as f:
+            json.dump(coco, f)
+        paths[split] = path
+    return paths

@@ -1,0 +1,104 @@
+"""Run mmdet's own ``tools/train.py`` / ``tools/test.py`` with ce_mmdet loaded.
+
+mmdet ships its tools inside the package (``mmdet/.mim/tools``). Ours import
+``ce_mmdet`` first (module registration, safe checkpoint loading), check what
+mmdet would only discover late, and then hand over to mmdet's ``main()``, so
+the command line is exactly mmdet's.
+"""
+import contextlib
+import importlib.util
+import os.path as osp
+from types import ModuleType
+from typing import Dict, Iterator, List
+
+PRETRAINED_HELP = """\
+The backbone's pretrained checkpoint {path!r} does not exist.
+
+To start from the published ImageNet CE-ResNet-50 (78.2% top-1):
+  1. get the authors' weights from https://github.com/Tangshitao/CENet
+  2. python tools/model_converters/cenet2mmdet.py SRC.pth {path}
+
+Or start from torchvision's BN ResNet (the CE layers then start fresh):
+  --cfg-options model.backbone.init_cfg.checkpoint=torchvision://resnet{depth}
+"""
+
+
+def mmdet_tool_path(name: str) -> str:
+    """Path of mmdet's bundled ``tools/NAME.py``."""
+    import mmdet
+    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', name + '.py')
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f'mmdet tool {path} not found: this mmdet install has no bundled '
+            "tools (.mim). Reinstall mmdet with pip ('pip install mmdet') or "
+            "'pip install -e .' in the mmdetection repository.")
+    return path
+
+
+def load_mmdet_tool(name: str) -> ModuleType:
+    """Import mmdet's ``tools/NAME.py`` as a module (its ``main`` not run)."""
+    path = mmdet_tool_path(name)
+    spec = importlib.util.spec_from_file_location(f'_mmdet_tools_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pretrained_cfgs(node, found: List[Dict]) -> None:
+    if isinstance(node, dict):
+        init_cfg = node.get('init_cfg')
+        for item in (init_cfg if isinstance(init_cfg, list) else [init_cfg]):
+            if isinstance(item, dict) and item.get('type') == 'Pretrained':
+                found.append(dict(item, _depth=node.get('depth', 50)))
+        for value in node.values():
+            _pretrained_cfgs(value, found)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _pretrained_cfgs(value, found)
+
+
+def missing_pretrained(model_cfg) -> List[Dict]:
+    """Pretrained init_cfgs of ``model_cfg`` whose local file is missing."""
+    found: List[Dict] = []
+    _pretrained_cfgs(model_cfg, found)
+    return [
+        cfg for cfg in found if isinstance(cfg.get('checkpoint'), str)
+        and '://' not in cfg['checkpoint'] and not osp.isfile(cfg['checkpoint'])
+    ]
+
+
+def check_pretrained(cfg) -> None:
+    """Stop with instructions if a local pretrained checkpoint is missing.
+
+    Raises:
+        SystemExit: naming the file, how to convert the published weights
+            and how to start from torchvision BN weights instead.
+    """
+    missing = missing_pretrained(cfg.get('model', {}))
+    if missing:
+        raise SystemExit(
+            PRETRAINED_HELP.format(
+                path=missing[0]['checkpoint'], depth=missing[0]['_depth']))
+
+
+@contextlib.contextmanager
+def keep_test_metrics() -> Iterator[Dict]:
+    """Collect the metrics ``Runner.test()`` returns while in the block.
+
+    mmdet's ``tools/test.py`` logs the metrics and drops them; this keeps
+    them for callers of our ``tools/test.py``'s ``main()``.
+    """
+    from mmengine.runner import Runner
+    metrics: Dict = {}
+    original = Runner.test
+
+    def test(self):
+        result = original(self)
+        metrics.update(result or {})
+        return result
+
+    Runner.test = test
+    try:
+        yield metrics
+    finally:
+        Runner.test = original

@@ -1,0 +1,264 @@
+import copy
+import logging
+
+import pytest
+import torch
+from mmdet.models import ResNet
+from mmengine.logging import MMLogger
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ce_mmdet.models import CEResNet, ChannelEquilibrium
+
+
+def all_ce(model):
+    return [m for m in model.modules() if isinstance(m, ChannelEquilibrium)]
+
+
+def randomise(model, seed=0):
+    """Non-trivial BN/CE values so that equivalence tests can fail."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, ChannelEquilibrium):
+                m.gate.normal_(0, 0.5)
+                m.running_wm.add_(0.02 * torch.randn_like(m.running_wm))
+                m.running_scale.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(depth=20), 'depth must be one of'),
+    (dict(depth=50, num_stages=5), 'num_stages'),
+    (dict(depth=50, num_stages=3), 'strides'),
+    (dict(depth=50, out_indices=(4, )), 'out_indices'),
+    (dict(depth=50, style='tensorflow'), 'style'),
+    (dict(depth=50, frozen_stages=7), 'frozen_stages'),
+    (dict(depth=50, ce_stages=(True, True)), 'ce_stages'),
+    (dict(depth=50, ce_stages=(1, 1, 1, 0)), 'ce_stages'),
+    (dict(depth=50, ce_cfg=dict(group_size=48)), 'multiple of group_size'),
+    (dict(depth=50, ce_cfg=dict(in_channels=64)), 'in_channels'),
+])
+def test_invalid_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CEResNet(**kwargs)
+
+
+def test_invalid_argument_types():
+    with pytest.raises(TypeError, match='stem_ce'):
+        CEResNet(depth=18, stem_ce='yes')
+    with pytest.raises(TypeError, match='ce_cfg'):
+        CEResNet(depth=18, ce_cfg=[('group_size', 16)])
+
+
+@pytest.mark.parametrize('depth,expansion', [(18, 1), (34, 1), (50, 4),
+                                             (101, 4), (152, 4)])
+def test_output_shapes_and_ce_placement(depth, expansion):
+    model = CEResNet(depth=depth, base_channels=16)
+    model.init_weights()
+    model.train()
+    outs = model(torch.rand(2, 3, 64, 64))
+    widths = [16 * 2**i * expansion for i in range(4)]
+    assert [tuple(o.shape) for o in outs] == [
+        (2, w, 64 // 2**(i + 2), 64 // 2**(i + 2)) for i, w in enumerate(widths)
+    ]
+    blocks = dict(ResNet.arch_settings)[depth][1]
+    # stem + every block of stages 1-3, none in stage 4
+    assert len(all_ce(model)) == 1 + sum(blocks[:3])
+    assert model.ce1.num_groups == 1 and model.ce1.group_size == 16
+    for i in range(4):
+        for block in getattr(model, f'layer{i + 1}'):
+            assert hasattr(block, 'ce') == (i < 3)
+            if i < 3:
+                assert block.ce.group_size == 16
+
+
+def test_bottleneck_order_ce_after_norm3_before_add():
+    model = CEResNet(depth=50, base_channels=16).train()
+    calls = []
+    block = model.layer2[0]
+    for name in ('norm3', 'ce', 'downsample'):
+        getattr(block, name).register_forward_hook(
+            lambda *a, n=name: calls.append(n))
+    model.conv1.register_forward_hook(lambda *a: calls.append('conv1'))
+    model.norm1.register_forward_hook(lambda *a: calls.append('bn1'))
+    model.ce1.register_forward_hook(lambda *a: calls.append('ce1'))
+    model(torch.rand(1, 3, 64, 64))
+    assert calls == ['conv1', 'bn1', 'ce1', 'norm3', 'ce', 'downsample']
+
+
+def test_basic_block_order_ce_after_norm2():
+    model = CEResNet(depth=18, base_channels=16).train()
+    calls = []
+    block = model.layer1[1]
+    for name in ('norm2', 'ce'):
+        getattr(block, name).register_forward_hook(
+            lambda *a, n=name: calls.append(n))
+    model(torch.rand(1, 3, 64, 64))
+    assert calls == ['norm2', 'ce']
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_without_ce_equals_resnet(depth):
+    kwargs = dict(depth=depth, base_channels=16, norm_eval=False)
+    ce = CEResNet(ce_stages=(False, ) * 4, stem_ce=False, **kwargs)
+    bn = ResNet(**kwargs)
+    assert not all_ce(ce)
+    randomise(bn)
+    ce.load_state_dict(bn.state_dict(), strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    for mode in (True, False):
+        ce.train(mode)
+        bn.train(mode)
+        for a, b in zip(ce(x), bn(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2])
+def test_frozen_stages_freeze_ce(frozen_stages):
+    model = CEResNet(depth=50, base_channels=16, frozen_stages=frozen_stages,
+                     norm_eval=False)
+    model.init_weights()
+    model.train()
+    frozen = []
+    if frozen_stages >= 0:
+        frozen.append(model.ce1)
+    for i in range(1, frozen_stages + 1):
+        frozen += all_ce(getattr(model, f'layer{i}'))
+    frozen_ids = {id(m) for m in frozen}
+    for m in all_ce(model):
+        is_frozen = id(m) in frozen_ids
+        assert m.training == (not is_frozen)
+        assert all(p.requires_grad == (not is_frozen)
+                   for p in m.parameters())
+    # frozen CE keep their running buffers through a training step
+    if frozen:
+        before = frozen[-1].running_wm.clone()
+        model(torch.rand(2, 3, 64, 64))
+        assert torch.equal(frozen[-1].running_wm, before)
+
+
+def test_norm_eval_puts_ce_and_bn_in_eval():
+    model = CEResNet(depth=50, base_channels=16, norm_eval=True)
+    model.train()
+    assert model.training
+    for m in model.modules():
+        if isinstance(m, (_BatchNorm, ChannelEquilibrium)):
+            assert not m.training
+    ce = model.layer3[0].ce
+    before = ce.running_wm.clone()
+    model(torch.rand(2, 3, 64, 64))
+    assert torch.equal(ce.running_wm, before)
+    model = CEResNet(depth=50, base_channels=16, norm_eval=False).train()
+    assert all(m.training for m in all_ce(model))
+
+
+def test_deep_stem_keeps_bn_indices():
+    model = CEResNet(depth=50, base_channels=16, deep_stem=True,
+                     avg_down=True)
+    assert isinstance(model.stem[8], ChannelEquilibrium)
+    assert isinstance(model.stem[7], _BatchNorm)
+    ref = ResNet(depth=50, base_channels=16, deep_stem=True, avg_down=True)
+    ce_keys = {k for k in model.state_dict() if k.startswith('stem.8.')}
+    assert set(model.state_dict()) - ce_keys >= {
+        k
+        for k in ref.state_dict() if k.startswith('stem.')
+    }
+    outs = model(torch.rand(1, 3, 64, 64))
+    assert outs[0].shape == (1, 64, 16, 16)
+
+
+def test_with_cp_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = CEResNet(depth=50, base_channels=16, norm_eval=False)
+    model.init_weights()
+    cp_model = copy.deepcopy(model)
+    for m in cp_model.modules():
+        if hasattr(m, 'with_cp'):
+            m.with_cp = True
+    model.train()
+    cp_model.train()
+    x = torch.rand(2, 3, 64, 64)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    out1 = model(x1)
+    out2 = cp_model(x2)
+    for a, b in zip(out1, out2):
+        torch.testing.assert_close(a, b)
+    sum(o.sum() for o in out1).backward()
+    sum(o.sum() for o in out2).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for (name, p1), p2 in zip(model.named_parameters(),
+                              cp_model.parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+
+
+def test_zero_init_residual():
+    for depth, norm in ((18, 'norm2'), (50, 'norm3')):
+        model = CEResNet(depth=depth, base_channels=16)
+        model.init_weights()
+        for layer in (model.layer1, model.layer4):
+            for block in layer:
+                assert torch.all(getattr(block, norm).weight == 0)
+
+
+def test_user_plugins_still_work():
+    plugins = [
+        dict(
+            cfg=dict(type='ContextBlock', ratio=1. / 4),
+            position='after_conv3',
+            stages=(False, True, True, True))
+    ]
+    model = CEResNet(depth=50, base_channels=16, plugins=plugins)
+    block = model.layer2[0]
+    assert block.after_conv3_plugin_names[0] == 'ce'
+    assert 'context_block' in block.after_conv3_plugin_names
+    assert not hasattr(model.layer1[0], 'context_block')
+    outs = model(torch.rand(1, 3, 64, 64))
+    assert outs[3].shape == (1, 512, 2, 2)
+
+
+def test_loads_bn_resnet_checkpoint(tmp_path, caplog):
+    bn = randomise(ResNet(depth=50, base_channels=16))
+    state = dict(bn.state_dict())
+    state['fc.weight'] = torch.zeros(10, 1024)
+    state['fc.bias'] = torch.zeros(10)
+    path = tmp_path / 'resnet50_bn.pth'
+    torch.save(dict(state_dict=state), path)
+    model = CEResNet(
+        depth=50,
+        base_channels=16,
+        init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    fresh_ce = {
+        k: v.clone()
+        for k, v in model.state_dict().items() if '.ce.' in k or 'ce1' in k
+    }
+    logger = MMLogger.get_current_instance()
+    messages = []
+
+    class Grab(logging.Handler):
+
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Grab()
+    logger.addHandler(handler)
+    try:
+        model.init_weights()
+    finally:
+        logger.removeHandler(handler)
+    loaded = model.state_dict()
+    for k, v in bn.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+    for k, v in fresh_ce.items():
+        assert torch.equal(loaded[k], v), k
+    summary = [m for m in messages if 'CEResNet: loaded' in m]
+    assert len(summary) == 1 and '\n' not in summary[0]
+    assert f'{len(fresh_ce)} CE tensors' in summary[0]
+    assert 'fc.bias' in summary[0]
+    assert not any('non-CE tensors' in m for m in messages)

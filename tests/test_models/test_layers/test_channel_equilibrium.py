@@ -1,0 +1,302 @@
+import copy
+
+import pytest
+import torch
+from mmcv.cnn import build_plugin_layer
+from mmdet.models import ResNet
+from mmdet.registry import MODELS
+
+from ce_mmdet.models import ChannelEquilibrium
+from ce_mmdet.testing import ce_reference_module
+
+TOL = 1e-10
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def make_layer(c, dtype=torch.float64, seed=0, **kwargs):
+    """A CE layer with non-trivial parameters and running buffers."""
+    torch.manual_seed(seed)
+    layer = ChannelEquilibrium(c, **kwargs).to(dtype)
+    with torch.no_grad():
+        layer.gate.fill_(0.3)
+        layer.norm.weight.add_(0.1 * torch.randn_like(layer.norm.weight))
+        layer.norm.bias.normal_(0, 0.1)
+        layer.running_wm.add_(0.01 * torch.randn_like(layer.running_wm))
+        layer.running_scale.fill_(1.7)
+    return layer
+
+
+def bn_like_input(n, c, h, w, dtype=torch.float64, seed=1):
+    torch.manual_seed(seed)
+    gamma = torch.rand(1, c, 1, 1, dtype=dtype) * 2
+    beta = torch.randn(1, c, 1, 1, dtype=dtype) * 0.5
+    mix = torch.randn(c, c, dtype=dtype) * 0.3 + torch.eye(c, dtype=dtype)
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    x = torch.einsum('dc,nchw->ndhw', mix, x)  # correlated channels
+    return x * gamma + beta
+
+
+CASES = [
+    # n, c, h, w, group_size, num_iters
+    (2, 32, 5, 7, 16, 3),
+    (3, 16, 4, 4, 4, 1),
+    (1, 64, 3, 3, 64, 5),
+    (4, 48, 6, 2, 8, 2),
+]
+
+
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('n,c,h,w,gs,iters', CASES)
+def test_matches_float64_reference(n, c, h, w, gs, iters, training):
+    layer = make_layer(c, group_size=gs, num_iters=iters).train(training)
+    ref_layer = copy.deepcopy(layer)
+    x = bn_like_input(n, c, h, w).requires_grad_()
+    out = layer(x)
+    ref, ref_wm, ref_scale = ce_reference_module(ref_layer, x)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out, ref) < TOL
+    assert rel_err(layer.running_wm, ref_wm) < TOL
+    assert rel_err(layer.running_scale, ref_scale) < TOL
+    if training:  # the buffers did move
+        assert not torch.allclose(layer.running_wm, ref_layer.running_wm)
+    grad_out = torch.randn_like(out)
+    params = list(layer.parameters())
+    ref_params = list(ref_layer.parameters())
+    grads = torch.autograd.grad(out, [x] + params, grad_out)
+    ref_grads = torch.autograd.grad(ref, [x] + ref_params, grad_out)
+    names = ['input'] + [name for name, _ in layer.named_parameters()]
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert rel_err(g, rg) < TOL, name
+
+
+def test_gradcheck_float64():
+    layer = make_layer(8, group_size=4, num_iters=2)
+    x = bn_like_input(2, 8, 3, 3).requires_grad_()
+    for training in (True, False):
+        layer.train(training)
+        layer.momentum = 0.0  # keep buffers fixed across gradcheck's calls
+        params = tuple(layer.parameters())
+
+        names = [name for name, _ in layer.named_parameters()]
+
+        def fn(x, *ps, layer=layer, names=names):
+            return torch.func.functional_call(layer, dict(zip(names, ps)),
+                                              (x, ))
+
+        inputs = (x, ) + tuple(p.detach().clone().requires_grad_()
+                               for p in params)
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_running_buffers_update_only_in_training_without_history():
+    layer = make_layer(32, dtype=torch.float32)
+    x = bn_like_input(2, 32, 4, 4, dtype=torch.float32).requires_grad_()
+    wm0, s0 = layer.running_wm.clone(), layer.running_scale.clone()
+    layer.eval()
+    layer(x).sum().backward()
+    assert torch.equal(layer.running_wm, wm0)
+    assert torch.equal(layer.running_scale, s0)
+    layer.train()
+    layer(x).sum().backward()
+    assert not torch.equal(layer.running_wm, wm0)
+    assert not torch.equal(layer.running_scale, s0)
+    for buf in (layer.running_wm, layer.running_scale):
+        assert buf.grad_fn is None and not buf.requires_grad
+    # two forwards before one backward (as under gradient checkpointing)
+    loss = layer(x).sum() + layer(x).sum()
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_fresh_layer_is_finite_in_eval():
+    layer = ChannelEquilibrium(16, group_size=8).eval()
+    assert torch.equal(layer.running_scale, torch.ones(1))
+    assert torch.equal(layer.running_wm, torch.eye(8).repeat(2, 1, 1))
+    out = layer(torch.randn(2, 16, 5, 5))
+    assert torch.isfinite(out).all()
+
+
+def test_eval_output_does_not_depend_on_batch():
+    layer = make_layer(32).eval()
+    x = bn_like_input(4, 32, 5, 5)
+    full = layer(x)
+    for i in range(4):
+        alone = layer(x[i:i + 1])
+        assert rel_err(alone[0], full[i]) < TOL
+    other = torch.cat([x[:1], 10 * bn_like_input(3, 32, 5, 5, seed=9)])
+    assert rel_err(layer(other)[0], full[0]) < TOL
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(in_channels=30, group_size=16), 'multiple of group_size'),
+    (dict(in_channels=16, reduction=32), 'hidden units'),
+    (dict(in_channels=16, num_iters=0), 'num_iters must be >= 1'),
+    (dict(in_channels=0), 'in_channels must be >= 1'),
+    (dict(in_channels=16, eps=0.0), 'eps must be a positive'),
+    (dict(in_channels=16, momentum=1.5), 'momentum must be in'),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ChannelEquilibrium(**kwargs)
+
+
+def test_bad_argument_types_raise_type_error():
+    with pytest.raises(TypeError, match='group_size must be an int'):
+        ChannelEquilibrium(16, group_size=4.0)
+    with pytest.raises(TypeError, match='in_channels must be an int'):
+        ChannelEquilibrium(True)
+
+
+def test_bad_inputs_raise():
+    layer = ChannelEquilibrium(16)
+    with pytest.raises(ValueError, match='4-D'):
+        layer(torch.randn(2, 16, 4))
+    with pytest.raises(ValueError, match='expected 16 channels, got 32'):
+        layer(torch.randn(2, 32, 4, 4))
+    with pytest.raises(TypeError, match='floating point'):
+        layer(torch.ones(2, 16, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_undefined_cases_are_finite(training):
+    layer = ChannelEquilibrium(16, group_size=8).train(training)
+    cases = {
+        'hw1': torch.randn(4, 16, 1, 1),
+        'constant': torch.full((2, 16, 4, 4), 3.0),
+        'zeros': torch.zeros(2, 16, 4, 4),
+        'n1_hw1': torch.randn(1, 16, 1, 1),
+        'n1': torch.randn(1, 16, 3, 3),
+    }
+    for name, x in cases.items():
+        x = x.clone().requires_grad_()
+        out = layer(x)
+        out.sum().backward()
+        assert torch.isfinite(out).all(), name
+        assert torch.isfinite(x.grad).all(), name
+        for p in layer.parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+        assert torch.isfinite(layer.running_wm).all(), name
+        assert torch.isfinite(layer.running_scale).all(), name
+
+
+def test_clamping_does_not_change_defined_results():
+    # tiny but non-zero spread: s is above eps, so the formula applies as is
+    layer = make_layer(16, group_size=8)
+    x = 1e-3 * bn_like_input(2, 16, 4, 4)
+    ref, _, _ = ce_reference_module(copy.deepcopy(layer), x)
+    assert rel_err(layer(x), ref) < TOL
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    layer = make_layer(32, dtype=torch.float32)
+    x = bn_like_input(2, 32, 8, 8, dtype=torch.float32)
+    ref = copy.deepcopy(layer)(x)
+    xl = x.to(dtype).requires_grad_()
+    out = layer(xl)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    assert rel_err(out.float(), ref) < tol
+    out.float().sum().backward()
+    assert xl.grad.dtype == dtype and torch.isfinite(xl.grad).all()
+
+
+def test_autocast_bfloat16_cpu():
+    layer = make_layer(32, dtype=torch.float32)
+    conv = torch.nn.Conv2d(32, 32, 1).float()
+    x = bn_like_input(2, 32, 8, 8, dtype=torch.float32)
+    ref = copy.deepcopy(layer)(conv(x))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = conv(x)
+        assert y.dtype == torch.bfloat16
+        out = layer(y)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert rel_err(out.float(), ref) < 6e-2
+
+
+def test_channels_last_and_non_contiguous():
+    layer = make_layer(32)
+    x = bn_like_input(2, 32, 6, 5)
+    expected = copy.deepcopy(layer)(x)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    out = copy.deepcopy(layer)(xcl)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, expected) < TOL
+    wide = bn_like_input(2, 32, 6, 10)
+    strided = wide[:, :, :, ::2]
+    assert not strided.is_contiguous()
+    out = copy.deepcopy(layer)(strided)
+    assert rel_err(out, copy.deepcopy(layer)(strided.contiguous())) < TOL
+
+
+def test_state_dict_round_trip():
+    layer = make_layer(32, dtype=torch.float32)
+    x = bn_like_input(2, 32, 5, 5, dtype=torch.float32)
+    layer.train()
+    layer(x)  # move the running buffers
+    layer.eval()
+    expected = layer(x)
+    state = layer.state_dict()
+    assert set(state) == {
+        'gate', 'fc1.weight', 'norm.weight', 'norm.bias', 'fc2.weight',
+        'running_wm', 'running_scale'
+    }
+    assert state._metadata['']['version'] == ChannelEquilibrium._version
+    fresh = ChannelEquilibrium(32).eval()
+    assert not torch.allclose(fresh(x), expected)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), expected)
+
+
+def test_extra_repr_shows_settings():
+    text = repr(ChannelEquilibrium(64, group_size=32, num_iters=4))
+    for part in ('64', 'group_size=32', 'num_groups=2', 'num_iters=4',
+                 'reduction=4', 'momentum=0.1'):
+        assert part in text
+
+
+def test_registry_and_plugin_builders():
+    layer = MODELS.build(dict(type='ChannelEquilibrium', in_channels=32))
+    assert isinstance(layer, ChannelEquilibrium) and layer.in_channels == 32
+    name, layer = build_plugin_layer(
+        dict(type='ChannelEquilibrium', group_size=8), in_channels=64)
+    assert name == 'ce'
+    assert isinstance(layer, ChannelEquilibrium)
+    assert layer.num_groups == 8
+
+
+def test_as_mmdet_resnet_plugin():
+    model = ResNet(
+        depth=50,
+        base_channels=16,
+        plugins=[
+            dict(
+                cfg=dict(type='ChannelEquilibrium'),
+                position='after_conv3',
+                stages=(True, True, True, False))
+        ])
+    for i, blocks in enumerate((3, 4, 6, 3), start=1):
+        layer = getattr(model, f'layer{i}')
+        for block in layer:
+            has_ce = hasattr(block, 'ce')
+            assert has_ce == (i < 4)
+            if has_ce:
+                assert block.after_conv3_plugin_names == ['ce']
+                assert block.ce.in_channels == block.norm3.num_features
+    # CE sits right after norm3: hook the order of calls
+    calls = []
+    block = model.layer1[0]
+    block.norm3.register_forward_hook(lambda *a: calls.append('norm3'))
+    block.ce.register_forward_hook(lambda *a: calls.append('ce'))
+    model.train()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    outs = model(x)
+    assert calls == ['norm3', 'ce']
+    sum(o.sum() for o in outs).backward()
+    assert block.ce.fc1.weight.grad is not None
+    assert torch.isfinite(x.grad).all()

@@ -1,0 +1,108 @@
+import pytest
+import torch
+from mmdet.models.necks import FPN
+
+from ce_mmdet.models import CEFPN, ChannelEquilibrium, ConvNormCE
+
+IN_CHANNELS = [16, 32, 64, 128]
+
+
+def feats(n=2, size=32):
+    torch.manual_seed(0)
+    return [
+        torch.rand(n, c, size // 2**i, size // 2**i)
+        for i, c in enumerate(IN_CHANNELS)
+    ]
+
+
+@pytest.mark.parametrize('extra', [False, 'on_input', 'on_output'])
+@pytest.mark.parametrize('start_level', [0, 1])
+def test_shapes_match_fpn(extra, start_level):
+    kwargs = dict(
+        in_channels=IN_CHANNELS,
+        out_channels=32,
+        num_outs=5,
+        start_level=start_level,
+        add_extra_convs=extra)
+    neck = CEFPN(**kwargs).train()
+    ref = FPN(**kwargs, norm_cfg=dict(type='BN'))
+    outs = neck(feats())
+    ref_outs = ref(feats())
+    assert [o.shape for o in outs] == [o.shape for o in ref_outs]
+    n_ce = sum(isinstance(m, ChannelEquilibrium) for m in neck.modules())
+    assert n_ce == len(neck.lateral_convs) + len(neck.fpn_convs)
+    if extra:  # RetinaNet's extra levels are outputs: they get CE too
+        assert len(neck.fpn_convs) > len(neck.lateral_convs)
+        assert all(isinstance(c, ConvNormCE) for c in neck.fpn_convs)
+
+
+def test_without_ce_equals_fpn_with_norm():
+    kwargs = dict(
+        in_channels=IN_CHANNELS,
+        out_channels=32,
+        num_outs=5,
+        add_extra_convs='on_input')
+    neck = CEFPN(ce_on=(), **kwargs)
+    ref = FPN(norm_cfg=dict(type='BN', requires_grad=True), **kwargs)
+    assert set(neck.state_dict()) == set(ref.state_dict())
+    neck.load_state_dict(ref.state_dict())
+    for mode in (True, False):
+        neck.train(mode)
+        ref.train(mode)
+        for a, b in zip(neck(feats()), ref(feats())):
+            assert torch.equal(a, b)
+
+
+def test_ce_after_norm_before_activation_and_keys_kept():
+    neck = CEFPN(
+        IN_CHANNELS,
+        32,
+        num_outs=4,
+        ce_on=('output', ),
+        act_cfg=dict(type='ReLU'))
+    conv = neck.fpn_convs[0]
+    assert isinstance(conv, ConvNormCE)
+    assert not isinstance(neck.lateral_convs[0], ConvNormCE)
+    order = []
+    conv.norm.register_forward_hook(lambda *a: order.append('norm'))
+    conv.ce.register_forward_hook(lambda *a: order.append('ce'))
+    conv.activate.register_forward_hook(lambda *a: order.append('act'))
+    neck(feats())
+    assert order == ['norm', 'ce', 'act']
+    keys = set(neck.state_dict())
+    assert 'fpn_convs.0.conv.weight' in keys
+    assert 'fpn_convs.0.bn.weight' in keys
+    assert 'fpn_convs.0.ce.running_wm' in keys
+    assert 'lateral_convs.0.ce.gate' not in keys
+
+
+def test_ce_on_both_changes_the_output():
+    kwargs = dict(in_channels=IN_CHANNELS, out_channels=32, num_outs=4)
+    neck = CEFPN(**kwargs).eval()
+    ref = FPN(norm_cfg=dict(type='BN', requires_grad=True), **kwargs).eval()
+    ref.load_state_dict(neck.state_dict(), strict=False)
+    with torch.no_grad():
+        for m in neck.modules():
+            if isinstance(m, ChannelEquilibrium):
+                m.gate.fill_(2.0)
+                m.running_wm.mul_(0.5)
+    outs = neck(feats())
+    assert not torch.allclose(outs[0], ref(feats())[0])
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(ce_on=('middle', )), 'ce_on entries'),
+    (dict(norm_cfg=None), 'norm_cfg must be set'),
+    (dict(no_norm_on_lateral=True), 'no_norm_on_lateral'),
+    (dict(ce_cfg=dict(group_size=24)), 'multiple of group_size'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CEFPN(IN_CHANNELS, 32, num_outs=4, **kwargs)
+
+
+def test_gradients_flow_to_ce():
+    neck = CEFPN(IN_CHANNELS, 32, num_outs=4).train()
+    sum(o.sum() for o in neck(feats())).backward()
+    ce = neck.lateral_convs[0].ce
+    assert ce.gate.grad is not None and torch.isfinite(ce.gate.grad).all()

@@ -1,0 +1,26 @@
+"""Test (and evaluate) a detector: mmdet 3.3's tools/test.py, with ce_mmdet.
+
+Same command line as mmdet's: CONFIG CHECKPOINT [--work-dir] [--out]
+[--show] [--show-dir] [--cfg-options ...] [--launcher ...] [--tta].
+Prints the COCO metrics through mmengine's logger; ``main()`` returns them.
+"""
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
+
+from ce_mmdet.utils.mmdet_tools import (keep_test_metrics,  # noqa: E402
+                                        load_mmdet_tool)
+
+
+def main():
+    tool = load_mmdet_tool('test')
+    with keep_test_metrics() as metrics:
+        tool.main()
+    return metrics
+
+
+if __name__ == '__main__':
+    main()

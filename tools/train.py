@@ -1,0 +1,31 @@
+"""Train a detector: mmdet 3.3's tools/train.py, with ce_mmdet loaded.
+
+Same command line as mmdet's: CONFIG [--work-dir] [--resume [PATH]] [--amp]
+[--auto-scale-lr] [--cfg-options ...] [--launcher {none,pytorch,slurm,mpi}].
+Before mmdet builds the runner, a missing local pretrained checkpoint stops
+the run with instructions.
+"""
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
+from mmengine.config import Config  # noqa: E402
+
+from ce_mmdet.utils.mmdet_tools import (check_pretrained,  # noqa: E402
+                                        load_mmdet_tool)
+
+
+def main():
+    tool = load_mmdet_tool('train')
+    args = tool.parse_args()
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    check_pretrained(cfg)
+    tool.main()
+
+
+if __name__ == '__main__':
+    main()
