@@ -1,0 +1,77 @@
+"""Every config loads, builds, and runs a training and a test step on the
+tiny COCO set (image scale shrunk here, not in the configs)."""
+import glob
+import math
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import init_default_scope
+from mmengine.runner import Runner
+from mmdet.registry import MODELS
+
+from ce_mmdet.models import CEFPN, CEResNet, ChannelEquilibrium
+from ce_mmdet.testing.tiny_coco import tiny_coco_config
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CONFIGS = sorted(
+    osp.relpath(p, ROOT)
+    for p in glob.glob(osp.join(ROOT, 'configs', '**', '*.py'), recursive=True)
+    if '_base_' not in p)
+
+
+def test_configs_found():
+    assert len(CONFIGS) >= 15
+
+
+@pytest.mark.parametrize('path', CONFIGS)
+def test_config_loads(path):
+    cfg = Config.fromfile(osp.join(ROOT, path))
+    backbone = cfg.model.backbone
+    is_ce = '-ce' in osp.basename(path)
+    assert (backbone.type == 'CEResNet') == is_ce
+    assert ('ce_mmdet' in cfg.get('custom_imports', {}).get('imports', [])
+            ) == is_ce
+    if 'fpn-ce' in path:
+        assert cfg.model.neck.type == 'CEFPN'
+    if 'r101' in path:
+        assert backbone.depth == 101
+
+
+@pytest.mark.parametrize('path', CONFIGS)
+def test_config_train_and_test_step(path, tiny_coco, tmp_path):
+    if path.startswith(osp.join('configs', 'demo')):
+        # already a tiny-set config: point it at this session's copy
+        cfg = Config.fromfile(osp.join(ROOT, path))
+        for loader in (cfg.train_dataloader, cfg.test_dataloader):
+            loader.dataset.data_root = tiny_coco + '/'
+    else:
+        tiny = tmp_path / 'tiny.py'
+        tiny.write_text(tiny_coco_config(osp.join(ROOT, path), tiny_coco))
+        cfg = Config.fromfile(str(tiny))
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    if '-ce' in osp.basename(path):
+        assert isinstance(model.backbone, CEResNet)
+        assert any(isinstance(m, ChannelEquilibrium) for m in model.modules())
+    assert isinstance(model.neck, CEFPN) == ('fpn-ce' in path)
+    loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
+    batch = next(iter(loader))
+    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    model.train()
+    log_vars = model.train_step(batch, optim)
+    assert math.isfinite(float(log_vars['loss']))
+    model.eval()
+    test_batch = next(iter(Runner.build_dataloader(cfg.test_dataloader)))
+    with torch.no_grad():
+        results = model.test_step(test_batch)
+    assert len(results) == 1
+    pred = results[0].pred_instances
+    assert pred.bboxes.shape[-1] == 4
+    assert torch.isfinite(pred.scores).all()
+    if 'mask' in path:
+        assert 'masks' in pred

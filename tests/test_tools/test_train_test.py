@@ -1,0 +1,187 @@
+"""End to end on the tiny COCO set: tools/train.py, tools/test.py, --resume,
+mmdet's own train.py on an outside config, and the missing-weights stop."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.runner import Runner
+
+from ce_mmdet.models import ChannelEquilibrium
+from ce_mmdet.testing.tiny_coco import tiny_coco_config
+from ce_mmdet.utils.mmdet_tools import mmdet_tool_path
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+MASK_CE = osp.join(ROOT, 'configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py')
+RETINA_CE = osp.join(ROOT,
+                     'configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py')
+
+
+def run(args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def ce_buffers(state):
+    return {
+        k: v
+        for k, v in state.items()
+        if k.endswith('running_wm') or k.endswith('running_scale')
+    }
+
+
+@pytest.fixture(scope='module')
+def mask_run(tiny_coco, tmp_path_factory):
+    """CE Mask R-CNN trained 4 iterations by tools/train.py."""
+    work = tmp_path_factory.mktemp('mask_ce')
+    cfg = work / 'tiny_mask_ce.py'
+    cfg.write_text(tiny_coco_config(MASK_CE, tiny_coco, max_iters=4))
+    log = run(['tools/train.py', str(cfg), '--work-dir', str(work / 'wd')],
+              cwd=ROOT)
+    return cfg, work / 'wd', log
+
+
+def test_train_writes_checkpoints_with_ce_buffers(mask_run):
+    _, wd, log = mask_run
+    assert 'Iter(train) [4/4]' in log
+    for it in (2, 4):
+        assert (wd / f'iter_{it}.pth').exists()
+    state = torch.load(wd / 'iter_4.pth', weights_only=True)['state_dict']
+    bufs = ce_buffers(state)
+    assert any(k.startswith('backbone.ce1.') for k in bufs)
+    # norm_eval=True in the config: CE buffers stay at their initial values
+    assert torch.equal(state['backbone.ce1.running_scale'], torch.ones(1))
+
+
+def test_test_prints_bbox_and_segm_ap(mask_run):
+    cfg, wd, _ = mask_run
+    log = run([
+        'tools/test.py',
+        str(cfg),
+        str(wd / 'iter_4.pth'), '--work-dir',
+        str(wd / 'test')
+    ], cwd=ROOT)
+    assert 'coco/bbox_mAP:' in log and 'coco/segm_mAP:' in log
+    assert 'Average Precision' in log
+
+
+def test_resume_continues_iterations_and_ce_buffers(mask_run, tmp_path):
+    cfg_path, wd, _ = mask_run
+    ckpt = torch.load(wd / 'iter_2.pth', weights_only=True)
+    # in process: the runner restores the iteration and the CE buffers
+    cfg = Config.fromfile(str(cfg_path))
+    cfg.work_dir = str(tmp_path / 'resume_check')
+    cfg.resume = True
+    cfg.load_from = str(wd / 'iter_2.pth')
+    init_default_scope('mmdet')
+    runner = Runner.from_cfg(cfg)
+    runner._train_loop = runner.build_train_loop(runner._train_loop)
+    runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+    runner.load_or_resume()
+    assert runner.iter == 2
+    state = runner.model.state_dict()
+    for k, v in ce_buffers(ckpt['state_dict']).items():
+        assert torch.equal(state[k], v), k
+    # and on the command line: iterations 3 and 4 only
+    log = run([
+        'tools/train.py',
+        str(cfg_path), '--work-dir',
+        str(wd), '--resume',
+        str(wd / 'iter_2.pth')
+    ], cwd=ROOT)
+    assert 'resumed epoch: 0, iter: 2' in log
+    assert 'Iter(train) [3/4]' in log and 'Iter(train) [1/4]' not in log
+
+
+@pytest.fixture(scope='module')
+def retina_run(tiny_coco, tmp_path_factory):
+    work = tmp_path_factory.mktemp('retina_ce')
+    cfg = work / 'tiny_retina_ce.py'
+    cfg.write_text(tiny_coco_config(RETINA_CE, tiny_coco, max_iters=2,
+                                    ckpt_interval=2))
+    log = run(['tools/train.py', str(cfg), '--work-dir', str(work / 'wd')],
+              cwd=ROOT)
+    return cfg, work / 'wd', log
+
+
+def test_retinanet_train_and_test_returns_metrics(retina_run, monkeypatch):
+    cfg, wd, log = retina_run
+    assert (wd / 'iter_2.pth').exists()
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    try:
+        import test as test_tool
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(sys, 'argv', [
+        'test.py', str(cfg),
+        str(wd / 'iter_2.pth'), '--work-dir',
+        str(wd / 'test'), '--cfg-options', 'model.test_cfg.score_thr=0.0'
+    ])
+    # (2 iterations from scratch: every score is near the 0.01 prior, below
+    # RetinaNet's default 0.05 threshold)
+    metrics = test_tool.main()
+    assert 'coco/bbox_mAP' in metrics
+    assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
+
+
+OUTSIDE_CONFIG = """\
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['ce_mmdet'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(
+        type='CEResNet',
+        depth=50,
+        ce_cfg=dict(group_size=16, num_iters=3, reduction=4),
+        ce_stages=(True, True, True, False),
+        stem_ce=True,
+        norm_eval=False))
+"""
+
+
+@pytest.mark.parametrize('tool', ['mmdet', 'ours'])
+def test_outside_config_trains(tool, tiny_coco, tmp_path):
+    user_cfg = tmp_path / 'my_ce_retinanet.py'
+    user_cfg.write_text(OUTSIDE_CONFIG)
+    tiny = tmp_path / 'tiny.py'
+    tiny.write_text(tiny_coco_config(str(user_cfg), tiny_coco, max_iters=2))
+    script = (mmdet_tool_path('train') if tool == 'mmdet' else osp.join(
+        ROOT, 'tools', 'train.py'))
+    log = run([script, str(tiny), '--work-dir',
+               str(tmp_path / 'wd')], cwd=str(tmp_path))
+    assert 'Iter(train) [2/2]' in log
+    state = torch.load(tmp_path / 'wd' / 'iter_2.pth',
+                       weights_only=True)['state_dict']
+    # norm_eval=False: the CE buffers of unfrozen stages (2+) were trained
+    assert not torch.equal(state['backbone.layer2.0.ce.running_scale'],
+                           torch.ones(1))
+
+
+def test_missing_pretrained_stops_before_runner(tmp_path):
+    proc = subprocess.run([
+        sys.executable, 'tools/train.py', MASK_CE, '--work-dir',
+        str(tmp_path / 'wd'), '--cfg-options',
+        'model.backbone.init_cfg.checkpoint=checkpoints/nope.pth'
+    ], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'checkpoints/nope.pth' in proc.stderr
+    assert 'cenet2mmdet.py' in proc.stderr
+    assert 'torchvision://resnet50' in proc.stderr
+    assert not (tmp_path / 'wd').exists()  # no runner was built
+
+
+def test_ce_layers_in_built_model_match_config(tiny_coco):
+    cfg = Config.fromfile(RETINA_CE)
+    init_default_scope('mmdet')
+    from mmdet.registry import MODELS
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model)
+    n = sum(isinstance(m, ChannelEquilibrium) for m in model.modules())
+    assert n == 1 + 3 + 4 + 6
