@@ -75,3 +75,22 @@ def test_config_train_and_test_step(path, tiny_coco, tmp_path):
     assert torch.isfinite(pred.scores).all()
     if 'mask' in path:
         assert 'masks' in pred
+
+
+@pytest.mark.parametrize('folder', ['ce_mask_rcnn', 'ce_retinanet'])
+def test_metafile_and_readme_match_files(folder):
+    import yaml
+    base = osp.join(ROOT, 'configs', folder)
+    with open(osp.join(base, 'metafile.yml')) as f:
+        meta = yaml.safe_load(f)
+    files = {osp.basename(p) for p in glob.glob(osp.join(base, '*.py'))}
+    models = meta['Models']
+    assert {m['Name'] + '.py' for m in models} == files
+    for m in models:
+        assert m['Config'] == f'configs/{folder}/{m["Name"]}.py'
+        assert m['In Collection'] == meta['Collections'][0]['Name']
+    with open(osp.join(base, 'README.md')) as f:
+        readme = f.read()
+    for name in files:
+        assert f'(./{name})' in readme, name
+    assert 'tools/dist_train.sh' in readme
