@@ -3,13 +3,17 @@
 Importing this package registers every module (``custom_imports=dict(
 imports=['ce_mmdet'])`` is all a config needs) and allow-lists the types that
 mmengine checkpoints hold, so ``torch.load(weights_only=True)`` (torch >= 2.6)
-reads them.
+reads them. On a CPU-only torch build it also lets mmengine's ``pytorch``
+launcher run with the gloo backend (see ``ce_mmdet.engine.cpu_distributed``).
 """
 from .utils.safe_load import register_mmengine_safe_globals
 from .version import __version__
 
 register_mmengine_safe_globals()
 
-from . import models  # noqa: E402,F401  (registers modules)
+from . import engine, models  # noqa: E402,F401  (registers modules)
+
+# CPU-only torch builds: let mmengine's pytorch launcher run with gloo
+engine.enable_cpu_distributed()
 
 __all__ = ['__version__', 'register_mmengine_safe_globals']

@@ -3,9 +3,11 @@
 The layer (:class:`~ce_mmdet.models.layers.ChannelEquilibrium`) holds parameters
 and buffers; this file holds the arithmetic. It is split in two parts:
 
-* the *small graph* (:func:`ce_small_graph`): everything that only touches
-  per-sample / per-group statistics (LayerNorm MLP, Newton iterations, the gate).
-  Its tensors are tiny (``N*C`` and ``G*d*d`` elements) and it is plain autograd.
+* the *small graph* (:func:`local_statistics`, :func:`block_map`): everything
+  that only touches per-sample / per-group statistics (LayerNorm MLP, Newton
+  iterations, the gate). Its tensors are tiny (``N*C`` and ``G*d*d``
+  elements) and it is plain autograd. With SyncCE the batch sums between the
+  two are summed over processes, in forward and (their gradient) in backward.
 * the *big passes* over the feature map, done by :class:`_CEFunction`:
 
   - forward: per-sample channel means and per-sample group Gram matrices
@@ -70,70 +72,87 @@ def instance_weights(var: Tensor, fc1_weight: Tensor, ln_weight: Tensor,
     return torch.sigmoid(F.linear(F.relu(hidden), fc2_weight))
 
 
-def ce_small_graph(stats: Tuple[Tensor, Tensor], params: Tuple[Tensor, ...],
-                   buffers: Tuple[Tensor, Tensor], hw: int, group_size: int,
-                   num_iters: int, eps: float, training: bool,
-                   reduce_fn: ReduceFn = None
-                   ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """Map statistics and parameters to the per-sample block-diagonal map.
+def local_statistics(mean: Tensor, second: Tensor, hw: int, training: bool
+                     ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-sample variances and (training) this process's batch sums.
 
     Args:
-        stats (tuple[Tensor]): training: (per-sample channel means (N, C),
-            per-sample Gram matrices (N, G, d, d)); eval: (per-sample channel
-            means (N, C), per-sample unbiased variances (N, C)).
+        mean (Tensor): per-sample channel means (N, C).
+        second (Tensor): training: per-sample Gram matrices (N, G, d, d);
+            eval: per-sample unbiased variances (N, C).
+        hw (int): H * W.
+        training (bool): which of the two ``second`` holds.
+
+    Returns:
+        tuple: ``v`` (N, C), and in training the flat sufficient statistics
+        ``[sum_n,c v, N, sum_n mean (C), sum_n Gram (G*d*d)]`` that SyncCE sums
+        over processes (None in eval).
+    """
+    if not training:
+        return second, None
+    n, c = mean.shape
+    # unbiased per-sample variance from the Gram diagonal; clamp the rounding
+    # error of the difference, never a defined value.
+    sumsq = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
+    var = ((sumsq - hw * mean * mean) / max(hw - 1, 1)).clamp_min(0)
+    count = torch.full((1, ), float(n), dtype=mean.dtype, device=mean.device)
+    sums = torch.cat([
+        var.sum().reshape(1), count,
+        mean.sum(0),
+        second.sum(0).reshape(-1)
+    ])
+    return var, sums
+
+
+def block_map(var: Tensor, sums: Optional[Tensor], params: Tuple[Tensor, ...],
+              buffers: Tuple[Tensor, Tensor], hw: int, group_size: int,
+              num_iters: int, eps: float
+              ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The per-sample block-diagonal map ``A`` from statistics and parameters.
+
+    ``A[n, g] = sig(a) W_g + (1 - sig(a)) diag(y[n, g] / s)``.
+
+    Args:
+        var (Tensor): per-sample unbiased variances (N, C).
+        sums (Tensor, optional): the (global) batch sums of
+            :func:`local_statistics` in training; None in eval, where the
+            running buffers are used.
         params (tuple[Tensor]): gate (1,), fc1 weight, LN weight, LN bias, fc2
             weight.
         buffers (tuple[Tensor]): running whitening matrices (G, d, d) and
-            running scale (1,), used in eval.
+            running scale (1,).
         hw (int): H * W.
         group_size (int): d.
         num_iters (int): Newton iterations.
         eps (float): the covariance ridge, the scale floor and the LN eps.
-        training (bool): batch statistics (True) or running ones (False).
-        reduce_fn (callable, optional): sums a tensor over processes.
 
     Returns:
         tuple: ``A`` (N, G, d, d) in the statistics dtype, and in training the
         batch whitening matrices (G, d, d) and scale (1,) for the running
         averages (None, None in eval).
     """
-    mean, second = stats
     gate, fc1_w, ln_w, ln_b, fc2_w = params
-    n, c = mean.shape
+    n, c = var.shape
     g = c // group_size
-    denom = max(hw - 1, 1)
-    if training:
-        # unbiased per-sample variance from the Gram diagonal; clamp the
-        # rounding error of the difference, never a defined value.
-        sumsq = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
-        var = ((sumsq - hw * mean * mean) / denom).clamp_min(0)
-        var_sum = var.sum().reshape(1)
-        gram_sum = second.sum(0)
-        mean_sum = mean.sum(0)
-        count = torch.tensor([float(n)], dtype=mean.dtype, device=mean.device)
-        if reduce_fn is not None:
-            flat = reduce_fn(
-                torch.cat([var_sum, count,
-                           mean_sum, gram_sum.reshape(-1)]))
-            var_sum, count = flat[0:1], flat[1:2]
-            mean_sum = flat[2:2 + c]
-            gram_sum = flat[2 + c:].reshape(g, group_size, group_size)
+    if sums is not None:
+        var_sum, count = sums[0:1], sums[1:2]
+        mean_sum = sums[2:2 + c]
+        gram_sum = sums[2 + c:].reshape(g, group_size, group_size)
         # s = sqrt(mean v); clamping under the sqrt keeps its gradient finite
         scale = torch.sqrt((var_sum / (count * c)).clamp_min(eps * eps))
         mu = (mean_sum / count).reshape(g, group_size, 1)
-        eye = torch.eye(group_size, dtype=mean.dtype, device=mean.device)
+        eye = torch.eye(group_size, dtype=var.dtype, device=var.device)
         cov = gram_sum / (count * hw) - mu @ mu.transpose(1, 2) + eps * eye
         wm = newton_whitening(cov, num_iters)
     else:
-        var = second
-        wm = buffers[0].to(mean.dtype)
-        scale = buffers[1].to(mean.dtype).clamp_min(eps)
+        wm = buffers[0].to(var.dtype)
+        scale = buffers[1].to(var.dtype).clamp_min(eps)
     y = instance_weights(var, fc1_w.to(var.dtype), ln_w.to(var.dtype),
                          ln_b.to(var.dtype), fc2_w.to(var.dtype), eps)
     lam = torch.sigmoid(gate.to(var.dtype))
     diag = ((1 - lam) * y / scale).reshape(n, g, group_size)
     a = lam * wm.unsqueeze(0) + torch.diag_embed(diag)
-    if training:
+    if sums is not None:
         return a, wm, scale
     return a, None, None
 
@@ -172,9 +191,11 @@ class _CEFunction(torch.autograd.Function):
             second = ((sumsq - hw * mean * mean) /
                       max(hw - 1, 1)).clamp_min(0)
         with torch.no_grad():
-            a, wm, scale = ce_small_graph(
-                (mean, second), params, (wm_buf, scale_buf), hw, group_size,
-                num_iters, eps, training, reduce_fn)
+            var, sums = local_statistics(mean, second, hw, training)
+            if sums is not None and reduce_fn is not None:
+                sums = reduce_fn(sums)  # SyncCE: global batch statistics
+            a, wm, scale = block_map(var, sums, params, (wm_buf, scale_buf),
+                                     hw, group_size, num_iters, eps)
         # write into a fresh (N, C, H, W) tensor: the output must not be a
         # view, so that callers may modify it in place (``out += identity``)
         out = x.new_empty((n, c, h, w))
@@ -185,14 +206,17 @@ class _CEFunction(torch.autograd.Function):
             wm_buf = scale_buf = torch.empty(0)
         else:
             wm = scale = torch.empty(0, dtype=cdt, device=x.device)
-        ctx.save_for_backward(x, mean, second, a, wm_buf, scale_buf, *params)
+            sums = torch.empty(0, dtype=cdt, device=x.device)
+        ctx.save_for_backward(x, mean, second, sums, a, wm_buf, scale_buf,
+                              *params)
         ctx.conf = (group_size, num_iters, eps, training, reduce_fn)
         ctx.mark_non_differentiable(wm, scale)
         return out, wm, scale
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
-        x, mean, second, a, wm_buf, scale_buf, *params = ctx.saved_tensors
+        x, mean, second, sums, a, wm_buf, scale_buf, *params = \
+            ctx.saved_tensors
         group_size, num_iters, eps, training, reduce_fn = ctx.conf
         n, c, h, w = x.shape
         hw = h * w
@@ -207,16 +231,29 @@ class _CEFunction(torch.autograd.Function):
 
         need_params = ctx.needs_input_grad[8:]
         with torch.enable_grad():
-            stats = (mean.detach().requires_grad_(),
-                     second.detach().requires_grad_())
+            mean_l = mean.detach().requires_grad_()
+            second_l = second.detach().requires_grad_()
             leaf_params = tuple(
                 p.detach().requires_grad_(bool(req))
                 for p, req in zip(params, need_params))
-            a_re, _, _ = ce_small_graph(stats, leaf_params,
-                                        (wm_buf, scale_buf), hw, group_size,
-                                        num_iters, eps, training, reduce_fn)
-            wrt = list(stats) + [p for p in leaf_params if p.requires_grad]
-            grads = torch.autograd.grad(a_re, wrt, grad_a, allow_unused=True)
+            var, local_sums = local_statistics(mean_l, second_l, hw, training)
+            glob = sums.detach().requires_grad_() if training else None
+            a_re, _, _ = block_map(var, glob, leaf_params, (wm_buf, scale_buf),
+                                   hw, group_size, num_iters, eps)
+            outputs, grad_outputs = [a_re], [grad_a]
+            if training:
+                # dL/d(global sums); with SyncCE every process's loss
+                # depends on them, so their gradients are summed (as SyncBN)
+                d_glob, = torch.autograd.grad(
+                    a_re, glob, grad_a, retain_graph=True)
+                if reduce_fn is not None:
+                    d_glob = reduce_fn(d_glob)
+                outputs.append(local_sums)
+                grad_outputs.append(d_glob)
+            wrt = [mean_l, second_l
+                   ] + [p for p in leaf_params if p.requires_grad]
+            grads = torch.autograd.grad(
+                outputs, wrt, grad_outputs, allow_unused=True)
         d_mean, d_second = grads[0], grads[1]
         param_grads = iter(grads[2:])
         d_params = [

@@ -2,12 +2,20 @@
 import numbers
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmdet.registry import MODELS
 from torch import Tensor
 
 from .ce_function import channel_equilibrium
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum of ``tensor`` over the default process group (a new tensor)."""
+    out = tensor.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -63,6 +71,16 @@ class ChannelEquilibrium(nn.Module):
         eps (float): covariance ridge, scale floor and LayerNorm eps.
             Default: 1e-5.
         momentum (float): running-average momentum in [0, 1]. Default: 0.1.
+        sync (bool): SyncCE. In training under an initialised
+            ``torch.distributed`` process group of more than one process, sum
+            the batch statistics (per-group sums of x and x x^T with their
+            count, and the sum of instance variances) over all processes
+            before the Newton iterations, so every process computes the
+            whitening matrices and IR scale of the global batch, and sum
+            their gradients in backward, as SyncBN does. Uneven per-process
+            batch sizes are fine (counts are summed). Without a process group,
+            or in eval mode, it is plain CE. Every process must call the layer
+            the same number of times per step (as with SyncBN). Default: False.
 
     Example:
         >>> import torch
@@ -86,7 +104,8 @@ class ChannelEquilibrium(nn.Module):
                  num_iters: int = 3,
                  reduction: int = 4,
                  eps: float = 1e-5,
-                 momentum: float = 0.1) -> None:
+                 momentum: float = 0.1,
+                 sync: bool = False) -> None:
         super().__init__()
         in_channels = _check_int('in_channels', in_channels, 1)
         group_size = _check_int('group_size', group_size, 1)
@@ -106,6 +125,8 @@ class ChannelEquilibrium(nn.Module):
             raise ValueError(f'eps must be a positive number, got {eps!r}')
         if not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
             raise ValueError(f'momentum must be in [0, 1], got {momentum!r}')
+        if not isinstance(sync, bool):
+            raise TypeError(f'sync must be a bool, got {sync!r}')
         self.in_channels = in_channels
         self.group_size = group_size
         self.num_groups = in_channels // group_size
@@ -113,6 +134,7 @@ class ChannelEquilibrium(nn.Module):
         self.reduction = reduction
         self.eps = float(eps)
         self.momentum = float(momentum)
+        self.sync = sync
 
         self.gate = nn.Parameter(torch.zeros(1))
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)
@@ -151,11 +173,15 @@ class ChannelEquilibrium(nn.Module):
                          and x.is_contiguous(memory_format=torch.channels_last))
         params = (self.gate, self.fc1.weight, self.norm.weight,
                   self.norm.bias, self.fc2.weight)
+        reduce_fn = None
+        if self.sync and self.training and dist.is_available() and \
+                dist.is_initialized() and dist.get_world_size() > 1:
+            reduce_fn = _all_reduce_sum
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = channel_equilibrium(
                 x.contiguous(), params, self.running_wm, self.running_scale,
                 self.group_size, self.num_iters, self.eps, self.momentum,
-                self.training)
+                self.training, reduce_fn)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
@@ -164,7 +190,7 @@ class ChannelEquilibrium(nn.Module):
         return (f'{self.in_channels}, group_size={self.group_size}, '
                 f'num_groups={self.num_groups}, num_iters={self.num_iters}, '
                 f'reduction={self.reduction}, eps={self.eps}, '
-                f'momentum={self.momentum}')
+                f'momentum={self.momentum}, sync={self.sync}')
 
 
 # mmcv's build_plugin_layer looks the type up in mmengine's root registry

@@ -1,0 +1,8 @@
+from .cpu_distributed import (CPUDistributedDataParallel,
+                              enable_cpu_distributed)
+from .hooks import CESyncCheckHook, ce_running_buffers
+
+__all__ = [
+    'CESyncCheckHook', 'ce_running_buffers', 'CPUDistributedDataParallel',
+    'enable_cpu_distributed'
+]

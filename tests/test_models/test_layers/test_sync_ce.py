@@ -1,0 +1,130 @@
+"""SyncCE over 2 gloo processes equals single-process CE on the whole batch."""
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ce_mmdet.models import ChannelEquilibrium
+
+TOL = 1e-10
+
+
+def make_layer():
+    torch.manual_seed(0)
+    layer = ChannelEquilibrium(16, group_size=8, num_iters=3).double()
+    with torch.no_grad():
+        layer.gate.fill_(0.4)
+        layer.norm.bias.normal_(0, 0.1)
+    return layer
+
+
+def make_data(n):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 16, 5, 6, generator=gen, dtype=torch.float64)
+    x = x * torch.rand(1, 16, 1, 1, generator=gen, dtype=torch.float64) + 0.3
+    grad = torch.randn(n, 16, 5, 6, generator=gen, dtype=torch.float64)
+    return x, grad
+
+
+def single_process(n):
+    layer = make_layer().train()
+    layer.sync = True  # no process group: plain CE
+    x, grad = make_data(n)
+    x.requires_grad_()
+    out = layer(x)
+    out.backward(grad)
+    return dict(
+        out=out.detach(),
+        grad_x=x.grad,
+        grads={k: p.grad.clone()
+               for k, p in layer.named_parameters()},
+        buffers={k: b.clone()
+                 for k, b in layer.named_buffers()})
+
+
+def worker(rank, world, init_file, splits, result_dir):
+    dist.init_process_group(
+        'gloo', init_method=f'file://{init_file}', rank=rank,
+        world_size=world)
+    try:
+        layer = make_layer().train()
+        layer.sync = True
+        x, grad = make_data(sum(splits))
+        start = sum(splits[:rank])
+        sl = slice(start, start + splits[rank])
+        xr = x[sl].clone().requires_grad_()
+        out = layer(xr)
+        out.backward(grad[sl])
+        torch.save(
+            dict(
+                out=out.detach(),
+                grad_x=xr.grad,
+                grads={k: p.grad
+                       for k, p in layer.named_parameters()},
+                buffers={k: b
+                         for k, b in layer.named_buffers()}),
+            os.path.join(result_dir, f'rank{rank}.pth'))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(splits, tmp_path):
+    init_file = str(tmp_path / 'dist_init')
+    ctx = mp.start_processes(
+        worker,
+        args=(len(splits), init_file, splits, str(tmp_path)),
+        nprocs=len(splits),
+        join=False,
+        start_method='spawn')
+    try:
+        while not ctx.join(timeout=120):
+            pass
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [
+        torch.load(tmp_path / f'rank{r}.pth', weights_only=True)
+        for r in range(len(splits))
+    ]
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('splits', [(2, 2), (3, 1)])
+def test_sync_ce_equals_global_batch(splits, tmp_path):
+    ref = single_process(sum(splits))
+    ranks = run_ranks(list(splits), tmp_path)
+    out = torch.cat([r['out'] for r in ranks])
+    grad_x = torch.cat([r['grad_x'] for r in ranks])
+    assert rel(out, ref['out']) < TOL
+    assert rel(grad_x, ref['grad_x']) < TOL
+    for name, g in ref['grads'].items():
+        # DDP would sum/average these; the sum over ranks is the global grad
+        total = sum(r['grads'][name] for r in ranks)
+        assert rel(total, g) < TOL, name
+    for name, b in ref['buffers'].items():
+        for r in ranks:
+            assert rel(r['buffers'][name], b) < TOL, name
+    # and it differs from what each rank would compute alone
+    alone = make_layer().train()
+    x, _ = make_data(sum(splits))
+    assert rel(alone(x[:splits[0]]), ranks[0]['out']) > 1e-6
+
+
+def test_sync_flag_in_configs_and_eval_is_plain():
+    layer = ChannelEquilibrium(16, group_size=8, sync=True).eval()
+    plain = copy.deepcopy(layer)
+    plain.sync = False
+    x = torch.randn(2, 16, 4, 4)
+    assert torch.equal(layer(x), plain(x))
+    assert 'sync=True' in repr(layer)
+    with pytest.raises(TypeError, match='sync must be a bool'):
+        ChannelEquilibrium(16, sync=1)
