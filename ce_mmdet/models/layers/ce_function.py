@@ -85,8 +85,10 @@ def local_statistics(mean: Tensor, second: Tensor, hw: int, training: bool
 
     Returns:
         tuple: ``v`` (N, C), and in training the flat sufficient statistics
-        ``[sum_n,c v, N, sum_n mean (C), sum_n Gram (G*d*d)]`` that SyncCE sums
-        over processes (None in eval).
+        ``[sum_{n,c} v, N, N*H*W, sum_{n,hw} x (C), sum_n Gram (G*d*d)]``
+        that SyncCE sums over processes (None in eval). Positions are
+        counted apart from samples because processes may see different
+        spatial sizes (detection pads each batch to its own size).
     """
     if not training:
         return second, None
@@ -95,17 +97,19 @@ def local_statistics(mean: Tensor, second: Tensor, hw: int, training: bool
     # error of the difference, never a defined value.
     sumsq = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
     var = ((sumsq - hw * mean * mean) / max(hw - 1, 1)).clamp_min(0)
-    count = torch.full((1, ), float(n), dtype=mean.dtype, device=mean.device)
+    counts = torch.tensor([float(n), float(n * hw)],
+                          dtype=mean.dtype,
+                          device=mean.device)
     sums = torch.cat([
-        var.sum().reshape(1), count,
-        mean.sum(0),
+        var.sum().reshape(1), counts,
+        hw * mean.sum(0),
         second.sum(0).reshape(-1)
     ])
     return var, sums
 
 
 def block_map(var: Tensor, sums: Optional[Tensor], params: Tuple[Tensor, ...],
-              buffers: Tuple[Tensor, Tensor], hw: int, group_size: int,
+              buffers: Tuple[Tensor, Tensor], group_size: int,
               num_iters: int, eps: float
               ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """The per-sample block-diagonal map ``A`` from statistics and parameters.
@@ -121,7 +125,6 @@ def block_map(var: Tensor, sums: Optional[Tensor], params: Tuple[Tensor, ...],
             weight.
         buffers (tuple[Tensor]): running whitening matrices (G, d, d) and
             running scale (1,).
-        hw (int): H * W.
         group_size (int): d.
         num_iters (int): Newton iterations.
         eps (float): the covariance ridge, the scale floor and the LN eps.
@@ -135,14 +138,14 @@ def block_map(var: Tensor, sums: Optional[Tensor], params: Tuple[Tensor, ...],
     n, c = var.shape
     g = c // group_size
     if sums is not None:
-        var_sum, count = sums[0:1], sums[1:2]
-        mean_sum = sums[2:2 + c]
-        gram_sum = sums[2 + c:].reshape(g, group_size, group_size)
+        var_sum, samples, positions = sums[0:1], sums[1:2], sums[2:3]
+        x_sum = sums[3:3 + c]
+        gram_sum = sums[3 + c:].reshape(g, group_size, group_size)
         # s = sqrt(mean v); clamping under the sqrt keeps its gradient finite
-        scale = torch.sqrt((var_sum / (count * c)).clamp_min(eps * eps))
-        mu = (mean_sum / count).reshape(g, group_size, 1)
+        scale = torch.sqrt((var_sum / (samples * c)).clamp_min(eps * eps))
+        mu = (x_sum / positions).reshape(g, group_size, 1)
         eye = torch.eye(group_size, dtype=var.dtype, device=var.device)
-        cov = gram_sum / (count * hw) - mu @ mu.transpose(1, 2) + eps * eye
+        cov = gram_sum / positions - mu @ mu.transpose(1, 2) + eps * eye
         wm = newton_whitening(cov, num_iters)
     else:
         wm = buffers[0].to(var.dtype)
@@ -195,7 +198,7 @@ class _CEFunction(torch.autograd.Function):
             if sums is not None and reduce_fn is not None:
                 sums = reduce_fn(sums)  # SyncCE: global batch statistics
             a, wm, scale = block_map(var, sums, params, (wm_buf, scale_buf),
-                                     hw, group_size, num_iters, eps)
+                                     group_size, num_iters, eps)
         # write into a fresh (N, C, H, W) tensor: the output must not be a
         # view, so that callers may modify it in place (``out += identity``)
         out = x.new_empty((n, c, h, w))
@@ -239,7 +242,7 @@ class _CEFunction(torch.autograd.Function):
             var, local_sums = local_statistics(mean_l, second_l, hw, training)
             glob = sums.detach().requires_grad_() if training else None
             a_re, _, _ = block_map(var, glob, leaf_params, (wm_buf, scale_buf),
-                                   hw, group_size, num_iters, eps)
+                                   group_size, num_iters, eps)
             outputs, grad_outputs = [a_re], [grad_a]
             if training:
                 # dL/d(global sums); with SyncCE every process's loss

@@ -46,19 +46,32 @@ def single_process(n):
                  for k, b in layer.named_buffers()})
 
 
-def worker(rank, world, init_file, splits, result_dir):
+def rank_data(rank, splits):
+    """This rank's input and output gradient: a slice of the global batch,
+    or (``splits`` given as shapes) its own tensor of its own size."""
+    if isinstance(splits[0], tuple):
+        gen = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(splits[rank], generator=gen, dtype=torch.float64)
+        return 0.7 * x + 0.2, torch.randn(
+            splits[rank], generator=gen, dtype=torch.float64)
+    x, grad = make_data(sum(splits))
+    start = sum(splits[:rank])
+    sl = slice(start, start + splits[rank])
+    return x[sl], grad[sl]
+
+
+def worker(rank, world, init_file, splits, result_dir, momentum=0.1):
     dist.init_process_group(
         'gloo', init_method=f'file://{init_file}', rank=rank,
         world_size=world)
     try:
         layer = make_layer().train()
         layer.sync = True
-        x, grad = make_data(sum(splits))
-        start = sum(splits[:rank])
-        sl = slice(start, start + splits[rank])
-        xr = x[sl].clone().requires_grad_()
+        layer.momentum = momentum
+        x, grad = rank_data(rank, splits)
+        xr = x.clone().requires_grad_()
         out = layer(xr)
-        out.backward(grad[sl])
+        out.backward(grad)
         torch.save(
             dict(
                 out=out.detach(),
@@ -72,11 +85,11 @@ def worker(rank, world, init_file, splits, result_dir):
         dist.destroy_process_group()
 
 
-def run_ranks(splits, tmp_path):
+def run_ranks(splits, tmp_path, momentum=0.1):
     init_file = str(tmp_path / 'dist_init')
     ctx = mp.start_processes(
         worker,
-        args=(len(splits), init_file, splits, str(tmp_path)),
+        args=(len(splits), init_file, splits, str(tmp_path), momentum),
         nprocs=len(splits),
         join=False,
         start_method='spawn')
@@ -117,6 +130,34 @@ def test_sync_ce_equals_global_batch(splits, tmp_path):
     alone = make_layer().train()
     x, _ = make_data(sum(splits))
     assert rel(alone(x[:splits[0]]), ranks[0]['out']) > 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_sync_ce_with_different_spatial_sizes(tmp_path):
+    """Detection pads each process's batch to its own size: the whitening
+    uses every position of every process, the IR scale every sample."""
+    from ce_mmdet.testing import ce_reference
+    shapes = [(2, 16, 5, 6), (1, 16, 4, 7)]
+    ranks = run_ranks(shapes, tmp_path, momentum=1.0)
+    xs = [rank_data(r, shapes)[0] for r in range(2)]
+    layer = make_layer()
+    # W of the pooled positions: the transcription on a (1, C, 1, M) tensor
+    pooled = torch.cat([x.transpose(0, 1).reshape(16, -1) for x in xs], 1)
+    _, wm, _ = ce_reference(
+        pooled[None, :, None], layer.gate, layer.fc1.weight, layer.norm.weight,
+        layer.norm.bias, layer.fc2.weight, layer.running_wm,
+        layer.running_scale, 8, 3, layer.eps, 1.0, True)
+    scale = torch.cat([x.var(dim=(2, 3)).reshape(-1) for x in xs]).mean()
+    scale = scale.sqrt().reshape(1)
+    for r, x in enumerate(xs):
+        assert rel(ranks[r]['buffers']['running_wm'], wm) < TOL
+        assert rel(ranks[r]['buffers']['running_scale'], scale) < TOL
+        # the training output is the eval formula with those statistics
+        expected, _, _ = ce_reference(
+            x, layer.gate, layer.fc1.weight, layer.norm.weight,
+            layer.norm.bias, layer.fc2.weight, wm, scale, 8, 3, layer.eps,
+            0.0, False)
+        assert rel(ranks[r]['out'], expected.detach()) < TOL
 
 
 def test_sync_flag_in_configs_and_eval_is_plain():
