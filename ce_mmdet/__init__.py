@@ -11,8 +11,9 @@ from .version import __version__
 
 register_mmengine_safe_globals()
 
-from . import engine, models  # noqa: E402,F401  (registers modules)
+from . import analysis, engine, models  # noqa: E402,F401  (registers)
 
+analysis.register_ce_flop_handle()
 # CPU-only torch builds: let mmengine's pytorch launcher run with gloo
 engine.enable_cpu_distributed()
 

@@ -203,11 +203,7 @@ class _CEFunction(torch.autograd.Function):
         # view, so that callers may modify it in place (``out += identity``)
         out = x.new_empty((n, c, h, w))
         torch.matmul(a.to(x.dtype), xg, out=_grouped(out, group_size))
-        if training:
-            # the running buffers are not read by a training backward; saving
-            # them would trip autograd's version check on the next update.
-            wm_buf = scale_buf = torch.empty(0)
-        else:
+        if not training:
             wm = scale = torch.empty(0, dtype=cdt, device=x.device)
             sums = torch.empty(0, dtype=cdt, device=x.device)
         ctx.save_for_backward(x, mean, second, sums, a, wm_buf, scale_buf,
@@ -318,9 +314,17 @@ def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
     Returns:
         Tensor: same shape and dtype as ``x``.
     """
-    out, wm, scale = _CEFunction.apply(x, running_wm, running_scale,
-                                       group_size, num_iters, eps, training,
-                                       reduce_fn, *params)
+    if training:
+        # Training reads no running buffer (and must not save one: the update
+        # below would trip autograd's version check). Zero-size placeholders
+        # keep G and d visible in the op's input shapes (FLOP counting).
+        wm_in = running_wm.new_empty(running_wm.shape[:2] + (0, ))
+        scale_in = running_scale.new_empty((0, ))
+    else:
+        wm_in, scale_in = running_wm, running_scale
+    out, wm, scale = _CEFunction.apply(x, wm_in, scale_in, group_size,
+                                       num_iters, eps, training, reduce_fn,
+                                       *params)
     if training and momentum > 0:
         with torch.no_grad():
             running_wm.lerp_(wm.to(running_wm.dtype), momentum)

@@ -1,0 +1,165 @@
+"""Compare CE-ResNet with the same ResNet without CE, side by side.
+
+Usage:
+    python tools/analysis_tools/benchmark_backbone.py [--device cpu|cuda]
+        [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
+        [--warmup 2] [--json OUT.json]
+
+Both backbones are built with the same depth and the CE one gets the BN one's
+weights (the shared tensors). They are timed alternately (A/B within every
+repeat, after a warm-up) and the medians are reported:
+
+* train step: forward + backward in training mode (BN and CE use batch
+  statistics, ``norm_eval=False``);
+* inference: forward in eval mode under ``torch.no_grad``;
+* saved for backward: bytes of the distinct storages autograd keeps for one
+  training forward (the activation memory of a training step); on CUDA also
+  the peak allocated memory of a training step;
+* parameters, and FLOPs of one image by mmengine's analyser (CE counted by
+  the rule in ``ce_mmdet/analysis/flops.py``).
+
+The last column is CE / BN.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from mmdet.models import ResNet
+from mmengine.analysis import FlopAnalyzer
+
+import ce_mmdet  # noqa: F401  (CE flop rule)
+from ce_mmdet.models import CEResNet
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, x):
+    outs = model(x)
+    loss = sum(o.float().mean() for o in outs)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def saved_for_backward(model, x):
+    storages = {}
+
+    def pack(t):
+        try:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        except RuntimeError:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = model(x)
+    del outs
+    return sum(storages.values())
+
+
+def cuda_peak(model, x, device):
+    if device.type != 'cuda':
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    train_step(model, x)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def build(depth, device):
+    torch.manual_seed(0)
+    bn = ResNet(depth=depth, norm_eval=False, frozen_stages=-1)
+    bn.init_weights()
+    ce = CEResNet(depth=depth, norm_eval=False, frozen_stages=-1)
+    ce.load_state_dict(bn.state_dict(), strict=False)
+    return bn.to(device), ce.to(device)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--batch-size', type=int, default=2)
+    parser.add_argument('--shape', type=int, nargs=2, default=(512, 512),
+                        help='input height width (800 1216 for COCO size)')
+    parser.add_argument('--depth', type=int, default=50)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--json', help='write the results here')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    h, w = args.shape
+    bn, ce = build(args.depth, device)
+    models = {'bn': bn, 'ce': ce}
+    torch.manual_seed(1)
+    x = torch.randn(args.batch_size, 3, h, w, device=device)
+
+    results = {k: {} for k in models}
+    for name, phase in (('train step (s)', 'train'), ('inference (s)',
+                                                      'eval')):
+        for m in models.values():
+            m.train(phase == 'train')
+        if phase == 'train':
+            fns = {k: (lambda m=m: train_step(m, x)) for k, m in models.items()}
+        else:
+
+            def infer(m):
+                with torch.no_grad():
+                    m(x)
+
+            fns = {k: (lambda m=m: infer(m)) for k, m in models.items()}
+        samples = {k: [] for k in models}
+        for i in range(args.warmup + args.repeats):
+            for k in models:  # alternate A/B
+                t = timed(fns[k], device)
+                if i >= args.warmup:
+                    samples[k].append(t)
+        for k in models:
+            results[k][name] = statistics.median(samples[k])
+    for k, m in models.items():
+        m.train()
+        results[k]['saved for backward (MiB)'] = saved_for_backward(
+            m, x) / 2**20
+        peak = cuda_peak(m, x, device)
+        if peak is not None:
+            results[k]['CUDA peak, train step (MiB)'] = peak / 2**20
+        results[k]['params (M)'] = sum(p.numel()
+                                       for p in m.parameters()) / 1e6
+        m.eval()
+        results[k]['FLOPs, 1 image (G)'] = FlopAnalyzer(
+            m, (x[:1], )).unsupported_ops_warnings(False).uncalled_modules_warnings(
+                False).total() / 1e9
+
+    print(f'ResNet-{args.depth} vs CE-ResNet-{args.depth}: device={device}, '
+          f'batch={args.batch_size}, input={h}x{w}, repeats={args.repeats} '
+          f'(median), torch {torch.__version__}, '
+          f'{torch.get_num_threads()} threads')
+    print(f'{"metric":<30}{"BN":>12}{"CE":>12}{"CE/BN":>8}')
+    ratios = {}
+    for metric in results['bn']:
+        a, b = results['bn'][metric], results['ce'][metric]
+        ratios[metric] = b / a if a else float('nan')
+        print(f'{metric:<30}{a:>12.4g}{b:>12.4g}{ratios[metric]:>8.3f}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(args=vars(args), results=results, ratios=ratios),
+                      f, indent=2)
+    return results, ratios
+
+
+if __name__ == '__main__':
+    main()
