@@ -157,6 +157,7 @@ class CEResNet(ResNet):
             all_plugins.insert(0, ce_plugin)
         super().__init__(depth, plugins=all_plugins or None, **kwargs)
         self.plugins = plugins  # what the user asked for
+        self._follow_norms()
         default_init = (kwargs.get('init_cfg') is None
                         and kwargs.get('pretrained') is None)
         if block is CEBasicBlock and self.zero_init_residual and default_init:
@@ -165,6 +166,21 @@ class CEResNet(ResNet):
                 for blk in getattr(self, name):
                     blk.init_cfg = dict(
                         type='Constant', val=0, override=dict(name='norm2'))
+
+    def _follow_norms(self) -> None:
+        """Tell each CE layer which BN it follows (memory: see
+        :meth:`ChannelEquilibrium.follow`)."""
+        if self.stem_ce:
+            if self.deep_stem:
+                self.stem[8].follow(self.stem[7])
+            else:
+                self.ce1.follow(self.norm1)
+        for name in self.res_layers:
+            for block in getattr(self, name):
+                if isinstance(getattr(block, 'ce', None), ChannelEquilibrium):
+                    norm = block.norm3 if isinstance(block,
+                                                     Bottleneck) else block.norm2
+                    block.ce.follow(norm)
 
     @classmethod
     def _validate_resnet_args(cls, depth, kwargs) -> None:

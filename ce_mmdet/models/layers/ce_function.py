@@ -21,7 +21,9 @@ and buffers; this file holds the arithmetic. It is split in two parts:
     accumulated into the first (``baddbmm``), so no extra full-size tensor is
     made for the sum.
 
-Only the input and small tensors are saved for backward.
+Only the input and small tensors are saved for backward; when the layer follows
+a plain BatchNorm (:meth:`ChannelEquilibrium.follow`), the BN's input instead,
+which the BN keeps anyway, and the input is recomputed from it in backward.
 Statistics, Gram matrices and Newton iterations run in float32 (or float64 for a
 float64 input) whatever the input dtype; the output has the input dtype.
 """
@@ -33,6 +35,8 @@ from torch import Tensor
 
 #: A hook that sums small statistic tensors over processes (SyncCE), or None.
 ReduceFn = Optional[Callable[[Tensor], Tensor]]
+#: (tensor, fn) with ``fn(tensor)`` == the input: save ``tensor`` instead.
+Source = Tuple[Tensor, Callable[[Tensor], Tensor]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,7 +176,7 @@ class _CEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, wm_buf: Tensor, scale_buf: Tensor,
                 group_size: int, num_iters: int, eps: float, training: bool,
-                reduce_fn: ReduceFn, *params: Tensor
+                reduce_fn: ReduceFn, source: Optional[Source], *params: Tensor
                 ) -> Tuple[Tensor, Tensor, Tensor]:
         n, c, h, w = x.shape
         hw = h * w
@@ -206,7 +210,11 @@ class _CEFunction(torch.autograd.Function):
         if not training:
             wm = scale = torch.empty(0, dtype=cdt, device=x.device)
             sums = torch.empty(0, dtype=cdt, device=x.device)
-        ctx.save_for_backward(x, mean, second, sums, a, wm_buf, scale_buf,
+        # Save the input, or (fused with the preceding BN) the BN's input,
+        # which the BN saves anyway, and recompute the input from it.
+        kept = x if source is None else source[0]
+        ctx.recompute = None if source is None else source[1]
+        ctx.save_for_backward(kept, mean, second, sums, a, wm_buf, scale_buf,
                               *params)
         ctx.conf = (group_size, num_iters, eps, training, reduce_fn)
         ctx.mark_non_differentiable(wm, scale)
@@ -216,6 +224,9 @@ class _CEFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
         x, mean, second, sums, a, wm_buf, scale_buf, *params = \
             ctx.saved_tensors
+        if ctx.recompute is not None:
+            with torch.no_grad():
+                x = ctx.recompute(x).contiguous()
         group_size, num_iters, eps, training, reduce_fn = ctx.conf
         n, c, h, w = x.shape
         hw = h * w
@@ -228,7 +239,7 @@ class _CEFunction(torch.autograd.Function):
         # dL/dA[n, g] = dout[n, g] @ X[n, g]^T, reduced over HW in cdt
         grad_a = torch.matmul(go_c, x_c.transpose(-1, -2))
 
-        need_params = ctx.needs_input_grad[8:]
+        need_params = ctx.needs_input_grad[9:]
         with torch.enable_grad():
             mean_l = mean.detach().requires_grad_()
             second_l = second.detach().requires_grad_()
@@ -286,14 +297,16 @@ class _CEFunction(torch.autograd.Function):
                 dx.sub_(coef * mean.reshape(n, -1, group_size, 1))
                 dx.add_(d_mean / hw)
             grad_x = dx.view(n, c, h, w).to(x.dtype)
-        return (grad_x, None, None, None, None, None, None, None, *d_params)
+        return (grad_x, None, None, None, None, None, None, None, None,
+                *d_params)
 
 
 def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
                         running_wm: Tensor, running_scale: Tensor,
                         group_size: int, num_iters: int, eps: float,
                         momentum: float, training: bool,
-                        reduce_fn: ReduceFn = None) -> Tensor:
+                        reduce_fn: ReduceFn = None,
+                        source: Optional[Source] = None) -> Tensor:
     """Functional Channel Equilibrium on a contiguous (N, C, H, W) tensor.
 
     Args:
@@ -310,6 +323,11 @@ def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
         momentum (float): running-average momentum (PyTorch convention).
         training (bool): use batch statistics and update running buffers.
         reduce_fn (callable, optional): sums statistics over processes.
+        source (tuple, optional): ``(t, fn)`` with ``fn(t)`` equal to ``x``
+            bit for bit (e.g. the preceding BatchNorm's input and that
+            BatchNorm): backward saves ``t`` instead of ``x`` and recomputes
+            ``x``. When ``t`` is saved by another op anyway, CE then adds no
+            full-size tensor to the activation memory.
 
     Returns:
         Tensor: same shape and dtype as ``x``.
@@ -324,7 +342,7 @@ def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
         wm_in, scale_in = running_wm, running_scale
     out, wm, scale = _CEFunction.apply(x, wm_in, scale_in, group_size,
                                        num_iters, eps, training, reduce_fn,
-                                       *params)
+                                       source, *params)
     if training and momentum > 0:
         with torch.no_grad():
             running_wm.lerp_(wm.to(running_wm.dtype), momentum)

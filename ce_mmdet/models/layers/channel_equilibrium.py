@@ -1,11 +1,13 @@
 """Channel Equilibrium (CE) layer, Shao et al., ICML 2020."""
 import numbers
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmdet.registry import MODELS
+import torch.nn.functional as F
 from torch import Tensor
 
 from .ce_function import channel_equilibrium
@@ -16,6 +18,37 @@ def _all_reduce_sum(tensor: Tensor) -> Tensor:
     out = tensor.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+class _BatchNormRecompute:
+    """``F.batch_norm`` as ``bn`` computed its output, for the recompute."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        self.bn = bn
+        self.batch_stats = bn.training or bn.running_mean is None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        bn = self.bn
+        running = (None, None) if self.batch_stats else (bn.running_mean,
+                                                         bn.running_var)
+        weight = None if bn.weight is None else bn.weight.detach()
+        bias = None if bn.bias is None else bn.bias.detach()
+        return F.batch_norm(z, running[0], running[1], weight, bias,
+                            self.batch_stats, 0.0, bn.eps)
+
+
+class _StashBatchNormIO:
+    """Forward hook of a BatchNorm that hands its input and output to the CE
+    layer that follows it (an object, not a closure, so that deep copies of
+    a model point at the copied CE layer)."""
+
+    def __init__(self, ce: 'ChannelEquilibrium') -> None:
+        self.ce = ce
+
+    def __call__(self, bn, inputs, output) -> None:
+        if torch.is_grad_enabled() and output.requires_grad:
+            self.ce._stash = (output, output._version, inputs[0],
+                              _BatchNormRecompute(bn))
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -144,6 +177,30 @@ class ChannelEquilibrium(nn.Module):
             'running_wm',
             torch.eye(group_size).repeat(self.num_groups, 1, 1))
         self.register_buffer('running_scale', torch.ones(1))
+        self._stash: Optional[tuple] = None
+
+    def follow(self, norm: nn.Module) -> bool:
+        """Declare the BatchNorm this layer follows, to save memory.
+
+        When ``norm`` is a plain ``nn.BatchNorm2d`` (not SyncBN), a forward
+        hook on it hands its input to this layer: if this layer's input is
+        that BN's output, untouched, the backward keeps the BN's input (which
+        the BN saves anyway) instead of this layer's input, and recomputes
+        the latter (one elementwise pass). The results are identical; the
+        activation memory of CE drops to a few small tensors. Anything else
+        is ignored (returns False) and CE saves its input as usual.
+        """
+        if type(norm) is not nn.BatchNorm2d:
+            return False
+        norm.register_forward_hook(_StashBatchNormIO(self))
+        return True
+
+    def _take_source(self, x: Tensor):
+        stash, self._stash = self._stash, None
+        if stash is None or stash[0] is not x or x._version != stash[1] \
+                or not x.is_contiguous():
+            return None
+        return stash[2], stash[3]
 
     def reset_running_stats(self) -> None:
         """Identity whitening and unit scale, as at construction."""
@@ -177,11 +234,12 @@ class ChannelEquilibrium(nn.Module):
         if self.sync and self.training and dist.is_available() and \
                 dist.is_initialized() and dist.get_world_size() > 1:
             reduce_fn = _all_reduce_sum
+        source = self._take_source(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = channel_equilibrium(
                 x.contiguous(), params, self.running_wm, self.running_scale,
                 self.group_size, self.num_iters, self.eps, self.momentum,
-                self.training, reduce_fn)
+                self.training, reduce_fn, source)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out

@@ -300,3 +300,65 @@ def test_as_mmdet_resnet_plugin():
     sum(o.sum() for o in outs).backward()
     assert block.ce.fc1.weight.grad is not None
     assert torch.isfinite(x.grad).all()
+
+
+def saved_storages(fn):
+    """Distinct storages autograd saves while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, storages
+
+
+@pytest.mark.parametrize('bn_training', [True, False])
+def test_following_a_batchnorm_saves_its_input_not_ours(bn_training):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(32).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.2)
+        bn.running_var.uniform_(0.5, 2)
+    plain = make_layer(32)
+    fused = copy.deepcopy(plain)
+    bn_fused = copy.deepcopy(bn)
+    assert fused.follow(bn_fused)
+    bn.train(bn_training)
+    bn_fused.train(bn_training)
+    z = bn_like_input(2, 32, 6, 5).requires_grad_()
+    z2 = z.detach().clone().requires_grad_()
+    out1, saved1 = saved_storages(lambda: plain(bn(z)))
+    out2, saved2 = saved_storages(lambda: fused(bn_fused(z2)))
+    assert torch.equal(out1, out2)
+    # the fused path keeps nothing of CE's input size beyond the BN input
+    big1 = {k for k, t in saved1.items() if t.numel() >= z.numel()}
+    big2 = {k for k, t in saved2.items() if t.numel() >= z.numel()}
+    assert len(big1) == 2 and len(big2) == 1
+    assert z2.untyped_storage().data_ptr() in big2
+    g = torch.randn_like(out1)
+    grads1 = torch.autograd.grad(out1, [z, bn.weight] + list(plain.parameters()), g)
+    grads2 = torch.autograd.grad(out2, [z2, bn_fused.weight] +
+                                 list(fused.parameters()), g)
+    for a, b in zip(grads1, grads2):
+        assert rel_err(b, a) < 1e-12
+
+
+def test_follow_ignores_other_norms_and_modified_inputs():
+    layer = make_layer(16, dtype=torch.float32)
+    assert not layer.follow(torch.nn.GroupNorm(4, 16))
+    assert not layer.follow(torch.nn.SyncBatchNorm(16))
+    bn = torch.nn.BatchNorm2d(16)
+    assert layer.follow(bn)
+    z = torch.randn(2, 16, 4, 4, requires_grad=True)
+    y = bn(z)
+    y2 = y * 2  # not the BN output: CE must save its own input
+    _, saved = saved_storages(lambda: layer(y2))
+    assert y2.untyped_storage().data_ptr() in saved
+    y = bn(z)
+    y.mul_(2)  # modified in place: likewise
+    _, saved = saved_storages(lambda: layer(y))
+    assert y.untyped_storage().data_ptr() in saved
