@@ -23,19 +23,15 @@ The last column is CE / BN.
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from mmdet.models import ResNet
 from mmengine.analysis import FlopAnalyzer
 
 import ce_mmdet  # noqa: F401  (CE flop rule)
+from ce_mmdet.analysis.benchmark import (saved_for_backward_bytes, synchronize,
+                                        time_once)
 from ce_mmdet.models import CEResNet
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def train_step(model, x):
@@ -45,31 +41,6 @@ def train_step(model, x):
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def saved_for_backward(model, x):
-    storages = {}
-
-    def pack(t):
-        try:
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-        except RuntimeError:
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outs = model(x)
-    del outs
-    return sum(storages.values())
-
-
 def cuda_peak(model, x, device):
     if device.type != 'cuda':
         return None
@@ -77,7 +48,7 @@ def cuda_peak(model, x, device):
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     train_step(model, x)
-    sync(device)
+    synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
 
 
@@ -125,15 +96,15 @@ def main(argv=None):
         samples = {k: [] for k in models}
         for i in range(args.warmup + args.repeats):
             for k in models:  # alternate A/B
-                t = timed(fns[k], device)
+                t = time_once(fns[k], device)
                 if i >= args.warmup:
                     samples[k].append(t)
         for k in models:
             results[k][name] = statistics.median(samples[k])
     for k, m in models.items():
         m.train()
-        results[k]['saved for backward (MiB)'] = saved_for_backward(
-            m, x) / 2**20
+        results[k]['saved for backward (MiB)'] = saved_for_backward_bytes(
+            lambda m=m: m(x)) / 2**20
         peak = cuda_peak(m, x, device)
         if peak is not None:
             results[k]['CUDA peak, train step (MiB)'] = peak / 2**20

@@ -17,18 +17,13 @@ bytes each saves for backward (distinct storages, as autograd keeps them).
 """
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn as nn
 
+from ce_mmdet.analysis.benchmark import saved_for_backward_bytes, time_once
 from ce_mmdet.models import ChannelEquilibrium
 from ce_mmdet.testing import ce_reference_module
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 class Reference(nn.Module):
@@ -48,32 +43,10 @@ class Reference(nn.Module):
 
 
 def saved_bytes(module, x):
-    """Bytes of distinct storages autograd saves for one training forward."""
-    storages = {}
-
-    def pack(t):
-        try:
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-        except RuntimeError:
-            pass
-        return t
-
+    """Bytes autograd saves for one training forward of ``module``."""
     module.train()
     xi = x.detach().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(xi)
-    # the input itself is kept by whoever produced it; count it anyway
-    del out
-    return sum(storages.values())
-
-
-def time_it(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+    return saved_for_backward_bytes(lambda: module(xi))
 
 
 def main(argv=None):
@@ -124,7 +97,7 @@ def main(argv=None):
             times = {k: [] for k, m in mods.items() if m is not None}
             for i in range(args.warmup + args.repeats):
                 for k in times:  # alternate A/B/C within each round
-                    t = time_it(lambda: step(mods[k]), device)
+                    t = time_once(lambda: step(mods[k]), device)
                     if i >= args.warmup:
                         times[k].append(t)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
