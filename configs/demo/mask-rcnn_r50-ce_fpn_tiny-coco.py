@@ -86,3 +86,4 @@ default_hooks = dict(
     visualization=dict(draw=False))
 log_processor = dict(by_epoch=False, window_size=10)
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
+randomness = dict(seed=0)

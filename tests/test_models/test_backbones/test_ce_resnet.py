@@ -262,3 +262,20 @@ def test_loads_bn_resnet_checkpoint(tmp_path, caplog):
     assert f'{len(fresh_ce)} CE tensors' in summary[0]
     assert 'fc.bias' in summary[0]
     assert not any('non-CE tensors' in m for m in messages)
+
+
+def test_loads_backbone_of_mmdet_detector_checkpoint(tmp_path):
+    bn = randomise(ResNet(depth=18, base_channels=16))
+    state = {'backbone.' + k: v for k, v in bn.state_dict().items()}
+    state['neck.lateral_convs.0.conv.weight'] = torch.zeros(1)
+    path = tmp_path / 'detector.pth'
+    torch.save(dict(state_dict=state, meta=dict()), path)
+    model = CEResNet(
+        depth=18,
+        base_channels=16,
+        init_cfg=dict(
+            type='Pretrained', checkpoint=str(path), prefix='backbone.'))
+    model.init_weights()
+    loaded = model.state_dict()
+    for k, v in bn.state_dict().items():
+        assert torch.equal(loaded[k], v), k

@@ -1,7 +1,6 @@
 """SyncCE over 2 gloo processes equals single-process CE on the whole batch."""
 import copy
 import os
-import tempfile
 
 import pytest
 import torch
