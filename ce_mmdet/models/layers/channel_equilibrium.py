@@ -20,6 +20,10 @@ def _all_reduce_sum(tensor: Tensor) -> Tensor:
     return out
 
 
+_BN_NODES_WITH_INVSTD = ('NativeBatchNormBackward0',
+                         'CudnnBatchNormBackward0')
+
+
 class _BatchNormRecompute:
     """Recompute a BatchNorm's output from its input, for CE's backward.
 
@@ -36,8 +40,9 @@ class _BatchNormRecompute:
         self.bn = bn
         self.batch_stats = bn.training or bn.running_mean is None
         self.affine = None
-        if self.batch_stats:
-            node = output.grad_fn
+        # backward nodes known to save (batch mean, batch inverse std)
+        node = output.grad_fn
+        if self.batch_stats and type(node).__name__ in _BN_NODES_WITH_INVSTD:
             mean = getattr(node, '_saved_result1', None)
             invstd = getattr(node, '_saved_result2', None)
             c = output.shape[1]

@@ -362,3 +362,21 @@ def test_follow_ignores_other_norms_and_modified_inputs():
     y.mul_(2)  # modified in place: likewise
     _, saved = saved_storages(lambda: layer(y))
     assert y.untyped_storage().data_ptr() in saved
+
+
+def test_batchnorm_recompute_paths():
+    from ce_mmdet.models.layers.channel_equilibrium import _BatchNormRecompute
+    bn = torch.nn.BatchNorm2d(8).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    z = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = bn.train()(z)
+    recompute = _BatchNormRecompute(bn, out)
+    assert recompute.affine is not None  # one pass from the saved stats
+    assert rel_err(recompute(z.detach()), out.detach()) < 1e-14
+    out = bn.eval()(z)
+    recompute = _BatchNormRecompute(bn, out)
+    assert recompute.affine is None  # F.batch_norm itself, bit for bit
+    assert torch.equal(recompute(z.detach()), out.detach())
