@@ -41,7 +41,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/annotations/instances_val2017.json || $(PY) tools/misc/make_tiny_coco.py $(DEMO_DATA)
 	$(PY) tools/train.py $(DEMO_CONFIG) --work-dir $(DEMO_WORK)
-	$(PY) tools/test.py $(DEMO_CONFIG) $(DEMO_WORK)/iter_60.pth --work-dir $(DEMO_WORK)
+	$(PY) tools/test.py $(DEMO_CONFIG) $$(cat $(DEMO_WORK)/last_checkpoint) --work-dir $(DEMO_WORK)
 
 bench: $(STAMP)
 	$(PY) tools/analysis_tools/benchmark_ce_layer.py
