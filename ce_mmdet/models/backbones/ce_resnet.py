@@ -168,19 +168,19 @@ class CEResNet(ResNet):
                         type='Constant', val=0, override=dict(name='norm2'))
 
     def _follow_norms(self) -> None:
-        """Tell each CE layer which BN it follows (memory: see
-        :meth:`ChannelEquilibrium.follow`)."""
+        """Tell each CE layer which BN it follows and in which module's
+        forward (memory and speed: see :meth:`ChannelEquilibrium.follow`)."""
         if self.stem_ce:
             if self.deep_stem:
-                self.stem[8].follow(self.stem[7])
+                self.stem[8].follow(self.stem[7], scope=self.stem)
             else:
-                self.ce1.follow(self.norm1)
+                self.ce1.follow(self.norm1, scope=self)
         for name in self.res_layers:
             for block in getattr(self, name):
                 if isinstance(getattr(block, 'ce', None), ChannelEquilibrium):
                     norm = block.norm3 if isinstance(block,
                                                      Bottleneck) else block.norm2
-                    block.ce.follow(norm)
+                    block.ce.follow(norm, scope=block)
 
     @classmethod
     def _validate_resnet_args(cls, depth, kwargs) -> None:

@@ -17,13 +17,18 @@ and buffers; this file holds the arithmetic. It is split in two parts:
     (one batched GEMM);
   - backward: ``dA = dout X^T`` (one GEMM), the small graph is re-run under
     autograd to map ``dA`` back onto the statistics and the parameters, then
-    ``dX = A^T dout + (dQ + dQ^T) X + dmean / HW`` with the second GEMM
-    accumulated into the first (``baddbmm``), so no extra full-size tensor is
-    made for the sum.
+    ``dX = A^T dout + (dQ + dQ^T) X + dmean / HW`` as two accumulating GEMMs
+    (``baddbmm``) into one new tensor.
 
-Only the input and small tensors are saved for backward; when the layer follows
-a plain BatchNorm (:meth:`ChannelEquilibrium.follow`), the BN's input instead,
-which the BN keeps anyway, and the input is recomputed from it in backward.
+Only the input and small tensors are saved for backward. When the layer
+follows a plain BatchNorm (:meth:`ChannelEquilibrium.follow`), ``X`` is that
+BN's per-channel affine map of its input ``Z`` (``X = alpha Z + beta``), and
+the BN saves ``Z`` anyway: backward then keeps ``Z`` and works on it directly
+(``dout X^T = (dout Z^T) diag(alpha) + (dout 1) beta^T``, and likewise for
+``(dQ + dQ^T) X``), so CE adds no full-size tensor to the activation memory
+and never rebuilds ``X``. In that case, on CPU, the output can also be
+written into ``X``'s own storage, through a cache-sized buffer: a fresh
+activation-sized allocation costs more than the GEMM there (page faults).
 Statistics, Gram matrices and Newton iterations run in float32 (or float64 for a
 float64 input) whatever the input dtype; the output has the input dtype.
 """
@@ -35,8 +40,13 @@ from torch import Tensor
 
 #: A hook that sums small statistic tensors over processes (SyncCE), or None.
 ReduceFn = Optional[Callable[[Tensor], Tensor]]
-#: (tensor, fn) with ``fn(tensor)`` == the input: save ``tensor`` instead.
-Source = Tuple[Tensor, Callable[[Tensor], Tensor]]
+#: ``(z, alpha, beta)``: the input is ``z * alpha + beta`` per channel (up to
+#: rounding), with ``alpha`` and ``beta`` of shape (C,) in the statistics
+#: dtype; backward then saves ``z`` instead of the input.
+Source = Tuple[Tensor, Tensor, Tensor]
+
+#: Column chunk of the in-place apply, in bytes (a few MiB: stays in cache).
+INPLACE_CHUNK_BYTES = 4 << 20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,14 +180,90 @@ def _grouped(x: Tensor, group_size: int) -> Tensor:
     return x.view(n, c // group_size, group_size, h * w)
 
 
+def apply_inplace(a: Tensor, xg: Tensor, chunk_bytes: int,
+                  bias: Optional[Tensor] = None) -> None:
+    """``xg[n, g] = a[n, g] @ xg[n, g] (+ bias[n, g])`` in place.
+
+    Columns (positions) are independent, so the product is taken over
+    column chunks of about ``chunk_bytes`` through one small buffer and
+    copied back: the same arithmetic as one batched GEMM, without a new
+    activation-sized tensor.
+
+    Args:
+        a (Tensor): (N, G, d, d) maps, dtype of ``xg``.
+        xg (Tensor): (N, G, d, HW) contiguous, overwritten.
+        chunk_bytes (int): buffer size.
+        bias (Tensor, optional): (N, G, d, 1), added to every column.
+    """
+    n, g, d, hw = xg.shape
+    flat = xg.view(n * g, d, hw)
+    maps = a.reshape(n * g, d, d)
+    bias = None if bias is None else bias.reshape(n * g, d, 1)
+    cols = max(1, min(hw, chunk_bytes // (n * g * d * xg.element_size())))
+    buf = xg.new_empty((n * g, d, cols))
+    for start in range(0, hw, cols):
+        stop = min(start + cols, hw)
+        part = buf[..., :stop - start]
+        torch.bmm(maps, flat[..., start:stop], out=part)
+        if bias is None:
+            flat[..., start:stop].copy_(part)
+        else:
+            torch.add(part, bias, out=flat[..., start:stop])
+
+
+def eval_after_affine(z: Tensor, alpha: Tensor, beta: Tensor,
+                      params: Tuple[Tensor, ...], running_wm: Tensor,
+                      running_scale: Tensor, group_size: int, eps: float,
+                      inplace: bool) -> Tensor:
+    """Eval-mode CE of ``x = z * alpha + beta`` (per channel), from ``z``.
+
+    For a BatchNorm in eval mode followed by CE in eval mode, without
+    autograd (inference): the BN's pass is not needed. The per-sample
+    variance of ``x`` is ``alpha^2`` times that of ``z``, and
+    ``A x = (A diag(alpha)) z + A beta``: one statistics pass over ``z`` and
+    one GEMM with a bias. Equal to ``CE(BN(z))`` up to rounding.
+
+    Args:
+        z (Tensor): (N, C, H, W) contiguous, the BN's input.
+        alpha (Tensor): (C,) BN scale, float32 (float64 for float64 ``z``).
+        beta (Tensor): (C,) BN shift, same dtype.
+        params, running_wm, running_scale, group_size, eps: as for
+            :func:`channel_equilibrium`.
+        inplace (bool): write the result into ``z`` (returned); otherwise
+            into a new tensor.
+
+    Returns:
+        Tensor: ``CE(z * alpha + beta)``, the dtype of ``z``.
+    """
+    n, c, h, w = z.shape
+    g, d, hw = c // group_size, group_size, h * w
+    cdt = compute_dtype(z.dtype)
+    zg = _grouped(z, d)
+    mean = zg.mean(-1, dtype=cdt).reshape(n, c)
+    sumsq = torch.linalg.vector_norm(zg, dim=-1, dtype=cdt).square()
+    var_z = ((sumsq.reshape(n, c) - hw * mean * mean) /
+             max(hw - 1, 1)).clamp_min(0)
+    a, _, _ = block_map(var_z * alpha * alpha, None, params,
+                        (running_wm, running_scale), group_size, 1, eps)
+    bias = (a @ beta.view(1, g, d, 1)).to(z.dtype)
+    a = (a * alpha.view(1, g, 1, d)).to(z.dtype)
+    if inplace and z.nbytes > INPLACE_CHUNK_BYTES:
+        apply_inplace(a, zg, INPLACE_CHUNK_BYTES, bias)
+        return z
+    out = torch.baddbmm(
+        bias.reshape(n * g, d, 1).expand(n * g, d, hw), a.reshape(n * g, d, d),
+        zg.reshape(n * g, d, hw))
+    return out.view(n, c, h, w)
+
+
 class _CEFunction(torch.autograd.Function):
     """Channel Equilibrium with a recomputing backward (see module doc)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, wm_buf: Tensor, scale_buf: Tensor,
                 group_size: int, num_iters: int, eps: float, training: bool,
-                reduce_fn: ReduceFn, source: Optional[Source], *params: Tensor
-                ) -> Tuple[Tensor, Tensor, Tensor]:
+                reduce_fn: ReduceFn, source: Optional[Source], inplace: bool,
+                *params: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         n, c, h, w = x.shape
         hw = h * w
         cdt = compute_dtype(x.dtype)
@@ -203,43 +289,49 @@ class _CEFunction(torch.autograd.Function):
                 sums = reduce_fn(sums)  # SyncCE: global batch statistics
             a, wm, scale = block_map(var, sums, params, (wm_buf, scale_buf),
                                      group_size, num_iters, eps)
-        # write into a fresh (N, C, H, W) tensor: the output must not be a
-        # view, so that callers may modify it in place (``out += identity``)
-        out = x.new_empty((n, c, h, w))
-        torch.matmul(a.to(x.dtype), xg, out=_grouped(out, group_size))
+        if inplace and x.nbytes > INPLACE_CHUNK_BYTES:
+            apply_inplace(a.to(x.dtype), xg, INPLACE_CHUNK_BYTES)
+            ctx.mark_dirty(x)
+            out = x
+        else:
+            # a fresh (N, C, H, W) tensor, not a view: callers may modify
+            # the output in place (``out += identity``)
+            out = x.new_empty((n, c, h, w))
+            torch.matmul(a.to(x.dtype), xg, out=_grouped(out, group_size))
         if not training:
             wm = scale = torch.empty(0, dtype=cdt, device=x.device)
             sums = torch.empty(0, dtype=cdt, device=x.device)
-        # Save the input, or (fused with the preceding BN) the BN's input,
-        # which the BN saves anyway, and recompute the input from it.
-        kept = x if source is None else source[0]
-        ctx.recompute = None if source is None else source[1]
-        ctx.save_for_backward(kept, mean, second, sums, a, wm_buf, scale_buf,
-                              *params)
+        # Save the input, or (after a BN) the BN's input, which the BN saves
+        # anyway, with the BN's per-channel affine map.
+        kept, alpha, beta = (x, None, None) if source is None else source
+        ctx.save_for_backward(kept, alpha, beta, mean, second, sums, a,
+                              wm_buf, scale_buf, *params)
         ctx.conf = (group_size, num_iters, eps, training, reduce_fn)
         ctx.mark_non_differentiable(wm, scale)
         return out, wm, scale
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
-        x, mean, second, sums, a, wm_buf, scale_buf, *params = \
-            ctx.saved_tensors
-        if ctx.recompute is not None:
-            with torch.no_grad():
-                x = ctx.recompute(x).contiguous()
+        (z, alpha, beta, mean, second, sums, a, wm_buf, scale_buf,
+         *params) = ctx.saved_tensors
         group_size, num_iters, eps, training, reduce_fn = ctx.conf
-        n, c, h, w = x.shape
-        hw = h * w
+        n, c, h, w = z.shape
+        g, d, hw = c // group_size, group_size, h * w
         cdt = a.dtype
-        xg = _grouped(x, group_size)
-        go = _grouped(grad_out.contiguous(), group_size)
-        lowp = x.dtype != cdt
+        # the input X is z (alpha, beta None) or z * alpha + beta per channel
+        zg = _grouped(z.contiguous(), d)
+        go = _grouped(grad_out.contiguous(), d)
+        lowp = z.dtype != cdt
         go_c = go.to(cdt) if lowp else go
-        x_c = xg.to(cdt) if lowp else xg
+        z_c = zg.to(cdt) if lowp else zg
         # dL/dA[n, g] = dout[n, g] @ X[n, g]^T, reduced over HW in cdt
-        grad_a = torch.matmul(go_c, x_c.transpose(-1, -2))
+        grad_a = torch.matmul(go_c, z_c.transpose(-1, -2))
+        if alpha is not None:
+            grad_a.mul_(alpha.view(1, g, 1, d)).addcmul_(
+                go_c.sum(-1, keepdim=True), beta.view(1, g, 1, d))
 
-        need_params = ctx.needs_input_grad[9:]
+        need_params = ctx.needs_input_grad[10:]
+        synced = training and reduce_fn is not None
         with torch.enable_grad():
             mean_l = mean.detach().requires_grad_()
             second_l = second.detach().requires_grad_()
@@ -247,19 +339,18 @@ class _CEFunction(torch.autograd.Function):
                 p.detach().requires_grad_(bool(req))
                 for p, req in zip(params, need_params))
             var, local_sums = local_statistics(mean_l, second_l, hw, training)
-            glob = sums.detach().requires_grad_() if training else None
+            # without SyncCE the batch sums are this process's own: one graph
+            glob = sums.detach().requires_grad_() if synced else local_sums
             a_re, _, _ = block_map(var, glob, leaf_params, (wm_buf, scale_buf),
                                    group_size, num_iters, eps)
             outputs, grad_outputs = [a_re], [grad_a]
-            if training:
-                # dL/d(global sums); with SyncCE every process's loss
-                # depends on them, so their gradients are summed (as SyncBN)
+            if synced:
+                # dL/d(global sums): every process's loss depends on them, so
+                # their gradients are summed (as SyncBN's)
                 d_glob, = torch.autograd.grad(
                     a_re, glob, grad_a, retain_graph=True)
-                if reduce_fn is not None:
-                    d_glob = reduce_fn(d_glob)
                 outputs.append(local_sums)
-                grad_outputs.append(d_glob)
+                grad_outputs.append(reduce_fn(d_glob))
             wrt = [mean_l, second_l
                    ] + [p for p in leaf_params if p.requires_grad]
             grads = torch.autograd.grad(
@@ -277,24 +368,25 @@ class _CEFunction(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            dx = torch.matmul(a.transpose(-1, -2), go_c)
-            if training and d_second is not None:
-                sym = d_second + d_second.transpose(-1, -2)
-                dx = dx.view(-1, group_size, hw)
-                dx.baddbmm_(sym.reshape(-1, group_size, group_size),
-                            x_c.reshape(-1, group_size, hw))
-                dx = dx.view(n, -1, group_size, hw)
-            elif d_second is not None:
+            # dX = A^T dout + S X + b, with S and b from the statistics' grads
+            if training:
+                s_mat = d_second + d_second.transpose(-1, -2)
+                b = d_mean.reshape(n, g, d, 1) / hw
+            else:
                 # v = sum((x - m)^2) / (HW - 1): dv -> 2 dv (x - m) / (HW - 1)
-                coef = (2 * d_second / max(hw - 1, 1)).reshape(
-                    n, c // group_size, group_size, 1)
-                dx.addcmul_(x_c, coef)
-                dx.sub_(coef * mean.reshape(n, -1, group_size, 1))
-            # the eval small graph does not read the means: no pass there
-            if d_mean is not None:
-                dx.add_(d_mean.reshape(n, -1, group_size, 1) / hw)
-            grad_x = dx.view(n, c, h, w).to(x.dtype)
-        return (grad_x, None, None, None, None, None, None, None, None,
+                coef = (2 * d_second / max(hw - 1, 1)).reshape(n, g, d)
+                s_mat = torch.diag_embed(coef)
+                b = (-coef * mean.reshape(n, g, d)).unsqueeze(-1)
+            if alpha is not None:  # S X = (S diag(alpha)) z + S beta
+                b = b + s_mat @ beta.view(1, g, d, 1)
+                s_mat = s_mat * alpha.view(1, g, 1, d)
+            dx = torch.baddbmm(
+                b.reshape(n * g, d, 1).expand(n * g, d, hw),
+                s_mat.reshape(n * g, d, d), z_c.reshape(n * g, d, hw))
+            dx.baddbmm_(a.transpose(-1, -2).reshape(n * g, d, d),
+                        go_c.reshape(n * g, d, hw))
+            grad_x = dx.view(n, c, h, w).to(z.dtype)
+        return (grad_x, None, None, None, None, None, None, None, None, None,
                 *d_params)
 
 
@@ -303,7 +395,8 @@ def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
                         group_size: int, num_iters: int, eps: float,
                         momentum: float, training: bool,
                         reduce_fn: ReduceFn = None,
-                        source: Optional[Source] = None) -> Tensor:
+                        source: Optional[Source] = None,
+                        inplace: bool = False) -> Tensor:
     """Functional Channel Equilibrium on a contiguous (N, C, H, W) tensor.
 
     Args:
@@ -320,15 +413,25 @@ def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
         momentum (float): running-average momentum (PyTorch convention).
         training (bool): use batch statistics and update running buffers.
         reduce_fn (callable, optional): sums statistics over processes.
-        source (tuple, optional): ``(t, fn)`` with ``fn(t)`` equal to ``x``
-            bit for bit (e.g. the preceding BatchNorm's input and that
-            BatchNorm): backward saves ``t`` instead of ``x`` and recomputes
-            ``x``. When ``t`` is saved by another op anyway, CE then adds no
-            full-size tensor to the activation memory.
+        source (tuple, optional): ``(z, alpha, beta)`` with ``x`` equal to
+            ``z * alpha[c] + beta[c]`` up to rounding (the preceding
+            BatchNorm's input and affine map; ``alpha``, ``beta`` of shape
+            (C,) in float32, float64 for a float64 ``x``): backward saves
+            ``z`` instead of ``x`` and never rebuilds ``x``. When ``z`` is
+            saved by another op anyway, CE then adds no full-size tensor to
+            the activation memory.
+        inplace (bool): write the output into ``x`` (returned). Only when
+            nothing else reads ``x`` afterwards; with autograd, only with a
+            ``source`` (backward must not need ``x``). Tensors of a few MiB
+            or less are not worth it and get a new output anyway.
 
     Returns:
         Tensor: same shape and dtype as ``x``.
     """
+    if inplace and source is None and torch.is_grad_enabled() and \
+            x.requires_grad:
+        raise ValueError('inplace=True with autograd needs a source: the '
+                         'backward would read the overwritten input')
     if training:
         # Training reads no running buffer (and must not save one: the update
         # below would trip autograd's version check). Zero-size placeholders
@@ -339,7 +442,7 @@ def channel_equilibrium(x: Tensor, params: Tuple[Tensor, ...],
         wm_in, scale_in = running_wm, running_scale
     out, wm, scale = _CEFunction.apply(x, wm_in, scale_in, group_size,
                                        num_iters, eps, training, reduce_fn,
-                                       source, *params)
+                                       source, inplace, *params)
     if training and momentum > 0:
         with torch.no_grad():
             running_wm.lerp_(wm.to(running_wm.dtype), momentum)

@@ -1,16 +1,16 @@
 """Channel Equilibrium (CE) layer, Shao et al., ICML 2020."""
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmdet.registry import MODELS
-import torch.nn.functional as F
 from torch import Tensor
 
-from .ce_function import channel_equilibrium
+from .ce_function import (channel_equilibrium, compute_dtype,
+                          eval_after_affine)
 
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -24,64 +24,93 @@ _BN_NODES_WITH_INVSTD = ('NativeBatchNormBackward0',
                          'CudnnBatchNormBackward0')
 
 
-class _BatchNormRecompute:
-    """Recompute a BatchNorm's output from its input, for CE's backward.
+def batchnorm_affine(bn: nn.BatchNorm2d,
+                     output: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """The per-channel map ``output = input * alpha + beta`` a BN applied.
 
-    Eval mode (running statistics): the same ``F.batch_norm`` call, bit for
-    bit. Training mode (batch statistics): the per-channel affine map the BN
-    applied, ``z * alpha + beta`` with ``alpha = invstd * weight`` and
-    ``beta = bias - mean * alpha`` from the batch mean and inverse std the
-    BN saved for its own backward (one pass instead of recomputing the
-    statistics; equal up to rounding). Falls back to ``F.batch_norm`` when
-    those are not available.
+    Eval mode: from the running statistics. Training mode (batch
+    statistics): from the batch mean and inverse std the BN saved for its own
+    backward on ``output.grad_fn`` (None when that node is not one known to
+    save them). Equal to the BN's output up to rounding.
+
+    Returns:
+        tuple | None: ``alpha``, ``beta`` of shape (C,), float32 (float64 for
+        a float64 output), without autograd history.
     """
-
-    def __init__(self, bn: nn.BatchNorm2d, output: Tensor) -> None:
-        self.bn = bn
-        self.batch_stats = bn.training or bn.running_mean is None
-        self.affine = None
-        # backward nodes known to save (batch mean, batch inverse std)
-        node = output.grad_fn
-        if self.batch_stats and type(node).__name__ in _BN_NODES_WITH_INVSTD:
+    c = output.shape[1]
+    with torch.no_grad():
+        if bn.training or bn.running_mean is None:
+            node = output.grad_fn
+            if type(node).__name__ not in _BN_NODES_WITH_INVSTD:
+                return None
             mean = getattr(node, '_saved_result1', None)
             invstd = getattr(node, '_saved_result2', None)
-            c = output.shape[1]
-            if isinstance(mean, Tensor) and isinstance(invstd, Tensor) and \
-                    mean.shape == (c, ) and invstd.shape == (c, ):
-                with torch.no_grad():
-                    alpha = invstd if bn.weight is None else \
-                        invstd * bn.weight.detach()
-                    beta = -mean * alpha
-                    if bn.bias is not None:
-                        beta = beta + bn.bias.detach()
-                self.affine = (alpha.reshape(1, c, 1, 1).to(output.dtype),
-                               beta.reshape(1, c, 1, 1).to(output.dtype))
-
-    def __call__(self, z: Tensor) -> Tensor:
-        if self.affine is not None:
-            alpha, beta = self.affine
-            return torch.addcmul(beta, z, alpha)
-        bn = self.bn
-        running = (None, None) if self.batch_stats else (bn.running_mean,
-                                                         bn.running_var)
-        weight = None if bn.weight is None else bn.weight.detach()
-        bias = None if bn.bias is None else bn.bias.detach()
-        return F.batch_norm(z, running[0], running[1], weight, bias,
-                            self.batch_stats, 0.0, bn.eps)
+            if not (isinstance(mean, Tensor) and isinstance(invstd, Tensor)
+                    and mean.shape == (c, ) and invstd.shape == (c, )):
+                return None
+        else:
+            mean = bn.running_mean
+            invstd = torch.rsqrt(bn.running_var.to(compute_dtype(output.dtype))
+                                 + bn.eps)
+        cdt = compute_dtype(output.dtype)
+        alpha = invstd.to(cdt)
+        if bn.weight is not None:
+            alpha = alpha * bn.weight.to(cdt)
+        beta = -mean.to(cdt) * alpha
+        if bn.bias is not None:
+            beta = beta + bn.bias.to(cdt)
+    return alpha, beta
 
 
 class _StashBatchNormIO:
-    """Forward hook of a BatchNorm that hands its input and output to the CE
-    layer that follows it (an object, not a closure, so that deep copies of
-    a model point at the copied CE layer)."""
+    """Forward hook of a BatchNorm that hands it, its input and its output
+    to the CE layer that follows it (an object, not a closure, so that deep
+    copies of a model point at the copied CE layer)."""
 
     def __init__(self, ce: 'ChannelEquilibrium') -> None:
         self.ce = ce
 
     def __call__(self, bn, inputs, output) -> None:
-        if torch.is_grad_enabled() and output.requires_grad:
-            self.ce._stash = (output, output._version, inputs[0],
-                              _BatchNormRecompute(bn, output))
+        self.ce._stash = (bn, output, output._version, inputs[0])
+
+
+class _Scope:
+    """Forward pre-hook / hook of a module inside whose forward a CE layer
+    may absorb its BN (see ``ChannelEquilibrium.follow``)."""
+
+    def __init__(self, ce: 'ChannelEquilibrium', delta: int) -> None:
+        self.ce = ce
+        self.delta = delta
+
+    def __call__(self, module, *args) -> None:
+        self.ce._scope_depth = max(0, self.ce._scope_depth + self.delta)
+        self.ce._absorbed = None
+
+
+class BatchNorm2dBeforeCE(nn.BatchNorm2d):
+    """An ``nn.BatchNorm2d`` whose following CE layer may absorb it.
+
+    :meth:`ChannelEquilibrium.follow` with a ``scope`` turns the BN it
+    follows into this class (same parameters, buffers and state dict keys;
+    ``isinstance(m, nn.BatchNorm2d)`` holds). It computes exactly what
+    ``nn.BatchNorm2d`` computes, except in one case: inference (BN and CE in
+    eval mode, autograd off) inside the scope's forward, where it returns its
+    input untouched and the CE layer, called next, computes ``CE(BN(z))``
+    from ``z`` in one pass (:func:`eval_after_affine`).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        ce = self.__dict__.get('_ce_after')
+        if ce is not None and ce._absorb(self, input):
+            return input
+        return super().forward(input)
+
+
+def _only_stash_hooks(bn: nn.Module) -> bool:
+    """Nothing but CE's stash hooks sees the BN's output (so CE may reuse
+    its storage)."""
+    return not nn.modules.module._global_forward_hooks and all(
+        isinstance(h, _StashBatchNormIO) for h in bn._forward_hooks.values())
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -124,7 +153,10 @@ class ChannelEquilibrium(nn.Module):
     Both branches are applied as one per-sample block-diagonal map
     ``sigmoid(gate) * W_g + (1 - sigmoid(gate)) * diag(y[n] / s)`` in a single
     pass over ``X``; the backward keeps only the input and small tensors
-    (see :mod:`ce_mmdet.models.layers.ce_function`). Statistics run in float32
+    (see :mod:`ce_mmdet.models.layers.ce_function`). After a BatchNorm
+    (:meth:`follow`) it keeps the BN's input instead, may reuse the BN's
+    output tensor, and in inference may absorb the BN's pass; the results are
+    the same up to rounding. Statistics run in float32
     for half/bfloat16 inputs (also under autocast); the output has the input
     dtype. channels_last inputs give channels_last outputs.
 
@@ -211,30 +243,109 @@ class ChannelEquilibrium(nn.Module):
             torch.eye(group_size).repeat(self.num_groups, 1, 1))
         self.register_buffer('running_scale', torch.ones(1))
         self._stash: Optional[tuple] = None
+        self._inplace_after_bn = False
+        self._absorbed: Optional[tuple] = None
+        self._scope_depth = 0
 
-    def follow(self, norm: nn.Module) -> bool:
-        """Declare the BatchNorm this layer follows, to save memory.
+    def follow(self,
+               norm: nn.Module,
+               inplace: bool = True,
+               scope: Optional[nn.Module] = None) -> bool:
+        """Declare the BatchNorm whose output is this layer's input.
+
+        Contract: this layer is the *only* consumer of ``norm``'s output
+        (``x = norm(z); out = ce(x)`` and ``x`` is used nowhere else), and,
+        with a ``scope``, ``norm`` is the only consumer of its input ``z``
+        and is followed by this layer whenever it is called inside
+        ``scope``'s forward. :class:`CEResNet` and :class:`CEFPN` call it
+        for conv -> BN -> CE, with the block as the scope.
 
         When ``norm`` is a plain ``nn.BatchNorm2d`` (not SyncBN), a forward
-        hook on it hands its input to this layer: if this layer's input is
-        that BN's output, untouched, the backward keeps the BN's input (which
-        the BN saves anyway) instead of this layer's input, and recomputes
-        the latter (one elementwise pass). The results are identical (up to
-        rounding for a BN in training mode, see ``_BatchNormRecompute``); the
-        activation memory of CE drops to a few small tensors. Anything else
-        is ignored (returns False) and CE saves its input as usual.
+        hook on it hands its input to this layer. If this layer's input is
+        that BN's output, untouched:
+
+        * backward keeps the BN's input ``z`` (which the BN saves anyway)
+          instead of this layer's input, and works on ``z`` and the BN's
+          per-channel affine map (:func:`batchnorm_affine`): CE then adds
+          no full-size tensor to the activation memory. Gradients equal those
+          of the unfused layer up to rounding; the forward is unchanged.
+        * with ``inplace`` (default) on CPU, the output is written into the
+          BN's output tensor (through a small buffer) instead of a new one,
+          unless other forward hooks on ``norm`` could have kept that
+          tensor. This saves an activation-sized allocation, which on CPU
+          costs more than the layer's arithmetic; the values are the same.
+        * with a ``scope``, in inference (BN and CE in eval mode, autograd
+          off, inside ``scope``'s forward, no other forward hooks on
+          ``norm``, not traced), ``norm`` (made a
+          :class:`BatchNorm2dBeforeCE`) skips its pass and this layer
+          computes ``CE(BN(z))`` from ``z`` directly (into ``z`` with
+          ``inplace`` on CPU). Equal up to rounding.
+
+        Anything else is ignored (returns False) and CE saves its input as
+        usual.
+
+        Args:
+            norm (nn.Module): the norm layer right before this one.
+            inplace (bool): allow reusing the BN's output (and, with a scope,
+                input) tensor on CPU.
+            scope (nn.Module, optional): the module whose forward runs
+                conv -> ``norm`` -> this layer.
+
+        Returns:
+            bool: whether ``norm`` is followed.
         """
-        if type(norm) is not nn.BatchNorm2d:
+        if type(norm) not in (nn.BatchNorm2d, BatchNorm2dBeforeCE):
             return False
+        if not isinstance(inplace, bool):
+            raise TypeError(f'inplace must be a bool, got {inplace!r}')
+        if scope is not None and not isinstance(scope, nn.Module):
+            raise TypeError(
+                f'scope must be an nn.Module, got {type(scope).__name__}')
+        self._inplace_after_bn = inplace
         norm.register_forward_hook(_StashBatchNormIO(self))
+        if scope is not None:
+            norm.__class__ = BatchNorm2dBeforeCE
+            # not a submodule of the BN: a plain reference
+            norm.__dict__['_ce_after'] = self
+            scope.register_forward_pre_hook(_Scope(self, 1))
+            scope.register_forward_hook(_Scope(self, -1), always_call=True)
+        return True
+
+    def _absorb(self, bn: nn.BatchNorm2d, z) -> bool:
+        """Whether this layer will compute ``CE(bn(z))`` from ``z`` (called
+        by the BN, which then returns ``z``)."""
+        self._absorbed = None
+        if not (self._scope_depth > 0 and not torch.is_grad_enabled()
+                and not self.training and not bn.training
+                and bn.running_mean is not None and isinstance(z, Tensor)
+                and z.dim() == 4 and z.shape[1] == self.in_channels
+                and z.numel() > 0 and z.is_floating_point()
+                and z.is_contiguous() and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling()
+                and _only_stash_hooks(bn)):
+            return False
+        self._absorbed = (bn, z, z._version)
         return True
 
     def _take_source(self, x: Tensor):
+        """(source, inplace) for this input from the followed BN's stash."""
         stash, self._stash = self._stash, None
-        if stash is None or stash[0] is not x or x._version != stash[1] \
-                or not x.is_contiguous():
-            return None
-        return stash[2], stash[3]
+        if stash is None:
+            return None, False
+        bn, output, version, z = stash
+        if output is not x or x._version != version or \
+                not x.is_contiguous():
+            return None, False
+        grad = torch.is_grad_enabled() and x.requires_grad
+        source = None
+        if grad and z.shape == x.shape:
+            affine = batchnorm_affine(bn, x)
+            if affine is not None:
+                source = (z, ) + affine
+        inplace = (self._inplace_after_bn and x.device.type == 'cpu'
+                   and not torch.jit.is_tracing() and _only_stash_hooks(bn)
+                   and (source is not None or not grad))
+        return source, inplace
 
     def reset_running_stats(self) -> None:
         """Identity whitening and unit scale, as at construction."""
@@ -268,15 +379,31 @@ class ChannelEquilibrium(nn.Module):
         if self.sync and self.training and dist.is_available() and \
                 dist.is_initialized() and dist.get_world_size() > 1:
             reduce_fn = _all_reduce_sum
-        source = self._take_source(x)
+        absorbed, self._absorbed = self._absorbed, None
+        if absorbed is not None and absorbed[1] is x and \
+                x._version == absorbed[2]:
+            self._stash = None
+            return self._forward_absorbed(absorbed[0], x)
+        source, inplace = self._take_source(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = channel_equilibrium(
                 x.contiguous(), params, self.running_wm, self.running_scale,
                 self.group_size, self.num_iters, self.eps, self.momentum,
-                self.training, reduce_fn, source)
+                self.training, reduce_fn, source, inplace)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
+
+    def _forward_absorbed(self, bn: nn.BatchNorm2d, z: Tensor) -> Tensor:
+        """Inference ``CE(bn(z))`` from ``z`` (see :meth:`follow`)."""
+        alpha, beta = batchnorm_affine(bn, z)
+        params = (self.gate, self.fc1.weight, self.norm.weight,
+                  self.norm.bias, self.fc2.weight)
+        inplace = self._inplace_after_bn and z.device.type == 'cpu'
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return eval_after_affine(z, alpha, beta, params, self.running_wm,
+                                     self.running_scale, self.group_size,
+                                     self.eps, inplace)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, group_size={self.group_size}, '

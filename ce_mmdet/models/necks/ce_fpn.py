@@ -35,7 +35,7 @@ class ConvNormCE(ConvModule):
         _, ce = build_plugin_layer(copy.deepcopy(ce_cfg), in_channels=channels)
         module.__class__ = cls
         module.add_module('ce', ce)
-        ce.follow(module.norm)
+        ce.follow(module.norm, scope=module)
         return module
 
     def forward(self, x, activate: bool = True, norm: bool = True):

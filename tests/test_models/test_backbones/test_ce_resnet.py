@@ -3,6 +3,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn as nn
 from mmdet.models import ResNet
 from mmengine.logging import MMLogger
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -279,3 +280,36 @@ def test_loads_backbone_of_mmdet_detector_checkpoint(tmp_path):
     loaded = model.state_dict()
     for k, v in bn.state_dict().items():
         assert torch.equal(loaded[k], v), k
+
+
+def test_inference_with_absorbed_batchnorms_matches(monkeypatch):
+    """In eval mode without autograd every CE computes CE(BN(z)) from z
+    (the BN skips its pass); the outputs are those of the unfused model."""
+    from ce_mmdet.models.layers import ce_function
+    monkeypatch.setattr(ce_function, 'INPLACE_CHUNK_BYTES', 4096)
+    torch.manual_seed(0)
+    model = CEResNet(depth=50, stem_channels=32, base_channels=16).double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    unfused = copy.deepcopy(model)
+    for m in unfused.modules():  # another hook on each BN: no absorption
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda *a: None)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, ChannelEquilibrium):
+            m.register_forward_pre_hook(
+                lambda mod, args: calls.append(mod._absorbed is not None))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        outs = model(x)
+        expected = unfused(x)
+    assert calls and all(calls)  # every CE absorbed its BN
+    for o, e in zip(outs, expected):
+        assert ((o - e).abs().max() / e.abs().max()).item() < 1e-12

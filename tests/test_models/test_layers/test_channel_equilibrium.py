@@ -315,8 +315,18 @@ def saved_storages(fn):
     return out, storages
 
 
+@pytest.fixture
+def small_inplace_chunks(monkeypatch):
+    """Let the in-place apply work on test-sized tensors, in several chunks
+    that do not divide H*W."""
+    from ce_mmdet.models.layers import ce_function
+    monkeypatch.setattr(ce_function, 'INPLACE_CHUNK_BYTES', 7 * 64 * 8)
+
+
+@pytest.mark.parametrize('inplace', [True, False])
 @pytest.mark.parametrize('bn_training', [True, False])
-def test_following_a_batchnorm_saves_its_input_not_ours(bn_training):
+def test_following_a_batchnorm_saves_its_input_not_ours(
+        bn_training, inplace, small_inplace_chunks):
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(32).double()
     with torch.no_grad():
@@ -326,25 +336,90 @@ def test_following_a_batchnorm_saves_its_input_not_ours(bn_training):
     plain = make_layer(32)
     fused = copy.deepcopy(plain)
     bn_fused = copy.deepcopy(bn)
-    assert fused.follow(bn_fused)
+    assert fused.follow(bn_fused, inplace=inplace)
     bn.train(bn_training)
     bn_fused.train(bn_training)
     z = bn_like_input(2, 32, 6, 5).requires_grad_()
     z2 = z.detach().clone().requires_grad_()
     out1, saved1 = saved_storages(lambda: plain(bn(z)))
+    bn_out = []
+    handle = bn_fused.register_forward_hook(
+        lambda m, i, o: bn_out.append(o.data_ptr()))
     out2, saved2 = saved_storages(lambda: fused(bn_fused(z2)))
+    handle.remove()
+    # another hook on the BN might keep its output: never in place then
+    assert out2.data_ptr() != bn_out[0]
+    bn_out = []
+
+    def run():
+        bn_out.append(bn_fused(z2))
+        return fused(bn_out[-1])
+
+    out3, saved3 = saved_storages(run)
+    # written into the BN output
+    assert (out3.data_ptr() == bn_out[-1].data_ptr()) == inplace
     assert torch.equal(out1, out2)
+    assert rel_err(out3, out1) < 1e-14  # chunked GEMM: equal up to rounding
     # the fused path keeps nothing of CE's input size beyond the BN input
-    big1 = {k for k, t in saved1.items() if t.numel() >= z.numel()}
-    big2 = {k for k, t in saved2.items() if t.numel() >= z.numel()}
-    assert len(big1) == 2 and len(big2) == 1
-    assert z2.untyped_storage().data_ptr() in big2
+    for saved in (saved1, saved2, saved3):
+        big = {k for k, t in saved.items() if t.numel() >= z.numel()}
+        assert len(big) == (2 if saved is saved1 else 1)
+    assert z2.untyped_storage().data_ptr() in saved3
     g = torch.randn_like(out1)
-    grads1 = torch.autograd.grad(out1, [z, bn.weight] + list(plain.parameters()), g)
-    grads2 = torch.autograd.grad(out2, [z2, bn_fused.weight] +
+    grads1 = torch.autograd.grad(out1, [z, bn.weight, bn.bias] +
+                                 list(plain.parameters()), g)
+    grads3 = torch.autograd.grad(out3, [z2, bn_fused.weight, bn_fused.bias] +
                                  list(fused.parameters()), g)
-    for a, b in zip(grads1, grads2):
+    for a, b in zip(grads1, grads3):
         assert rel_err(b, a) < 1e-12
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_inplace_after_batchnorm_reuses_its_output(training,
+                                                   small_inplace_chunks):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(32).double().train(training)
+    layer = make_layer(32).train(training)
+    reference = copy.deepcopy(layer)
+    assert layer.follow(bn)
+    z = bn_like_input(2, 32, 6, 5)
+    with torch.no_grad():
+        expected = reference(bn(z))
+        x = bn(z)  # the fresh BN output CE may overwrite
+        out = layer(x)
+    assert out.data_ptr() == x.data_ptr()
+    assert rel_err(out, expected) < 1e-14
+    # opted out: a new tensor
+    layer2 = copy.deepcopy(reference)
+    bn2 = copy.deepcopy(bn)
+    assert layer2.follow(bn2, inplace=False)
+    with torch.no_grad():
+        x = bn2(z)
+        out = layer2(x)
+    assert out.data_ptr() != x.data_ptr()
+
+
+def test_apply_inplace_matches_one_gemm():
+    from ce_mmdet.models.layers.ce_function import apply_inplace
+    torch.manual_seed(0)
+    a = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    x = torch.randn(3, 2, 4, 37, dtype=torch.float64)
+    expected = a @ x
+    for chunk in (8, 3 * 2 * 4 * 8 * 5, 1 << 20):  # 1 column, 5, all
+        y = x.clone()
+        apply_inplace(a, y, chunk)
+        assert rel_err(y, expected) < 1e-14
+
+
+def test_inplace_without_source_refuses_autograd():
+    from ce_mmdet.models.layers.ce_function import channel_equilibrium
+    layer = make_layer(16)
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    params = (layer.gate, layer.fc1.weight, layer.norm.weight,
+              layer.norm.bias, layer.fc2.weight)
+    with pytest.raises(ValueError, match='needs a source'):
+        channel_equilibrium(x, params, layer.running_wm, layer.running_scale,
+                            16, 3, 1e-5, 0.1, True, inplace=True)
 
 
 def test_follow_ignores_other_norms_and_modified_inputs():
@@ -364,19 +439,89 @@ def test_follow_ignores_other_norms_and_modified_inputs():
     assert y.untyped_storage().data_ptr() in saved
 
 
-def test_batchnorm_recompute_paths():
-    from ce_mmdet.models.layers.channel_equilibrium import _BatchNormRecompute
-    bn = torch.nn.BatchNorm2d(8).double()
+@pytest.mark.parametrize('training', [True, False])
+def test_batchnorm_affine_reproduces_its_output(training):
+    from ce_mmdet.models.layers.channel_equilibrium import batchnorm_affine
+    bn = torch.nn.BatchNorm2d(8).double().train(training)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.normal_()
+        bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2)
-    z = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
-    out = bn.train()(z)
-    recompute = _BatchNormRecompute(bn, out)
-    assert recompute.affine is not None  # one pass from the saved stats
-    assert rel_err(recompute(z.detach()), out.detach()) < 1e-14
-    out = bn.eval()(z)
-    recompute = _BatchNormRecompute(bn, out)
-    assert recompute.affine is None  # F.batch_norm itself, bit for bit
-    assert torch.equal(recompute(z.detach()), out.detach())
+    z = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True) + 3
+    out = bn(z)
+    alpha, beta = batchnorm_affine(bn, out)
+    assert not alpha.requires_grad and not beta.requires_grad
+    rebuilt = z.detach() * alpha.view(1, 8, 1, 1) + beta.view(1, 8, 1, 1)
+    assert rel_err(rebuilt, out.detach()) < 1e-14
+    if training:  # batch statistics come from the BN's backward node only
+        with torch.no_grad():
+            assert batchnorm_affine(bn, bn(z)) is None
+
+
+class _ConvBNCE(torch.nn.Module):
+    """conv -> BN -> CE, the scope of the BN's absorption."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 1).double()
+        self.bn = torch.nn.BatchNorm2d(c).double()
+        self.ce = make_layer(c)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.normal_(0, 0.2)
+            self.bn.running_mean.normal_(0, 0.3)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return self.ce(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize('inplace', [True, False])
+def test_inference_absorbs_the_batchnorm(inplace, small_inplace_chunks):
+    from ce_mmdet.models.layers.channel_equilibrium import \
+        BatchNorm2dBeforeCE
+    torch.manual_seed(0)
+    block = _ConvBNCE(32).eval()
+    plain = copy.deepcopy(block)  # never follows: the unfused reference
+    assert block.ce.follow(block.bn, inplace=inplace, scope=block)
+    assert type(block.bn) is BatchNorm2dBeforeCE
+    assert set(block.bn.state_dict()) == set(plain.bn.state_dict())
+    x = bn_like_input(2, 32, 6, 5)
+    absorbed = []
+    block.ce._forward_absorbed = (
+        lambda bn, z, f=block.ce._forward_absorbed: absorbed.append(z) or
+        f(bn, z))
+    with torch.no_grad():
+        expected = plain(x)
+        out = block(x)
+    assert len(absorbed) == 1
+    assert rel_err(out, expected) < 1e-13
+    # with inplace the result is written into the conv output
+    assert (out.data_ptr() == absorbed[0].data_ptr()) == inplace
+    # outside the scope, the BN is a BN
+    with torch.no_grad():
+        z = block.conv(x)
+        assert torch.equal(block.bn(z), plain.bn(z))
+        block.ce._stash = None
+    # with autograd, in training, or with another hook: no absorption
+    out = block(x)
+    assert rel_err(out.detach(), expected) < 1e-13 and out.requires_grad
+    block.train()
+    plain.train()
+    with torch.no_grad():
+        assert rel_err(block(x), plain(x)) < 1e-12
+    block.eval()
+    plain.eval()  # running statistics moved: a new reference
+    with torch.no_grad():
+        expected = plain(x)
+    handle = block.bn.register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        assert rel_err(block(x), expected) < 1e-13
+    handle.remove()
+    assert len(absorbed) == 1
+    # a deep copy absorbs into its own CE layer
+    clone = copy.deepcopy(block)
+    assert clone.bn.__dict__['_ce_after'] is clone.ce
+    with torch.no_grad():
+        assert rel_err(clone(x), expected) < 1e-13
