@@ -3,11 +3,12 @@
 Usage:
     python tools/analysis_tools/benchmark_backbone.py [--device cpu|cuda]
         [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
-        [--warmup 2] [--json OUT.json]
+        [--warmup 2] [--json OUT.json] [--profile ROWS]
 
 Both backbones are built with the same depth and the CE one gets the BN one's
 weights (the shared tensors). They are timed alternately (A/B within every
-repeat, after a warm-up) and the medians are reported:
+repeat, in the order A B, B A, A B, ... so neither always runs second, after
+a warm-up) and the medians are reported:
 
 * train step: forward + backward in training mode (BN and CE use batch
   statistics, ``norm_eval=False``);
@@ -18,15 +19,21 @@ repeat, after a warm-up) and the medians are reported:
 * parameters, and FLOPs of one image by mmengine's analyser (CE counted by
   the rule in ``ce_mmdet/analysis/flops.py``).
 
-The last column is CE / BN.
+The last column is CE / BN; for times it is the median over repeats of the
+ratio within each repeat (both measured within a second of each other), which
+a shared machine's slow drifts do not bias. ``--profile ROWS`` also prints
+``torch.profiler``'s key_averages table (top ROWS ops by self time) of two
+training steps and two inference passes of each model: where the time goes.
 """
 import argparse
 import json
+import logging
 import statistics
 
 import torch
 from mmdet.models import ResNet
 from mmengine.analysis import FlopAnalyzer
+from mmengine.logging import MMLogger
 
 import ce_mmdet  # noqa: F401  (CE flop rule)
 from ce_mmdet.analysis.benchmark import (saved_for_backward_bytes, synchronize,
@@ -39,6 +46,28 @@ def train_step(model, x):
     loss = sum(o.float().mean() for o in outs)
     loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def run_phase(model, x, phase):
+    if phase == 'train':
+        train_step(model, x)
+    else:
+        with torch.no_grad():
+            model(x)
+
+
+def profile_table(fn, rows):
+    """torch.profiler key_averages of two calls of ``fn``, by self time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        fn()
+    key = 'self_device_time_total' if len(activities) > 1 else \
+        'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def cuda_peak(model, x, device):
@@ -55,7 +84,13 @@ def cuda_peak(model, x, device):
 def build(depth, device):
     torch.manual_seed(0)
     bn = ResNet(depth=depth, norm_eval=False, frozen_stages=-1)
-    bn.init_weights()
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # not the per-parameter init table
+    try:
+        bn.init_weights()
+    finally:
+        logger.setLevel(level)
     ce = CEResNet(depth=depth, norm_eval=False, frozen_stages=-1)
     ce.load_state_dict(bn.state_dict(), strict=False)
     return bn.to(device), ce.to(device)
@@ -71,6 +106,8 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--profile', type=int, default=0, metavar='ROWS',
+                        help='also print the top ROWS ops of a profile')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     h, w = args.shape
@@ -80,27 +117,29 @@ def main(argv=None):
     x = torch.randn(args.batch_size, 3, h, w, device=device)
 
     results = {k: {} for k in models}
+    paired = {}
     for name, phase in (('train step (s)', 'train'), ('inference (s)',
                                                       'eval')):
         for m in models.values():
             m.train(phase == 'train')
-        if phase == 'train':
-            fns = {k: (lambda m=m: train_step(m, x)) for k, m in models.items()}
-        else:
-
-            def infer(m):
-                with torch.no_grad():
-                    m(x)
-
-            fns = {k: (lambda m=m: infer(m)) for k, m in models.items()}
+        fns = {k: (lambda m=m: run_phase(m, x, phase))
+               for k, m in models.items()}
         samples = {k: [] for k in models}
+        order = list(models)
         for i in range(args.warmup + args.repeats):
-            for k in models:  # alternate A/B
+            for k in order:
                 t = time_once(fns[k], device)
                 if i >= args.warmup:
                     samples[k].append(t)
+            order.reverse()
         for k in models:
             results[k][name] = statistics.median(samples[k])
+        paired[name] = statistics.median(
+            c / b for b, c in zip(samples['bn'], samples['ce']))
+        if args.profile:
+            for k, m in models.items():
+                print(f'--- {k}, {phase}: torch.profiler, 2 calls')
+                print(profile_table(fns[k], args.profile))
     for k, m in models.items():
         m.train()
         results[k]['saved for backward (MiB)'] = saved_for_backward_bytes(
@@ -123,7 +162,7 @@ def main(argv=None):
     ratios = {}
     for metric in results['bn']:
         a, b = results['bn'][metric], results['ce'][metric]
-        ratios[metric] = b / a if a else float('nan')
+        ratios[metric] = paired.get(metric, b / a if a else float('nan'))
         print(f'{metric:<30}{a:>12.4g}{b:>12.4g}{ratios[metric]:>8.3f}')
     if args.json:
         with open(args.json, 'w') as f:
