@@ -70,8 +70,9 @@ def newton_whitening(cov: Tensor, num_iters: int) -> Tensor:
     trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
     cov_n = cov / trace[:, None, None]
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    p = eye.expand_as(cov)
-    for _ in range(num_iters):
+    # P_1 = 1.5 I - 0.5 S_N exactly (I^3 S_N is S_N bit for bit)
+    p = 1.5 * eye - 0.5 * cov_n
+    for _ in range(num_iters - 1):
         p = 1.5 * p - 0.5 * torch.linalg.matrix_power(p, 3) @ cov_n
     return p
 
