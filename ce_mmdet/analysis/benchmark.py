@@ -1,6 +1,10 @@
 """Measurement helpers shared by the benchmark scripts."""
+import gc
+import multiprocessing as mp
+import os
 import time
-from typing import Callable
+import traceback
+from typing import Callable, Optional
 
 import torch
 
@@ -37,3 +41,112 @@ def saved_for_backward_bytes(fn: Callable[[], object]) -> int:
         out = fn()
     del out
     return sum(storages.values())
+
+
+def _rss_kib() -> dict:
+    """Current and peak resident set size of this process (KiB, Linux)."""
+    fields = {}
+    with open('/proc/self/status') as f:
+        for line in f:
+            key, _, value = line.partition(':')
+            if key in ('VmRSS', 'VmHWM'):
+                fields[key] = int(value.split()[0])
+    return fields
+
+
+def _peak_rss_child(conn, make_step, args) -> None:
+    try:
+        step = make_step(*args)
+        gc.collect()
+        # no warm-up: memory the allocator keeps from one step would hide
+        # the next step's needs (one-time buffers count for both models)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset the peak (VmHWM) to the current RSS
+        base = _rss_kib()['VmRSS']
+        step()
+        conn.send((_rss_kib()['VmHWM'] - base) * 1024)
+    except Exception:  # raised in the parent, with the child's traceback
+        conn.send(RuntimeError('measuring peak RSS failed in the child '
+                               'process:\n' + traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def peak_rss_increase(make_step: Callable[..., Callable[[], object]],
+                      *args) -> Optional[int]:
+    """Peak resident memory a step adds, measured in a fresh process.
+
+    ``make_step(*args)`` (an importable top-level function) builds a model
+    and returns ``step``; the child process resets its peak RSS and runs
+    ``step()`` once. The result is the peak RSS during the call minus the
+    RSS before it: what the step needs on top of the model (activations,
+    gradients, temporaries, allocator slack, one-time buffers).
+    CPU peak memory, the counterpart of ``torch.cuda.max_memory_allocated``.
+
+    Returns:
+        int | None: bytes, or None where ``/proc`` cannot report it (not
+        Linux).
+    """
+    if not os.path.exists('/proc/self/clear_refs'):
+        return None
+    ctx = mp.get_context('spawn')
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peak_rss_child, args=(child, make_step, args))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        proc.join()
+        result = RuntimeError(
+            f'the measuring process died (exit code {proc.exitcode})')
+    proc.join()
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def build_backbone_pair(depth: int, device='cpu'):
+    """``(ResNet, CEResNet)`` of ``depth``, the CE one with the BN one's
+    weights wherever they share a name; batch statistics (``norm_eval``
+    off) and nothing frozen."""
+    import logging
+
+    from mmdet.models import ResNet
+    from mmengine.logging import MMLogger
+
+    from ce_mmdet.models import CEResNet
+    torch.manual_seed(0)
+    bn = ResNet(depth=depth, norm_eval=False, frozen_stages=-1)
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # not the per-parameter init table
+    try:
+        bn.init_weights()
+    finally:
+        logger.setLevel(level)
+    ce = CEResNet(depth=depth, norm_eval=False, frozen_stages=-1)
+    ce.load_state_dict(bn.state_dict(), strict=False)
+    return bn.to(device), ce.to(device)
+
+
+def backbone_train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Forward, a scalar loss over all outputs, backward."""
+    outs = model(x)
+    loss = sum(o.float().mean() for o in outs)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def make_backbone_train_step(kind: str, depth: int, shape: tuple,
+                             threads: int) -> Callable[[], None]:
+    """A training step of the ``kind`` ('bn' or 'ce') backbone of
+    :func:`build_backbone_pair` on a random CPU batch of ``shape`` (for
+    :func:`peak_rss_increase`)."""
+    torch.set_num_threads(threads)
+    bn, ce = build_backbone_pair(depth)
+    model = {'bn': bn, 'ce': ce}[kind]
+    model.train()  # (mmdet's ResNet.train returns None)
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    return lambda: backbone_train_step(model, x)

@@ -25,9 +25,11 @@ def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'CE/BN' in printed
     for metric in ('train step (s)', 'inference (s)',
-                   'saved for backward (MiB)', 'params (M)',
-                   'FLOPs, 1 image (G)'):
+                   'saved for backward (MiB)', 'peak RSS, train step (MiB)',
+                   'params (M)', 'FLOPs, 1 image (G)'):
         assert ratios[metric] > 0
+    # measured in fresh processes: a training step needs memory
+    assert results['bn']['peak RSS, train step (MiB)'] > 0
     # CE adds parameters and operations to the same ResNet
     assert ratios['params (M)'] > 1 and ratios['FLOPs, 1 image (G)'] > 1
     # and, following each BN, almost no activation memory

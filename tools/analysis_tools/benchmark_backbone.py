@@ -14,8 +14,11 @@ a warm-up) and the medians are reported:
   statistics, ``norm_eval=False``);
 * inference: forward in eval mode under ``torch.no_grad``;
 * saved for backward: bytes of the distinct storages autograd keeps for one
-  training forward (the activation memory of a training step); on CUDA also
-  the peak allocated memory of a training step;
+  training forward (the activation memory of a training step);
+* peak memory of a training step on top of the model: on CUDA
+  ``torch.cuda.max_memory_allocated``, on CPU the peak resident set size
+  (Linux ``/proc``; measured in a fresh process per model after a warm-up
+  step, skip with ``--no-rss``);
 * parameters, and FLOPs of one image by mmengine's analyser (CE counted by
   the rule in ``ce_mmdet/analysis/flops.py``).
 
@@ -27,30 +30,23 @@ training steps and two inference passes of each model: where the time goes.
 """
 import argparse
 import json
-import logging
 import statistics
 
 import torch
-from mmdet.models import ResNet
 from mmengine.analysis import FlopAnalyzer
-from mmengine.logging import MMLogger
 
 import ce_mmdet  # noqa: F401  (CE flop rule)
-from ce_mmdet.analysis.benchmark import (saved_for_backward_bytes, synchronize,
+from ce_mmdet.analysis.benchmark import (backbone_train_step,
+                                        build_backbone_pair,
+                                        make_backbone_train_step,
+                                        peak_rss_increase,
+                                        saved_for_backward_bytes, synchronize,
                                         time_once)
-from ce_mmdet.models import CEResNet
-
-
-def train_step(model, x):
-    outs = model(x)
-    loss = sum(o.float().mean() for o in outs)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
 
 
 def run_phase(model, x, phase):
     if phase == 'train':
-        train_step(model, x)
+        backbone_train_step(model, x)
     else:
         with torch.no_grad():
             model(x)
@@ -76,24 +72,9 @@ def cuda_peak(model, x, device):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    train_step(model, x)
+    backbone_train_step(model, x)
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
-
-
-def build(depth, device):
-    torch.manual_seed(0)
-    bn = ResNet(depth=depth, norm_eval=False, frozen_stages=-1)
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # not the per-parameter init table
-    try:
-        bn.init_weights()
-    finally:
-        logger.setLevel(level)
-    ce = CEResNet(depth=depth, norm_eval=False, frozen_stages=-1)
-    ce.load_state_dict(bn.state_dict(), strict=False)
-    return bn.to(device), ce.to(device)
 
 
 def main(argv=None):
@@ -108,10 +89,12 @@ def main(argv=None):
     parser.add_argument('--json', help='write the results here')
     parser.add_argument('--profile', type=int, default=0, metavar='ROWS',
                         help='also print the top ROWS ops of a profile')
+    parser.add_argument('--no-rss', action='store_true',
+                        help='skip the CPU peak RSS (two extra processes)')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     h, w = args.shape
-    bn, ce = build(args.depth, device)
+    bn, ce = build_backbone_pair(args.depth, device)
     models = {'bn': bn, 'ce': ce}
     torch.manual_seed(1)
     x = torch.randn(args.batch_size, 3, h, w, device=device)
@@ -147,6 +130,11 @@ def main(argv=None):
         peak = cuda_peak(m, x, device)
         if peak is not None:
             results[k]['CUDA peak, train step (MiB)'] = peak / 2**20
+        elif not args.no_rss:
+            peak = peak_rss_increase(make_backbone_train_step, k, args.depth,
+                                     tuple(x.shape), torch.get_num_threads())
+            if peak is not None:
+                results[k]['peak RSS, train step (MiB)'] = peak / 2**20
         results[k]['params (M)'] = sum(p.numel()
                                        for p in m.parameters()) / 1e6
         m.eval()
