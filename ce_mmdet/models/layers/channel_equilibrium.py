@@ -1,6 +1,6 @@
 """Channel Equilibrium (CE) layer, Shao et al., ICML 2020."""
 import numbers
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -9,8 +9,9 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from .ce_function import (channel_equilibrium, compute_dtype,
-                          eval_after_affine)
+from .batchnorm_handoff import (BatchNorm2dBeforeCE, attach, batchnorm_affine,
+                                only_recording_hooks, take_call)
+from .ce_function import channel_equilibrium, eval_after_affine
 
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -18,99 +19,6 @@ def _all_reduce_sum(tensor: Tensor) -> Tensor:
     out = tensor.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-_BN_NODES_WITH_INVSTD = ('NativeBatchNormBackward0',
-                         'CudnnBatchNormBackward0')
-
-
-def batchnorm_affine(bn: nn.BatchNorm2d,
-                     output: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """The per-channel map ``output = input * alpha + beta`` a BN applied.
-
-    Eval mode: from the running statistics. Training mode (batch
-    statistics): from the batch mean and inverse std the BN saved for its own
-    backward on ``output.grad_fn`` (None when that node is not one known to
-    save them). Equal to the BN's output up to rounding.
-
-    Returns:
-        tuple | None: ``alpha``, ``beta`` of shape (C,), float32 (float64 for
-        a float64 output), without autograd history.
-    """
-    c = output.shape[1]
-    with torch.no_grad():
-        if bn.training or bn.running_mean is None:
-            node = output.grad_fn
-            if type(node).__name__ not in _BN_NODES_WITH_INVSTD:
-                return None
-            mean = getattr(node, '_saved_result1', None)
-            invstd = getattr(node, '_saved_result2', None)
-            if not (isinstance(mean, Tensor) and isinstance(invstd, Tensor)
-                    and mean.shape == (c, ) and invstd.shape == (c, )):
-                return None
-        else:
-            mean = bn.running_mean
-            invstd = torch.rsqrt(bn.running_var.to(compute_dtype(output.dtype))
-                                 + bn.eps)
-        cdt = compute_dtype(output.dtype)
-        alpha = invstd.to(cdt)
-        if bn.weight is not None:
-            alpha = alpha * bn.weight.to(cdt)
-        beta = -mean.to(cdt) * alpha
-        if bn.bias is not None:
-            beta = beta + bn.bias.to(cdt)
-    return alpha, beta
-
-
-class _StashBatchNormIO:
-    """Forward hook of a BatchNorm that hands it, its input and its output
-    to the CE layer that follows it (an object, not a closure, so that deep
-    copies of a model point at the copied CE layer)."""
-
-    def __init__(self, ce: 'ChannelEquilibrium') -> None:
-        self.ce = ce
-
-    def __call__(self, bn, inputs, output) -> None:
-        self.ce._stash = (bn, output, output._version, inputs[0])
-
-
-class _Scope:
-    """Forward pre-hook / hook of a module inside whose forward a CE layer
-    may absorb its BN (see ``ChannelEquilibrium.follow``)."""
-
-    def __init__(self, ce: 'ChannelEquilibrium', delta: int) -> None:
-        self.ce = ce
-        self.delta = delta
-
-    def __call__(self, module, *args) -> None:
-        self.ce._scope_depth = max(0, self.ce._scope_depth + self.delta)
-        self.ce._absorbed = None
-
-
-class BatchNorm2dBeforeCE(nn.BatchNorm2d):
-    """An ``nn.BatchNorm2d`` whose following CE layer may absorb it.
-
-    :meth:`ChannelEquilibrium.follow` with a ``scope`` turns the BN it
-    follows into this class (same parameters, buffers and state dict keys;
-    ``isinstance(m, nn.BatchNorm2d)`` holds). It computes exactly what
-    ``nn.BatchNorm2d`` computes, except in one case: inference (BN and CE in
-    eval mode, autograd off) inside the scope's forward, where it returns its
-    input untouched and the CE layer, called next, computes ``CE(BN(z))``
-    from ``z`` in one pass (:func:`eval_after_affine`).
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        ce = self.__dict__.get('_ce_after')
-        if ce is not None and ce._absorb(self, input):
-            return input
-        return super().forward(input)
-
-
-def _only_stash_hooks(bn: nn.Module) -> bool:
-    """Nothing but CE's stash hooks sees the BN's output (so CE may reuse
-    its storage)."""
-    return not nn.modules.module._global_forward_hooks and all(
-        isinstance(h, _StashBatchNormIO) for h in bn._forward_hooks.values())
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -242,10 +150,7 @@ class ChannelEquilibrium(nn.Module):
             'running_wm',
             torch.eye(group_size).repeat(self.num_groups, 1, 1))
         self.register_buffer('running_scale', torch.ones(1))
-        self._stash: Optional[tuple] = None
         self._inplace_after_bn = False
-        self._absorbed: Optional[tuple] = None
-        self._scope_depth = 0
 
     def follow(self,
                norm: nn.Module,
@@ -302,48 +207,22 @@ class ChannelEquilibrium(nn.Module):
             raise TypeError(
                 f'scope must be an nn.Module, got {type(scope).__name__}')
         self._inplace_after_bn = inplace
-        norm.register_forward_hook(_StashBatchNormIO(self))
-        if scope is not None:
-            norm.__class__ = BatchNorm2dBeforeCE
-            # not a submodule of the BN: a plain reference
-            norm.__dict__['_ce_after'] = self
-            scope.register_forward_pre_hook(_Scope(self, 1))
-            scope.register_forward_hook(_Scope(self, -1), always_call=True)
+        attach(self, norm, scope)
         return True
 
-    def _absorb(self, bn: nn.BatchNorm2d, z) -> bool:
-        """Whether this layer will compute ``CE(bn(z))`` from ``z`` (called
-        by the BN, which then returns ``z``)."""
-        self._absorbed = None
-        if not (self._scope_depth > 0 and not torch.is_grad_enabled()
-                and not self.training and not bn.training
-                and bn.running_mean is not None and isinstance(z, Tensor)
-                and z.dim() == 4 and z.shape[1] == self.in_channels
-                and z.numel() > 0 and z.is_floating_point()
-                and z.is_contiguous() and not torch.jit.is_tracing()
-                and not torch.compiler.is_compiling()
-                and _only_stash_hooks(bn)):
-            return False
-        self._absorbed = (bn, z, z._version)
-        return True
-
-    def _take_source(self, x: Tensor):
-        """(source, inplace) for this input from the followed BN's stash."""
-        stash, self._stash = self._stash, None
-        if stash is None:
-            return None, False
-        bn, output, version, z = stash
-        if output is not x or x._version != version or \
-                not x.is_contiguous():
+    def _source_and_inplace(self, call, x: Tensor):
+        """(source, inplace) for input ``x``, the output of BN ``call``."""
+        if call is None or not x.is_contiguous():
             return None, False
         grad = torch.is_grad_enabled() and x.requires_grad
         source = None
-        if grad and z.shape == x.shape:
-            affine = batchnorm_affine(bn, x)
+        if grad and call.input.shape == x.shape:
+            affine = batchnorm_affine(call.bn, x)
             if affine is not None:
-                source = (z, ) + affine
+                source = (call.input, ) + affine
         inplace = (self._inplace_after_bn and x.device.type == 'cpu'
-                   and not torch.jit.is_tracing() and _only_stash_hooks(bn)
+                   and not torch.jit.is_tracing()
+                   and only_recording_hooks(call.bn)
                    and (source is not None or not grad))
         return source, inplace
 
@@ -379,12 +258,10 @@ class ChannelEquilibrium(nn.Module):
         if self.sync and self.training and dist.is_available() and \
                 dist.is_initialized() and dist.get_world_size() > 1:
             reduce_fn = _all_reduce_sum
-        absorbed, self._absorbed = self._absorbed, None
-        if absorbed is not None and absorbed[1] is x and \
-                x._version == absorbed[2]:
-            self._stash = None
-            return self._forward_absorbed(absorbed[0], x)
-        source, inplace = self._take_source(x)
+        call = take_call(x)
+        if call is not None and call.absorbed:
+            return self._forward_absorbed(call.bn, x)
+        source, inplace = self._source_and_inplace(call, x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = channel_equilibrium(
                 x.contiguous(), params, self.running_wm, self.running_scale,

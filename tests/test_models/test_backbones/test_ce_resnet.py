@@ -301,15 +301,69 @@ def test_inference_with_absorbed_batchnorms_matches(monkeypatch):
     for m in unfused.modules():  # another hook on each BN: no absorption
         if isinstance(m, nn.BatchNorm2d):
             m.register_forward_hook(lambda *a: None)
-    calls = []
-    for m in model.modules():
-        if isinstance(m, ChannelEquilibrium):
-            m.register_forward_pre_hook(
-                lambda mod, args: calls.append(mod._absorbed is not None))
+    layers = [m for m in model.modules() if isinstance(m, ChannelEquilibrium)]
+    absorbed = []
+    for m in layers:
+        m._forward_absorbed = (lambda bn, z, m=m, f=m._forward_absorbed:
+                               absorbed.append(m) or f(bn, z))
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         outs = model(x)
         expected = unfused(x)
-    assert calls and all(calls)  # every CE absorbed its BN
+    assert absorbed == layers  # every CE absorbed its BN, in order
     for o, e in zip(outs, expected):
         assert ((o - e).abs().max() / e.abs().max()).item() < 1e-12
+
+
+def test_threads_sharing_a_model_get_their_own_results():
+    """The BN -> CE handoff is per thread: concurrent inference and
+    training steps on one model give what they give alone."""
+    import sys
+    import threading
+    torch.manual_seed(0)
+    model = CEResNet(depth=18, out_indices=(0, )).double().eval()
+    inputs = [torch.randn(1, 3, 64, 64, dtype=torch.float64)
+              for _ in range(4)]
+    with torch.no_grad():
+        expected = [model(x)[0] for x in inputs]
+    results = {}
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(10):
+                results[i] = model(inputs[i])[0]
+
+    threads = [threading.Thread(target=work, args=(i, )) for i in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for i, e in enumerate(expected):
+        assert ((results[i] - e).abs().max() / e.abs().max()).item() < 1e-12
+
+
+def test_fuse_conv_bn_for_testing_keeps_outputs():
+    """mmdet's ``tools/test.py --fuse-conv-bn`` folds every BN into its conv
+    (mmcv's fuse_conv_bn); the CE layers then follow a conv directly."""
+    from mmcv.cnn import fuse_conv_bn
+    torch.manual_seed(0)
+    model = CEResNet(depth=50, stem_channels=32, base_channels=16).double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    fused = fuse_conv_bn(copy.deepcopy(model))
+    assert isinstance(fused.layer1[0].norm3, nn.Identity)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        for o, e in zip(fused(x), model(x)):
+            assert ((o - e).abs().max() / e.abs().max()).item() < 1e-10
