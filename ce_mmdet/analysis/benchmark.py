@@ -106,10 +106,11 @@ def peak_rss_increase(make_step: Callable[..., Callable[[], object]],
     return result
 
 
-def build_backbone_pair(depth: int, device='cpu'):
+def build_backbone_pair(depth: int, device='cpu', norm_eval: bool = False):
     """``(ResNet, CEResNet)`` of ``depth``, the CE one with the BN one's
-    weights wherever they share a name; batch statistics (``norm_eval``
-    off) and nothing frozen."""
+    weights wherever they share a name; nothing frozen. ``norm_eval``: BN
+    (and CE) keep running statistics in training mode, as in mmdet's
+    detection configs; otherwise batch statistics."""
     import logging
 
     from mmdet.models import ResNet
@@ -117,7 +118,7 @@ def build_backbone_pair(depth: int, device='cpu'):
 
     from ce_mmdet.models import CEResNet
     torch.manual_seed(0)
-    bn = ResNet(depth=depth, norm_eval=False, frozen_stages=-1)
+    bn = ResNet(depth=depth, norm_eval=norm_eval, frozen_stages=-1)
     logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel(logging.WARNING)  # not the per-parameter init table
@@ -125,7 +126,7 @@ def build_backbone_pair(depth: int, device='cpu'):
         bn.init_weights()
     finally:
         logger.setLevel(level)
-    ce = CEResNet(depth=depth, norm_eval=False, frozen_stages=-1)
+    ce = CEResNet(depth=depth, norm_eval=norm_eval, frozen_stages=-1)
     ce.load_state_dict(bn.state_dict(), strict=False)
     return bn.to(device), ce.to(device)
 
@@ -139,12 +140,13 @@ def backbone_train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 def make_backbone_train_step(kind: str, depth: int, shape: tuple,
-                             threads: int) -> Callable[[], None]:
+                             threads: int,
+                             norm_eval: bool = False) -> Callable[[], None]:
     """A training step of the ``kind`` ('bn' or 'ce') backbone of
     :func:`build_backbone_pair` on a random CPU batch of ``shape`` (for
     :func:`peak_rss_increase`)."""
     torch.set_num_threads(threads)
-    bn, ce = build_backbone_pair(depth)
+    bn, ce = build_backbone_pair(depth, norm_eval=norm_eval)
     model = {'bn': bn, 'ce': ce}[kind]
     model.train()  # (mmdet's ResNet.train returns None)
     torch.manual_seed(1)

@@ -35,6 +35,14 @@ def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     # and, following each BN, almost no activation memory
     assert ratios['saved for backward (MiB)'] < 1.1
     assert json.loads(out.read_text())['ratios'] == ratios
+    # the detection setting (frozen statistics), without the RSS processes
+    results, ratios = load('benchmark_backbone').main([
+        '--depth', '18', '--shape', '64', '64', '--repeats', '1', '--warmup',
+        '0', '--norm-eval', '--no-rss'
+    ])
+    assert 'norm_eval=True' in capsys.readouterr().out
+    assert 'peak RSS, train step (MiB)' not in ratios
+    assert ratios['saved for backward (MiB)'] < 1.1
 
 
 def test_benchmark_ce_layer_prints_ratios(capsys):

@@ -3,7 +3,7 @@
 Usage:
     python tools/analysis_tools/benchmark_backbone.py [--device cpu|cuda]
         [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
-        [--warmup 2] [--json OUT.json] [--profile ROWS]
+        [--warmup 2] [--norm-eval] [--json OUT.json] [--profile ROWS] [--no-rss]
 
 Both backbones are built with the same depth and the CE one gets the BN one's
 weights (the shared tensors). They are timed alternately (A/B within every
@@ -11,7 +11,8 @@ repeat, in the order A B, B A, A B, ... so neither always runs second, after
 a warm-up) and the medians are reported:
 
 * train step: forward + backward in training mode (BN and CE use batch
-  statistics, ``norm_eval=False``);
+  statistics, ``norm_eval=False``; ``--norm-eval`` for the detection
+  setting, running statistics and trainable affine parameters);
 * inference: forward in eval mode under ``torch.no_grad``;
 * saved for backward: bytes of the distinct storages autograd keeps for one
   training forward (the activation memory of a training step);
@@ -89,12 +90,15 @@ def main(argv=None):
     parser.add_argument('--json', help='write the results here')
     parser.add_argument('--profile', type=int, default=0, metavar='ROWS',
                         help='also print the top ROWS ops of a profile')
+    parser.add_argument('--norm-eval', action='store_true',
+                        help='train with frozen BN/CE statistics (mmdet '
+                        'detection configs) instead of batch statistics')
     parser.add_argument('--no-rss', action='store_true',
                         help='skip the CPU peak RSS (two extra processes)')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     h, w = args.shape
-    bn, ce = build_backbone_pair(args.depth, device)
+    bn, ce = build_backbone_pair(args.depth, device, args.norm_eval)
     models = {'bn': bn, 'ce': ce}
     torch.manual_seed(1)
     x = torch.randn(args.batch_size, 3, h, w, device=device)
@@ -132,7 +136,8 @@ def main(argv=None):
             results[k]['CUDA peak, train step (MiB)'] = peak / 2**20
         elif not args.no_rss:
             peak = peak_rss_increase(make_backbone_train_step, k, args.depth,
-                                     tuple(x.shape), torch.get_num_threads())
+                                     tuple(x.shape), torch.get_num_threads(),
+                                     args.norm_eval)
             if peak is not None:
                 results[k]['peak RSS, train step (MiB)'] = peak / 2**20
         results[k]['params (M)'] = sum(p.numel()
@@ -144,7 +149,7 @@ def main(argv=None):
 
     print(f'ResNet-{args.depth} vs CE-ResNet-{args.depth}: device={device}, '
           f'batch={args.batch_size}, input={h}x{w}, repeats={args.repeats} '
-          f'(median), torch {torch.__version__}, '
+          f'(median), norm_eval={args.norm_eval}, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads')
     print(f'{"metric":<30}{"BN":>12}{"CE":>12}{"CE/BN":>8}')
     ratios = {}
