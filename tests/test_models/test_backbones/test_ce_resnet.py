@@ -287,15 +287,8 @@ def test_inference_with_absorbed_batchnorms_matches(monkeypatch):
     (the BN skips its pass); the outputs are those of the unfused model."""
     from ce_mmdet.models.layers import ce_function
     monkeypatch.setattr(ce_function, 'INPLACE_CHUNK_BYTES', 4096)
-    torch.manual_seed(0)
-    model = CEResNet(depth=50, stem_channels=32, base_channels=16).double()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 2)
+    model = randomise(
+        CEResNet(depth=50, stem_channels=32, base_channels=16).double())
     model.eval()
     unfused = copy.deepcopy(model)
     for m in unfused.modules():  # another hook on each BN: no absorption
@@ -351,15 +344,8 @@ def test_fuse_conv_bn_for_testing_keeps_outputs():
     """mmdet's ``tools/test.py --fuse-conv-bn`` folds every BN into its conv
     (mmcv's fuse_conv_bn); the CE layers then follow a conv directly."""
     from mmcv.cnn import fuse_conv_bn
-    torch.manual_seed(0)
-    model = CEResNet(depth=50, stem_channels=32, base_channels=16).double()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 2)
+    model = randomise(
+        CEResNet(depth=50, stem_channels=32, base_channels=16).double())
     model.eval()
     fused = fuse_conv_bn(copy.deepcopy(model))
     assert isinstance(fused.layer1[0].norm3, nn.Identity)
