@@ -212,6 +212,50 @@ def apply_inplace(a: Tensor, xg: Tensor, chunk_bytes: int,
             torch.add(part, bias, out=flat[..., start:stop])
 
 
+def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
+              bias: Optional[Tensor] = None) -> Tensor:
+    """``a[n, g] @ X[n, g] (+ bias[n, g])`` for the groups ``X`` of ``x``.
+
+    Args:
+        a (Tensor): (N, G, d, d) maps, dtype of ``x``.
+        x (Tensor): (N, C, H, W) contiguous.
+        group_size (int): d.
+        inplace (bool): write into ``x`` (:func:`apply_inplace`), unless it
+            is no larger than one chunk.
+        bias (Tensor, optional): (N, G, d, 1), added to every position.
+
+    Returns:
+        Tensor: ``x`` itself, or a new (N, C, H, W) tensor (not a view:
+        callers may modify the output in place, ``out += identity``).
+    """
+    xg = _grouped(x, group_size)
+    if inplace and x.nbytes > INPLACE_CHUNK_BYTES:
+        apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias)
+        return x
+    out = x.new_empty(x.shape)
+    if bias is None:
+        torch.matmul(a, xg, out=_grouped(out, group_size))
+    else:
+        n, g, d, hw = xg.shape
+        torch.baddbmm(
+            bias.reshape(n * g, d, 1).expand(n * g, d, hw),
+            a.reshape(n * g, d, d), xg.reshape(n * g, d, hw),
+            out=out.view(n * g, d, hw))
+    return out
+
+
+def instance_moments(xg: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Per-sample channel means and unbiased variances of (N, G, d, HW),
+    as (N, G * d) in ``cdt``: from the sum and the sum of squares, one read
+    each (``torch.var_mean`` is ~10x slower on CPU); the rounding error of
+    the difference is clamped, never a defined value."""
+    n, g, d, hw = xg.shape
+    mean = xg.mean(-1, dtype=cdt).reshape(n, g * d)
+    sumsq = torch.linalg.vector_norm(xg, dim=-1, dtype=cdt).square()
+    var = (sumsq.reshape(n, g * d) - hw * mean * mean) / max(hw - 1, 1)
+    return mean, var.clamp_min(0)
+
+
 def eval_after_affine(z: Tensor, alpha: Tensor, beta: Tensor,
                       params: Tuple[Tensor, ...], running_wm: Tensor,
                       running_scale: Tensor, group_size: int, eps: float,
@@ -236,25 +280,14 @@ def eval_after_affine(z: Tensor, alpha: Tensor, beta: Tensor,
     Returns:
         Tensor: ``CE(z * alpha + beta)``, the dtype of ``z``.
     """
-    n, c, h, w = z.shape
-    g, d, hw = c // group_size, group_size, h * w
-    cdt = compute_dtype(z.dtype)
+    g, d = z.shape[1] // group_size, group_size
     zg = _grouped(z, d)
-    mean = zg.mean(-1, dtype=cdt).reshape(n, c)
-    sumsq = torch.linalg.vector_norm(zg, dim=-1, dtype=cdt).square()
-    var_z = ((sumsq.reshape(n, c) - hw * mean * mean) /
-             max(hw - 1, 1)).clamp_min(0)
+    _, var_z = instance_moments(zg, compute_dtype(z.dtype))
     a, _, _ = block_map(var_z * alpha * alpha, None, params,
                         (running_wm, running_scale), group_size, 1, eps)
     bias = (a @ beta.view(1, g, d, 1)).to(z.dtype)
     a = (a * alpha.view(1, g, 1, d)).to(z.dtype)
-    if inplace and z.nbytes > INPLACE_CHUNK_BYTES:
-        apply_inplace(a, zg, INPLACE_CHUNK_BYTES, bias)
-        return z
-    out = torch.baddbmm(
-        bias.reshape(n * g, d, 1).expand(n * g, d, hw), a.reshape(n * g, d, d),
-        zg.reshape(n * g, d, hw))
-    return out.view(n, c, h, w)
+    return apply_map(a, z, d, inplace, bias)
 
 
 class _CEFunction(torch.autograd.Function):
@@ -277,28 +310,16 @@ class _CEFunction(torch.autograd.Function):
             second = torch.matmul(xs, xs.transpose(-1, -2))
             del xs
         else:
-            # sum and sum of squares in one read each, accumulated in cdt
-            # (torch.var_mean is ~10x slower on CPU)
-            mean = xg.mean(-1, dtype=cdt).reshape(n, c)
-            sumsq = torch.linalg.vector_norm(
-                xg, dim=-1, dtype=cdt).square().reshape(n, c)
-            second = ((sumsq - hw * mean * mean) /
-                      max(hw - 1, 1)).clamp_min(0)
+            mean, second = instance_moments(xg, cdt)
         with torch.no_grad():
             var, sums = local_statistics(mean, second, hw, training)
             if sums is not None and reduce_fn is not None:
                 sums = reduce_fn(sums)  # SyncCE: global batch statistics
             a, wm, scale = block_map(var, sums, params, (wm_buf, scale_buf),
                                      group_size, num_iters, eps)
-        if inplace and x.nbytes > INPLACE_CHUNK_BYTES:
-            apply_inplace(a.to(x.dtype), xg, INPLACE_CHUNK_BYTES)
+        out = apply_map(a.to(x.dtype), x, group_size, inplace)
+        if out is x:
             ctx.mark_dirty(x)
-            out = x
-        else:
-            # a fresh (N, C, H, W) tensor, not a view: callers may modify
-            # the output in place (``out += identity``)
-            out = x.new_empty((n, c, h, w))
-            torch.matmul(a.to(x.dtype), xg, out=_grouped(out, group_size))
         if not training:
             wm = scale = torch.empty(0, dtype=cdt, device=x.device)
             sums = torch.empty(0, dtype=cdt, device=x.device)

@@ -226,6 +226,11 @@ class ChannelEquilibrium(nn.Module):
                    and (source is not None or not grad))
         return source, inplace
 
+    def _params(self) -> tuple:
+        """The parameters in the order of :func:`channel_equilibrium`."""
+        return (self.gate, self.fc1.weight, self.norm.weight, self.norm.bias,
+                self.fc2.weight)
+
     def reset_running_stats(self) -> None:
         """Identity whitening and unit scale, as at construction."""
         with torch.no_grad():
@@ -252,8 +257,7 @@ class ChannelEquilibrium(nn.Module):
             return x.clone()
         channels_last = (not x.is_contiguous()
                          and x.is_contiguous(memory_format=torch.channels_last))
-        params = (self.gate, self.fc1.weight, self.norm.weight,
-                  self.norm.bias, self.fc2.weight)
+        params = self._params()
         reduce_fn = None
         if self.sync and self.training and dist.is_available() and \
                 dist.is_initialized() and dist.get_world_size() > 1:
@@ -274,8 +278,7 @@ class ChannelEquilibrium(nn.Module):
     def _forward_absorbed(self, bn: nn.BatchNorm2d, z: Tensor) -> Tensor:
         """Inference ``CE(bn(z))`` from ``z`` (see :meth:`follow`)."""
         alpha, beta = batchnorm_affine(bn, z)
-        params = (self.gate, self.fc1.weight, self.norm.weight,
-                  self.norm.bias, self.fc2.weight)
+        params = self._params()
         inplace = self._inplace_after_bn and z.device.type == 'cpu'
         with torch.autocast(device_type=z.device.type, enabled=False):
             return eval_after_affine(z, alpha, beta, params, self.running_wm,
