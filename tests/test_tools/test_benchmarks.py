@@ -38,9 +38,13 @@ def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     # the detection setting (frozen statistics), without the RSS processes
     results, ratios = load('benchmark_backbone').main([
         '--depth', '18', '--shape', '64', '64', '--repeats', '1', '--warmup',
-        '0', '--norm-eval', '--no-rss'
+        '0', '--norm-eval', '--no-rss', '--profile', '5'
     ])
-    assert 'norm_eval=True' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'norm_eval=True' in printed
+    # the profiler tables, one per model and phase
+    assert printed.count('torch.profiler, 2 calls') == 4
+    assert 'Self CPU' in printed
     assert 'peak RSS, train step (MiB)' not in ratios
     assert ratios['saved for backward (MiB)'] < 1.1
 

@@ -53,11 +53,12 @@ def run_phase(model, x, phase):
             model(x)
 
 
-def profile_table(fn, rows):
-    """torch.profiler key_averages of two calls of ``fn``, by self time."""
+def profile_table(fn, rows, device):
+    """torch.profiler key_averages of two calls of ``fn``, by self time (on
+    the device for CUDA)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    if device.type == 'cuda':
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         fn()
@@ -126,7 +127,7 @@ def main(argv=None):
         if args.profile:
             for k, m in models.items():
                 print(f'--- {k}, {phase}: torch.profiler, 2 calls')
-                print(profile_table(fns[k], args.profile))
+                print(profile_table(fns[k], args.profile, device))
     for k, m in models.items():
         m.train()
         results[k]['saved for backward (MiB)'] = saved_for_backward_bytes(
