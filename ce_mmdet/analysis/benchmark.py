@@ -96,11 +96,12 @@ def peak_rss_increase(make_step: Callable[..., Callable[[], object]],
     child.close()
     try:
         result = parent.recv()
-    except EOFError:
-        proc.join()
-        result = RuntimeError(
-            f'the measuring process died (exit code {proc.exitcode})')
+    except EOFError:  # the child died before sending anything
+        result = None
     proc.join()
+    if result is None:
+        raise RuntimeError(
+            f'the measuring process died (exit code {proc.exitcode})')
     if isinstance(result, Exception):
         raise result
     return result
