@@ -10,12 +10,16 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
+from ce_mmdet.engine import enable_cpu_distributed  # noqa: E402
 
 from ce_mmdet.utils.mmdet_tools import (keep_test_metrics,  # noqa: E402
                                         load_mmdet_tool)
 
 
 def main():
+    # CPU-only torch: let mmengine's pytorch launcher run with gloo (a no-op
+    # on CUDA builds; see ce_mmdet/engine/cpu_distributed.py)
+    enable_cpu_distributed()
     tool = load_mmdet_tool('test')
     with keep_test_metrics() as metrics:
         tool.main()

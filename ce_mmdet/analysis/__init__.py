@@ -1,8 +1,8 @@
-from .flops import (CE_OP_NAME, ce_activation_jit, ce_flop_count, ce_flop_jit,
-                    register_ce_flop_handle)
+from .flops import (BNCE_OP_NAME, CE_OP_NAME, ce_activation_handles,
+                    ce_flop_count, ce_flop_handles, register_ce_flop_handles)
 from .inhibited import InhibitedChannelMeter
 
 __all__ = [
-    'CE_OP_NAME', 'ce_activation_jit', 'ce_flop_count', 'ce_flop_jit',
-    'register_ce_flop_handle', 'InhibitedChannelMeter'
+    'BNCE_OP_NAME', 'CE_OP_NAME', 'ce_activation_handles', 'ce_flop_count',
+    'ce_flop_handles', 'register_ce_flop_handles', 'InhibitedChannelMeter'
 ]

@@ -8,7 +8,8 @@ a CPU module, so ``torchrun tools/train.py --launcher pytorch`` cannot run on a
 laptop or in CPU CI, even with ``env_cfg.dist_cfg.backend=gloo``.
 
 :func:`enable_cpu_distributed` fixes both, and does nothing on a torch build
-with CUDA (where the original code paths are right):
+with CUDA (where the original code paths are right). It is not applied on
+``import ce_mmdet``: ``tools/train.py`` and ``tools/test.py`` call it.
 
 * the launcher initialises the process group without touching CUDA;
 * the runner's default DDP wrapper passes no ``device_ids`` for a CPU module.

@@ -1,8 +1,8 @@
-from .backbones import CEBasicBlock, CEResNet
-from .layers import ChannelEquilibrium, channel_equilibrium
+from .backbones import CEBasicBlock, CEBottleneck, CEResNet
+from .layers import ChannelEquilibrium
 from .necks import CEFPN, ConvNormCE
 
 __all__ = [
-    'CEBasicBlock', 'CEResNet', 'ChannelEquilibrium', 'channel_equilibrium',
+    'CEBasicBlock', 'CEBottleneck', 'CEResNet', 'ChannelEquilibrium',
     'CEFPN', 'ConvNormCE'
 ]

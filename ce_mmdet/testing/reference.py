@@ -122,3 +122,44 @@ def published_cenet50_eval(x: Tensor, sd: Dict[str, Tensor]):
             out = F.relu(y + identity)
         feats.append(out)
     return tuple(feats)
+
+
+def _ce_reference_call(layer, x: Tensor) -> Tensor:
+    """``layer(x)`` by :func:`ce_reference`, writing the new running buffers
+    back in training (as the layer does)."""
+    out, wm, scale = ce_reference_module(layer, x)
+    if layer.training:
+        with torch.no_grad():
+            layer.running_wm.copy_(wm)
+            layer.running_scale.copy_(scale)
+    return out
+
+
+def ce_resnet_reference_forward(model, x: Tensor) -> Tuple[Tensor, ...]:
+    """A (non deep-stem) CEResNet's forward, transcribed: every norm is
+    called as a module (``nn.BatchNorm2d`` updates its own running
+    statistics) and every CE layer computed by :func:`ce_reference` on the
+    norm's output. The model's own CE code is never used, so a copy of a
+    model run through this is the unfused, published computation."""
+    out = model.norm1(model.conv1(x))
+    if model.stem_ce:
+        out = _ce_reference_call(model.ce1, out)
+    out = model.maxpool(model.relu(out))
+    outs = []
+    for i, name in enumerate(model.res_layers):
+        for block in getattr(model, name):
+            identity = out
+            y = block.relu(block.norm1(block.conv1(out)))
+            if hasattr(block, 'conv3'):
+                y = block.relu(block.norm2(block.conv2(y)))
+                y = block.norm3(block.conv3(y))
+            else:
+                y = block.norm2(block.conv2(y))
+            if getattr(block, 'with_ce', False):
+                y = _ce_reference_call(block.ce, y)
+            if block.downsample is not None:
+                identity = block.downsample(out)
+            out = block.relu(y + identity)
+        if i in model.out_indices:
+            outs.append(out)
+    return tuple(outs)

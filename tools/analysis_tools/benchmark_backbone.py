@@ -36,7 +36,8 @@ import statistics
 import torch
 from mmengine.analysis import FlopAnalyzer
 
-import ce_mmdet  # noqa: F401  (CE flop rule)
+import ce_mmdet  # noqa: F401  (registers the modules)
+from ce_mmdet.analysis import ce_flop_handles
 from ce_mmdet.analysis.benchmark import (backbone_train_step,
                                         build_backbone_pair,
                                         make_backbone_train_step,
@@ -144,9 +145,9 @@ def main(argv=None):
         results[k]['params (M)'] = sum(p.numel()
                                        for p in m.parameters()) / 1e6
         m.eval()
-        results[k]['FLOPs, 1 image (G)'] = FlopAnalyzer(
-            m, (x[:1], )).unsupported_ops_warnings(False).uncalled_modules_warnings(
-                False).total() / 1e9
+        flops = FlopAnalyzer(m, (x[:1], )).set_op_handle(**ce_flop_handles())
+        results[k]['FLOPs, 1 image (G)'] = flops.unsupported_ops_warnings(
+            False).uncalled_modules_warnings(False).total() / 1e9
 
     print(f'ResNet-{args.depth} vs CE-ResNet-{args.depth}: device={device}, '
           f'batch={args.batch_size}, input={h}x{w}, repeats={args.repeats} '

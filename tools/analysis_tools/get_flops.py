@@ -10,9 +10,10 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-import ce_mmdet  # noqa: E402,F401  (registers modules and the CE flop rule)
-
+import ce_mmdet  # noqa: E402,F401  (registers the modules)
+from ce_mmdet.analysis import register_ce_flop_handles  # noqa: E402
 from ce_mmdet.utils.mmdet_tools import load_mmdet_tool  # noqa: E402
 
 if __name__ == '__main__':
+    register_ce_flop_handles()  # this tool's own analyser setting
     load_mmdet_tool('analysis_tools/get_flops').main()

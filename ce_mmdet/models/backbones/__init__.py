@@ -1,3 +1,3 @@
-from .ce_resnet import CEBasicBlock, CEResNet
+from .ce_resnet import CEBasicBlock, CEBottleneck, CEResNet
 
-__all__ = ['CEBasicBlock', 'CEResNet']
+__all__ = ['CEBasicBlock', 'CEBottleneck', 'CEResNet']

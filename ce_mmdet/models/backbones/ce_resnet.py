@@ -1,11 +1,16 @@
 """CE-ResNet: mmdet's ResNet with Channel Equilibrium after the last BN of
-each block (and after the stem BN), as in the published CE-ResNet."""
+each block (and after the stem BN), as in the published CE-ResNet.
+
+Every block runs conv -> BN -> CE as one explicit call in its own forward,
+``out = self.ce(self.conv3(out), bn=self.norm3, inplace=True)``, so the CE
+layer applies the BN itself (see :class:`ChannelEquilibrium`).
+"""
 import copy
+import numbers
 from typing import Dict, List, Optional, Sequence
 
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmcv.cnn import build_plugin_layer
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import _load_checkpoint_with_prefix
 from mmengine.runner.checkpoint import _load_checkpoint
@@ -18,22 +23,126 @@ DEFAULT_CE_CFG = dict(
     type='ChannelEquilibrium', group_size=16, num_iters=3, reduction=4)
 
 
-class CEBasicBlock(BasicBlock):
-    """mmdet's :class:`BasicBlock` that accepts plugins after ``norm2``.
+def build_ce_layer(ce_cfg: Dict, channels: int) -> nn.Module:
+    """A CE layer of ``channels`` channels from ``ce_cfg`` (its ``type``
+    defaults to ``'ChannelEquilibrium'``)."""
+    if not isinstance(ce_cfg, dict):
+        raise TypeError(f'ce_cfg must be a dict, got {type(ce_cfg)}')
+    cfg = {**DEFAULT_CE_CFG, **copy.deepcopy(ce_cfg)}
+    if 'in_channels' in cfg:
+        raise ValueError('ce_cfg must not set in_channels; it follows '
+                         'the layer widths')
+    return MODELS.build(dict(cfg, in_channels=channels))
 
-    mmdet's BasicBlock takes no plugins. This one takes plugins at position
-    ``'after_conv2'`` (after ``norm2``, before the residual addition), which
-    is where CE-ResNet-18/34 put CE: conv2 -> norm2 -> CE -> (+ identity).
 
-    Args:
-        plugins (list[dict], optional): as for mmdet's Bottleneck; only
-            position ``'after_conv2'`` is allowed.
-        **kwargs: the arguments of mmdet's BasicBlock.
+class CEBottleneck(Bottleneck):
+    """mmdet's :class:`Bottleneck` with CE after ``norm3``:
+    conv3 -> norm3 -> CE -> (plugins after conv3) -> + identity -> ReLU.
+
+    Same arguments as mmdet's Bottleneck, in the same order, and
+    ``ce_cfg`` (keyword-only; None: no CE, exactly mmdet's Bottleneck). The
+    CE layer is ``self.ce`` (state dict keys ``layerL.B.ce.*``, as
+    published); ``norm3`` keeps its keys. ``forward`` calls
+    ``self.ce(self.conv3(out), bn=self.norm3, inplace=True)``: one op for
+    BN + CE, so forward hooks on ``norm3`` do not run (hook ``ce`` or the
+    block instead).
+
+    Example:
+        >>> import torch
+        >>> from ce_mmdet.models import CEBottleneck
+        >>> block = CEBottleneck(64, 16, ce_cfg=dict(group_size=16))
+        >>> block(torch.rand(2, 64, 8, 8)).shape
+        torch.Size([2, 64, 8, 8])
     """
 
-    def __init__(self, inplanes: int, planes: int,
-                 plugins: Optional[List[dict]] = None, **kwargs) -> None:
-        super().__init__(inplanes, planes, plugins=None, **kwargs)
+    def __init__(self,
+                 inplanes,
+                 planes,
+                 stride=1,
+                 dilation=1,
+                 downsample=None,
+                 style='pytorch',
+                 with_cp=False,
+                 conv_cfg=None,
+                 norm_cfg=dict(type='BN'),
+                 dcn=None,
+                 plugins=None,
+                 init_cfg=None,
+                 *,
+                 ce_cfg: Optional[Dict] = None) -> None:
+        super().__init__(inplanes, planes, stride, dilation, downsample,
+                         style, with_cp, conv_cfg, norm_cfg, dcn, plugins,
+                         init_cfg)
+        self.with_ce = ce_cfg is not None
+        if self.with_ce:
+            self.ce = build_ce_layer(ce_cfg, planes * self.expansion)
+
+    def forward(self, x):
+        """mmdet's Bottleneck forward, with ``norm3`` and CE as one op."""
+
+        def _inner_forward(x):
+            identity = x
+            out = self.relu(self.norm1(self.conv1(x)))
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv1_plugin_names)
+            out = self.relu(self.norm2(self.conv2(out)))
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv2_plugin_names)
+            out = self.conv3(out)
+            if self.with_ce:  # conv3's output is read by nothing else
+                out = self.ce(out, bn=self.norm3, inplace=True)
+            else:
+                out = self.norm3(out)
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv3_plugin_names)
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+            return out
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        else:
+            out = _inner_forward(x)
+        return self.relu(out)
+
+
+class CEBasicBlock(BasicBlock):
+    """mmdet's :class:`BasicBlock` with CE after ``norm2`` (CE-ResNet-18/34):
+    conv2 -> norm2 -> CE -> (plugins) -> + identity -> ReLU.
+
+    Same arguments as mmdet's BasicBlock, in the same order, and ``ce_cfg``
+    (keyword-only; None: no CE). Unlike mmdet's BasicBlock it takes plugins,
+    at position ``'after_conv2'`` only (after CE, before the residual
+    addition). ``forward`` calls ``self.ce(self.conv2(out), bn=self.norm2,
+    inplace=True)``: forward hooks on ``norm2`` do not run.
+
+    Example:
+        >>> import torch
+        >>> from ce_mmdet.models import CEBasicBlock
+        >>> block = CEBasicBlock(32, 32, ce_cfg=dict(group_size=16))
+        >>> block(torch.rand(2, 32, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
+    """
+
+    def __init__(self,
+                 inplanes,
+                 planes,
+                 stride=1,
+                 dilation=1,
+                 downsample=None,
+                 style='pytorch',
+                 with_cp=False,
+                 conv_cfg=None,
+                 norm_cfg=dict(type='BN'),
+                 dcn=None,
+                 plugins=None,
+                 init_cfg=None,
+                 *,
+                 ce_cfg: Optional[Dict] = None) -> None:
+        super().__init__(inplanes, planes, stride, dilation, downsample,
+                         style, with_cp, conv_cfg, norm_cfg, dcn, None,
+                         init_cfg)
         plugins = list(plugins or [])
         for plugin in plugins:
             if plugin.get('position') != 'after_conv2':
@@ -44,15 +153,22 @@ class CEBasicBlock(BasicBlock):
         # Bottleneck's helper only needs nn.Module.add_module on ``self``.
         self.after_conv2_plugin_names = Bottleneck.make_block_plugins(
             self, planes, [p['cfg'] for p in plugins])
+        self.with_ce = ce_cfg is not None
+        if self.with_ce:
+            self.ce = build_ce_layer(ce_cfg, planes * self.expansion)
 
     def forward(self, x):
-        """conv1 -> norm1 -> relu -> conv2 -> norm2 -> plugins -> + id ->
-        relu."""
+        """conv1 -> norm1 -> relu -> conv2 -> norm2 + CE -> plugins -> + id
+        -> relu."""
 
         def _inner_forward(x):
             identity = x
             out = self.relu(self.norm1(self.conv1(x)))
-            out = self.norm2(self.conv2(out))
+            out = self.conv2(out)
+            if self.with_ce:  # conv2's output is read by nothing else
+                out = self.ce(out, bn=self.norm2, inplace=True)
+            else:
+                out = self.norm2(out)
             for name in self.after_conv2_plugin_names:
                 out = getattr(self, name)(out)
             if self.downsample is not None:
@@ -78,37 +194,50 @@ def _check_bools(name: str, value, length: int) -> tuple:
 class CEResNet(ResNet):
     """ResNet with Channel Equilibrium (CE-ResNet), for detection.
 
-    A subclass of mmdet's :class:`~mmdet.models.backbones.ResNet`: every
-    ResNet argument keeps its meaning. CE is placed as in the published
-    CE-ResNet:
+    A subclass of mmdet's :class:`~mmdet.models.backbones.ResNet` with the
+    same arguments in the same order (``CEResNet(50, 3, 64, 64)`` means what
+    ``ResNet(50, 3, 64, 64)`` means), and three keyword-only CE arguments
+    after them. CE is placed as in the published CE-ResNet:
 
-    * stem: conv1 -> norm1 -> CE -> ReLU -> maxpool (the stem CE uses one
+    * stem: conv1 -> norm1 + CE -> ReLU -> maxpool (the stem CE uses one
       group over all stem channels); with ``deep_stem`` CE follows the last
-      stem norm.
-    * Bottleneck (depth 50/101/152): conv3 -> norm3 -> CE -> (+ identity) ->
-      ReLU, through mmdet's plugin mechanism (``after_conv3``, first in line),
-      so the layer is ``layerL.B.ce``.
-    * BasicBlock (depth 18/34): conv2 -> norm2 -> CE -> (+ identity).
+      stem norm (``stem.8``; mmdet's stem indices are kept).
+    * Bottleneck (depth 50/101/152, :class:`CEBottleneck`): conv3 -> norm3 +
+      CE -> (+ identity) -> ReLU; the layer is ``layerL.B.ce``.
+    * BasicBlock (depth 18/34, :class:`CEBasicBlock`): conv2 -> norm2 + CE ->
+      (+ identity).
+
+    Each norm + CE pair runs as one op (:class:`ChannelEquilibrium` with
+    ``bn=``): forward hooks on those norms do not run.
 
     Detection semantics: ``norm_eval=True`` also keeps every CE layer in eval
     mode (running statistics frozen, as mmdet does for BN);
     ``frozen_stages`` freezes the CE layers of those stages (and the stem CE
-    for ``frozen_stages >= 0``) like their BN. With ``ce_stages`` all False
-    and ``stem_ce=False`` the network is mmdet's ResNet.
+    for ``frozen_stages >= 0``) like their BN; any value below 0 freezes
+    nothing, as in mmdet. With ``ce_stages`` all False and ``stem_ce=False``
+    the network computes exactly mmdet's ResNet.
 
     Loading a BN ResNet checkpoint through ``init_cfg=dict(type='Pretrained',
     ...)`` works: CE tensors missing from it keep their fresh initialisation
     and the log says so in one line; any other missing key is a warning.
 
+    Unlike mmdet's ResNet, bad arguments raise ``ValueError`` /
+    ``TypeError`` with the value given and what is allowed (mmdet asserts).
+
     Args:
         depth (int): 18, 34, 50, 101 or 152.
+        *args, **kwargs: every other argument of mmdet's ResNet, in its
+            order (in_channels, stem_channels, base_channels, num_stages,
+            strides, dilations, out_indices, style, deep_stem, avg_down,
+            frozen_stages, conv_cfg, norm_cfg, norm_eval, dcn,
+            stage_with_dcn, plugins, with_cp, zero_init_residual,
+            pretrained, init_cfg).
         ce_cfg (dict): config of the CE layers (``type`` defaults to
-            ``'ChannelEquilibrium'``). Default: group_size=16, num_iters=3,
-            reduction=4.
+            ``'ChannelEquilibrium'``; ``impl`` picks the implementation).
+            Default: group_size=16, num_iters=3, reduction=4.
         ce_stages (Sequence[bool]): which stages get CE in every block.
             Default: (True, True, True, False), as published.
         stem_ce (bool): CE after the stem norm. Default: True.
-        **kwargs: every other argument of mmdet's ResNet.
 
     Example:
         >>> import torch
@@ -122,94 +251,95 @@ class CEResNet(ResNet):
     arch_settings = {
         18: (CEBasicBlock, (2, 2, 2, 2)),
         34: (CEBasicBlock, (3, 4, 6, 3)),
-        50: (Bottleneck, (3, 4, 6, 3)),
-        101: (Bottleneck, (3, 4, 23, 3)),
-        152: (Bottleneck, (3, 8, 36, 3))
+        50: (CEBottleneck, (3, 4, 6, 3)),
+        101: (CEBottleneck, (3, 4, 23, 3)),
+        152: (CEBottleneck, (3, 8, 36, 3))
     }
 
     def __init__(self,
-                 depth: int,
+                 depth,
+                 in_channels=3,
+                 stem_channels=None,
+                 base_channels=64,
+                 num_stages=4,
+                 strides=(1, 2, 2, 2),
+                 dilations=(1, 1, 1, 1),
+                 out_indices=(0, 1, 2, 3),
+                 style='pytorch',
+                 deep_stem=False,
+                 avg_down=False,
+                 frozen_stages=-1,
+                 conv_cfg=None,
+                 norm_cfg=dict(type='BN', requires_grad=True),
+                 norm_eval=True,
+                 dcn=None,
+                 stage_with_dcn=(False, False, False, False),
+                 plugins=None,
+                 with_cp=False,
+                 zero_init_residual=True,
+                 pretrained=None,
+                 init_cfg=None,
+                 *,
                  ce_cfg: Optional[Dict] = None,
                  ce_stages: Sequence[bool] = (True, True, True, False),
-                 stem_ce: bool = True,
-                 plugins: Optional[List[dict]] = None,
-                 **kwargs) -> None:
-        self._validate_resnet_args(depth, kwargs)
-        num_stages = kwargs.get('num_stages', 4)
-        ce_stages = _check_bools('ce_stages', ce_stages, num_stages)
+                 stem_ce: bool = True) -> None:
+        self._validate_resnet_args(depth, num_stages, strides, dilations,
+                                   out_indices, style, frozen_stages)
+        self.ce_stages = _check_bools('ce_stages', ce_stages, num_stages)
         if not isinstance(stem_ce, bool):
             raise TypeError(f'stem_ce must be a bool, got {stem_ce!r}')
         if ce_cfg is not None and not isinstance(ce_cfg, dict):
             raise TypeError(f'ce_cfg must be a dict, got {type(ce_cfg)}')
-        ce_cfg = {**DEFAULT_CE_CFG, **(ce_cfg or {})}
-        if 'in_channels' in ce_cfg:
-            raise ValueError('ce_cfg must not set in_channels; it follows '
-                             'the block widths')
-        self.ce_cfg = ce_cfg
-        self.ce_stages = ce_stages
+        self.ce_cfg = {**DEFAULT_CE_CFG, **copy.deepcopy(ce_cfg or {})}
         self.stem_ce = stem_ce
-        block = self.arch_settings[depth][0]
-        position = 'after_conv3' if block is Bottleneck else 'after_conv2'
-        all_plugins = list(plugins or [])
-        if any(ce_stages):
-            ce_plugin = dict(
-                cfg=copy.deepcopy(ce_cfg), position=position, stages=ce_stages)
-            all_plugins.insert(0, ce_plugin)
-        super().__init__(depth, plugins=all_plugins or None, **kwargs)
-        self.plugins = plugins  # what the user asked for
-        self._follow_norms()
-        default_init = (kwargs.get('init_cfg') is None
-                        and kwargs.get('pretrained') is None)
-        if block is CEBasicBlock and self.zero_init_residual and default_init:
-            # ResNet only recognises mmdet's own BasicBlock for zero init
+        super().__init__(depth, in_channels, stem_channels, base_channels,
+                         num_stages, strides, dilations, out_indices, style,
+                         deep_stem, avg_down, frozen_stages, conv_cfg,
+                         norm_cfg, norm_eval, dcn, stage_with_dcn, plugins,
+                         with_cp, zero_init_residual, pretrained, init_cfg)
+        if zero_init_residual and init_cfg is None and pretrained is None:
+            # mmdet's ResNet only recognises its own block classes for the
+            # zero init of the last norm of each residual branch
+            norm = 'norm3' if self.block is CEBottleneck else 'norm2'
             for name in self.res_layers:
                 for blk in getattr(self, name):
                     blk.init_cfg = dict(
-                        type='Constant', val=0, override=dict(name='norm2'))
+                        type='Constant', val=0, override=dict(name=norm))
 
-    def _follow_norms(self) -> None:
-        """Tell each CE layer which BN it follows and in which module's
-        forward (memory and speed: see :meth:`ChannelEquilibrium.follow`)."""
-        if self.stem_ce:
-            if self.deep_stem:
-                self.stem[8].follow(self.stem[7], scope=self.stem)
-            else:
-                self.ce1.follow(self.norm1, scope=self)
-        for name in self.res_layers:
-            for block in getattr(self, name):
-                if isinstance(getattr(block, 'ce', None), ChannelEquilibrium):
-                    norm = block.norm3 if isinstance(block,
-                                                     Bottleneck) else block.norm2
-                    block.ce.follow(norm, scope=block)
+    def make_res_layer(self, **kwargs) -> nn.Module:
+        """mmdet's ResLayer, with ``ce_cfg`` for the blocks of CE stages."""
+        # mmdet's ResNet.__init__ builds stage i while res_layers holds i
+        # names
+        stage = len(self.res_layers)
+        if self.ce_stages[stage]:
+            kwargs['ce_cfg'] = self.ce_cfg
+        return super().make_res_layer(**kwargs)
 
     @classmethod
-    def _validate_resnet_args(cls, depth, kwargs) -> None:
+    def _validate_resnet_args(cls, depth, num_stages, strides, dilations,
+                              out_indices, style, frozen_stages) -> None:
         """ValueErrors for what mmdet's ResNet only asserts."""
         if depth not in cls.arch_settings:
             raise ValueError(f'depth must be one of '
                              f'{sorted(cls.arch_settings)}, got {depth!r}')
-        num_stages = kwargs.get('num_stages', 4)
         if not isinstance(num_stages, int) or not 1 <= num_stages <= 4:
             raise ValueError(
                 f'num_stages must be an int in [1, 4], got {num_stages!r}')
-        strides = kwargs.get('strides', (1, 2, 2, 2))
-        dilations = kwargs.get('dilations', (1, 1, 1, 1))
         if len(strides) != num_stages or len(dilations) != num_stages:
             raise ValueError(
                 f'strides ({strides}) and dilations ({dilations}) must have '
                 f'num_stages={num_stages} entries')
-        out_indices = kwargs.get('out_indices', (0, 1, 2, 3))
         if not out_indices or max(out_indices) >= num_stages:
             raise ValueError(f'out_indices must be non-empty and < '
                              f'num_stages={num_stages}, got {out_indices}')
-        style = kwargs.get('style', 'pytorch')
         if style not in ('pytorch', 'caffe'):
             raise ValueError(
                 f'style must be "pytorch" or "caffe", got {style!r}')
-        frozen = kwargs.get('frozen_stages', -1)
-        if not isinstance(frozen, int) or not -1 <= frozen <= num_stages:
-            raise ValueError(f'frozen_stages must be an int in '
-                             f'[-1, {num_stages}], got {frozen!r}')
+        if isinstance(frozen_stages, bool) or not isinstance(
+                frozen_stages, numbers.Integral) or frozen_stages > num_stages:
+            raise ValueError(f'frozen_stages must be an int <= '
+                             f'num_stages={num_stages} (below 0: nothing '
+                             f'frozen), got {frozen_stages!r}')
 
     def _pretrained_init(self) -> Optional[dict]:
         cfg = self.init_cfg
@@ -221,16 +351,15 @@ class CEResNet(ResNet):
         super()._make_stem_layer(in_channels, stem_channels)
         if not self.stem_ce:
             return
-        cfg = dict(self.ce_cfg, group_size=stem_channels)
-        name, ce = build_plugin_layer(
-            cfg, postfix=1, in_channels=stem_channels)
+        ce = build_ce_layer(dict(self.ce_cfg, group_size=stem_channels),
+                            stem_channels)
         if self.deep_stem:
             # conv, bn, relu, conv, bn, relu, conv, bn, [CE], relu: the indices
             # of mmdet's deep stem (and so BN checkpoints) stay as they are.
             layers = list(self.stem)
             self.stem = nn.Sequential(*layers[:-1], ce, layers[-1])
         else:
-            self.add_module(name, ce)  # 'ce1', beside 'bn1'
+            self.add_module('ce1', ce)  # beside 'bn1'
 
     def _freeze_stages(self) -> None:
         super()._freeze_stages()
@@ -240,14 +369,19 @@ class CEResNet(ResNet):
                 param.requires_grad = False
 
     def forward(self, x):
-        """Stem (with CE) then the residual stages; returns ``out_indices``."""
-        if self.deep_stem:
+        """Stem (norm + CE as one op) then the residual stages; returns
+        ``out_indices``."""
+        if self.deep_stem and self.stem_ce:
+            for i in range(6):
+                x = self.stem[i](x)
+            x = self.stem[8](self.stem[6](x), bn=self.stem[7], inplace=True)
+            x = self.stem[9](x)
+        elif self.deep_stem:
             x = self.stem(x)
+        elif self.stem_ce:
+            x = self.relu(self.ce1(self.conv1(x), bn=self.norm1, inplace=True))
         else:
-            x = self.norm1(self.conv1(x))
-            if self.stem_ce:
-                x = self.ce1(x)
-            x = self.relu(x)
+            x = self.relu(self.norm1(self.conv1(x)))
         x = self.maxpool(x)
         outs = []
         for i, layer_name in enumerate(self.res_layers):

@@ -1,5 +1,4 @@
 """Channel Equilibrium (CE) layer, Shao et al., ICML 2020."""
-import numbers
 from typing import Optional
 
 import torch
@@ -9,9 +8,10 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from .batchnorm_handoff import (BatchNorm2dBeforeCE, attach, batchnorm_affine,
-                                only_recording_hooks, take_call)
-from .ce_function import channel_equilibrium, eval_after_affine
+from ...ops import (BatchNormArgs, CEConfig, CEParams, CEState,
+                    batchnorm_channel_equilibrium, channel_equilibrium,
+                    check_impl, is_plain_batchnorm)
+from ...ops.types import check_int
 
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -19,15 +19,6 @@ def _all_reduce_sum(tensor: Tensor) -> Tensor:
     out = tensor.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f'{name} must be an int, got {value!r} '
-                        f'({type(value).__name__})')
-    if value < minimum:
-        raise ValueError(f'{name} must be >= {minimum}, got {value}')
-    return int(value)
 
 
 @MODELS.register_module()
@@ -58,15 +49,22 @@ class ChannelEquilibrium(nn.Module):
     variance denominator to 1; wherever the formula is defined the result
     equals it.
 
-    Both branches are applied as one per-sample block-diagonal map
-    ``sigmoid(gate) * W_g + (1 - sigmoid(gate)) * diag(y[n] / s)`` in a single
-    pass over ``X``; the backward keeps only the input and small tensors
-    (see :mod:`ce_mmdet.models.layers.ce_function`). After a BatchNorm
-    (:meth:`follow`) it keeps the BN's input instead, may reuse the BN's
-    output tensor, and in inference may absorb the BN's pass; the results are
-    the same up to rounding. Statistics run in float32
-    for half/bfloat16 inputs (also under autocast); the output has the input
-    dtype. channels_last inputs give channels_last outputs.
+    **BN + CE as one op.** ``ce(z, bn=norm)`` computes ``ce(norm(z))``; when
+    ``norm`` is a plain ``nn.BatchNorm2d`` it does so with one fused op
+    (:func:`ce_mmdet.ops.batchnorm_channel_equilibrium`): the BN is applied
+    inside it, its running statistics and ``num_batches_tracked`` are
+    updated exactly as ``nn.BatchNorm2d`` updates them, backward keeps only
+    ``z`` (the tensor the BN keeps anyway), and in eval mode the BN's pass
+    is folded into CE's. Forward hooks and pre-hooks registered on
+    ``norm`` do **not** run on this path (``norm`` is not called as a
+    module); any other norm (SyncBN, GN, ``nn.Identity`` after mmcv's
+    ``fuse_conv_bn``...) is called as a module and CE follows it.
+    :class:`~ce_mmdet.models.CEResNet` and :class:`~ce_mmdet.models.CEFPN`
+    call their CE layers this way.
+
+    Statistics run in float32 for half/bfloat16 inputs (also under
+    autocast); the output has the input dtype. channels_last inputs give
+    channels_last outputs.
 
     Args:
         in_channels (int): C. Must be a multiple of ``group_size``.
@@ -87,6 +85,9 @@ class ChannelEquilibrium(nn.Module):
             batch sizes are fine (counts are summed). Without a process group,
             or in eval mode, it is plain CE. Every process must call the layer
             the same number of times per step (as with SyncBN). Default: False.
+        impl (str): implementation of the op: ``'auto'``, ``'torch'`` or
+            ``'triton'`` (:func:`ce_mmdet.ops.resolve_impl`; the environment
+            variable ``CE_MMDET_IMPL`` overrides it). Default: ``'auto'``.
 
     Example:
         >>> import torch
@@ -94,6 +95,9 @@ class ChannelEquilibrium(nn.Module):
         >>> ce = ChannelEquilibrium(32, group_size=16)
         >>> x = torch.randn(2, 32, 8, 8)
         >>> ce(x).shape
+        torch.Size([2, 32, 8, 8])
+        >>> bn = torch.nn.BatchNorm2d(32)
+        >>> ce(x, bn=bn).shape  # ce(bn(x)), one op
         torch.Size([2, 32, 8, 8])
         >>> _ = ce.eval()
         >>> bool(torch.isfinite(ce(x)).all())
@@ -111,13 +115,13 @@ class ChannelEquilibrium(nn.Module):
                  reduction: int = 4,
                  eps: float = 1e-5,
                  momentum: float = 0.1,
-                 sync: bool = False) -> None:
+                 sync: bool = False,
+                 impl: str = 'auto') -> None:
         super().__init__()
-        in_channels = _check_int('in_channels', in_channels, 1)
-        group_size = _check_int('group_size', group_size, 1)
-        num_iters = _check_int('num_iters', num_iters, 1)
-        reduction = _check_int('reduction', reduction, 1)
-        if in_channels % group_size != 0:
+        in_channels = check_int('in_channels', in_channels, 1)
+        reduction = check_int('reduction', reduction, 1)
+        config = CEConfig(group_size, num_iters, eps, momentum)
+        if in_channels % config.group_size != 0:
             raise ValueError(
                 f'in_channels ({in_channels}) must be a multiple of '
                 f'group_size ({group_size}); groups are never shrunk silently')
@@ -127,109 +131,46 @@ class ChannelEquilibrium(nn.Module):
                 f'reduction={reduction} leaves in_channels // reduction = '
                 f'{hidden} hidden units for in_channels={in_channels}; it '
                 f'must be <= in_channels')
-        if not isinstance(eps, numbers.Real) or not eps > 0:
-            raise ValueError(f'eps must be a positive number, got {eps!r}')
-        if not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
-            raise ValueError(f'momentum must be in [0, 1], got {momentum!r}')
         if not isinstance(sync, bool):
             raise TypeError(f'sync must be a bool, got {sync!r}')
+        self.config = config
         self.in_channels = in_channels
-        self.group_size = group_size
-        self.num_groups = in_channels // group_size
-        self.num_iters = num_iters
+        self.num_groups = in_channels // config.group_size
         self.reduction = reduction
-        self.eps = float(eps)
-        self.momentum = float(momentum)
         self.sync = sync
+        self.impl = check_impl(impl)
 
         self.gate = nn.Parameter(torch.zeros(1))
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)
-        self.norm = nn.LayerNorm(hidden, eps=self.eps)
+        self.norm = nn.LayerNorm(hidden, eps=config.eps)
         self.fc2 = nn.Linear(hidden, in_channels, bias=False)
         self.register_buffer(
             'running_wm',
-            torch.eye(group_size).repeat(self.num_groups, 1, 1))
+            torch.eye(config.group_size).repeat(self.num_groups, 1, 1))
         self.register_buffer('running_scale', torch.ones(1))
-        self._inplace_after_bn = False
 
-    def follow(self,
-               norm: nn.Module,
-               inplace: bool = True,
-               scope: Optional[nn.Module] = None) -> bool:
-        """Declare the BatchNorm whose output is this layer's input.
+    # the settings, read from the one config object
+    group_size = property(lambda self: self.config.group_size)
+    num_iters = property(lambda self: self.config.num_iters)
+    eps = property(lambda self: self.config.eps)
 
-        Contract: this layer is the *only* consumer of ``norm``'s output
-        (``x = norm(z); out = ce(x)`` and ``x`` is used nowhere else), and,
-        with a ``scope``, ``norm`` is the only consumer of its input ``z``
-        and is followed by this layer whenever it is called inside
-        ``scope``'s forward. :class:`CEResNet` and :class:`CEFPN` call it
-        for conv -> BN -> CE, with the block as the scope.
+    @property
+    def momentum(self) -> float:
+        return self.config.momentum
 
-        When ``norm`` is a plain ``nn.BatchNorm2d`` (not SyncBN), a forward
-        hook on it hands its input to this layer. If this layer's input is
-        that BN's output, untouched:
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        self.config = CEConfig(self.group_size, self.num_iters, self.eps,
+                               value)
 
-        * backward keeps the BN's input ``z`` (which the BN saves anyway)
-          instead of this layer's input, and works on ``z`` and the BN's
-          per-channel affine map (:func:`batchnorm_affine`): CE then adds
-          no full-size tensor to the activation memory. Gradients equal those
-          of the unfused layer up to rounding; the forward is unchanged.
-        * with ``inplace`` (default) on CPU, the output is written into the
-          BN's output tensor (through a small buffer) instead of a new one,
-          unless other forward hooks on ``norm`` could have kept that
-          tensor. This saves an activation-sized allocation, which on CPU
-          costs more than the layer's arithmetic; the values are the same.
-        * with a ``scope``, in inference (BN and CE in eval mode, autograd
-          off, inside ``scope``'s forward, no other forward hooks on
-          ``norm``, not traced), ``norm`` (made a
-          :class:`BatchNorm2dBeforeCE`) skips its pass and this layer
-          computes ``CE(BN(z))`` from ``z`` directly (into ``z`` with
-          ``inplace`` on CPU). Equal up to rounding.
+    def ce_params(self) -> CEParams:
+        """The parameters, as the op takes them."""
+        return CEParams(self.gate, self.fc1.weight, self.norm.weight,
+                        self.norm.bias, self.fc2.weight)
 
-        Anything else is ignored (returns False) and CE saves its input as
-        usual.
-
-        Args:
-            norm (nn.Module): the norm layer right before this one.
-            inplace (bool): allow reusing the BN's output (and, with a scope,
-                input) tensor on CPU.
-            scope (nn.Module, optional): the module whose forward runs
-                conv -> ``norm`` -> this layer.
-
-        Returns:
-            bool: whether ``norm`` is followed.
-        """
-        if type(norm) not in (nn.BatchNorm2d, BatchNorm2dBeforeCE):
-            return False
-        if not isinstance(inplace, bool):
-            raise TypeError(f'inplace must be a bool, got {inplace!r}')
-        if scope is not None and not isinstance(scope, nn.Module):
-            raise TypeError(
-                f'scope must be an nn.Module, got {type(scope).__name__}')
-        self._inplace_after_bn = inplace
-        attach(self, norm, scope)
-        return True
-
-    def _source_and_inplace(self, call, x: Tensor):
-        """(source, inplace) for input ``x``, the output of BN ``call``."""
-        if call is None or not x.is_contiguous():
-            return None, False
-        grad = torch.is_grad_enabled() and x.requires_grad
-        source = None
-        if grad and call.input.shape == x.shape:
-            affine = batchnorm_affine(call.bn, x)
-            if affine is not None:
-                source = (call.input, ) + affine
-        inplace = (self._inplace_after_bn and x.device.type == 'cpu'
-                   and not torch.jit.is_tracing()
-                   and only_recording_hooks(call.bn)
-                   and (source is not None or not grad))
-        return source, inplace
-
-    def _params(self) -> tuple:
-        """The parameters in the order of :func:`channel_equilibrium`."""
-        return (self.gate, self.fc1.weight, self.norm.weight, self.norm.bias,
-                self.fc2.weight)
+    def ce_state(self) -> CEState:
+        """The running state, as the op takes it (updated in place)."""
+        return CEState(self.running_wm, self.running_scale)
 
     def reset_running_stats(self) -> None:
         """Identity whitening and unit scale, as at construction."""
@@ -250,46 +191,62 @@ class ChannelEquilibrium(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f'expected a floating point input, got {x.dtype}')
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply CE. Returns a tensor of the shape and dtype of ``x``."""
-        self._check_input(x)
-        if x.numel() == 0:
-            return x.clone()
-        channels_last = (not x.is_contiguous()
-                         and x.is_contiguous(memory_format=torch.channels_last))
-        params = self._params()
-        reduce_fn = None
+    def _reduce_fn(self):
         if self.sync and self.training and dist.is_available() and \
                 dist.is_initialized() and dist.get_world_size() > 1:
-            reduce_fn = _all_reduce_sum
-        call = take_call(x)
-        if call is not None and call.absorbed:
-            return self._forward_absorbed(call.bn, x)
-        source, inplace = self._source_and_inplace(call, x)
+            return _all_reduce_sum
+        return None
+
+    def forward(self,
+                x: Tensor,
+                bn: Optional[nn.Module] = None,
+                *,
+                inplace: bool = False) -> Tensor:
+        """``CE(x)``, or ``CE(bn(x))`` with a norm layer ``bn``.
+
+        Args:
+            x (Tensor): (N, C, H, W) input; with ``bn``, the norm's input.
+            bn (nn.Module, optional): the norm layer right before CE. A plain
+                ``nn.BatchNorm2d`` is applied inside the fused op (its hooks
+                do not run; see the class doc); any other module is called.
+            inplace (bool): the caller does not read ``x`` after this call
+                (for example a convolution output only this layer reads);
+                the result may then be written into ``x``'s storage where
+                autograd does not need ``x``. Default: False.
+
+        Returns:
+            Tensor: the shape and dtype of ``x``.
+        """
+        if bn is not None and not is_plain_batchnorm(bn):
+            x, bn = bn(x), None
+        self._check_input(x)
+        if x.numel() == 0:
+            return (x if bn is None else bn(x)).clone()
+        channels_last = (not x.is_contiguous()
+                         and x.is_contiguous(memory_format=torch.channels_last))
+        if not x.is_contiguous():
+            x, inplace = x.contiguous(), True  # our own copy
+        kwargs = dict(config=self.config, training=self.training,
+                      reduce_fn=self._reduce_fn(), inplace=inplace,
+                      impl=self.impl)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = channel_equilibrium(
-                x.contiguous(), params, self.running_wm, self.running_scale,
-                self.group_size, self.num_iters, self.eps, self.momentum,
-                self.training, reduce_fn, source, inplace)
+            if bn is None:
+                out = channel_equilibrium(x, self.ce_params(),
+                                          self.ce_state(), **kwargs)
+            else:
+                out = batchnorm_channel_equilibrium(
+                    x, BatchNormArgs.from_module(bn), self.ce_params(),
+                    self.ce_state(), **kwargs)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
-
-    def _forward_absorbed(self, bn: nn.BatchNorm2d, z: Tensor) -> Tensor:
-        """Inference ``CE(bn(z))`` from ``z`` (see :meth:`follow`)."""
-        alpha, beta = batchnorm_affine(bn, z)
-        params = self._params()
-        inplace = self._inplace_after_bn and z.device.type == 'cpu'
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            return eval_after_affine(z, alpha, beta, params, self.running_wm,
-                                     self.running_scale, self.group_size,
-                                     self.eps, inplace)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, group_size={self.group_size}, '
                 f'num_groups={self.num_groups}, num_iters={self.num_iters}, '
                 f'reduction={self.reduction}, eps={self.eps}, '
-                f'momentum={self.momentum}, sync={self.sync}')
+                f'momentum={self.momentum}, sync={self.sync}, '
+                f'impl={self.impl!r}')
 
 
 # mmcv's build_plugin_layer looks the type up in mmengine's root registry

@@ -9,6 +9,7 @@ from mmengine.logging import MMLogger
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ce_mmdet.models import CEResNet, ChannelEquilibrium
+from ce_mmdet.testing import ce_resnet_reference_forward
 
 
 def all_ce(model):
@@ -39,6 +40,7 @@ def randomise(model, seed=0):
     (dict(depth=50, out_indices=(4, )), 'out_indices'),
     (dict(depth=50, style='tensorflow'), 'style'),
     (dict(depth=50, frozen_stages=7), 'frozen_stages'),
+    (dict(depth=50, frozen_stages=1.5), 'frozen_stages'),
     (dict(depth=50, ce_stages=(True, True)), 'ce_stages'),
     (dict(depth=50, ce_stages=(1, 1, 1, 0)), 'ce_stages'),
     (dict(depth=50, ce_cfg=dict(group_size=48)), 'multiple of group_size'),
@@ -78,29 +80,71 @@ def test_output_shapes_and_ce_placement(depth, expansion):
                 assert block.ce.group_size == 16
 
 
-def test_bottleneck_order_ce_after_norm3_before_add():
-    model = CEResNet(depth=50, base_channels=16).train()
+def record_calls(model, names):
+    """Forward pre-hooks that log ``(name, bn given to it)``."""
     calls = []
+    for name in names:
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs, n=name: calls.append(
+                (n, kwargs.get('bn'))),
+            with_kwargs=True)
+    return calls
+
+
+def test_bottleneck_order_ce_after_norm3_before_add():
+    """conv3 -> CE(bn=norm3) -> downsample/add; the stem CE gets norm1.
+    The fused norms are not called as modules (their hooks do not run)."""
+    model = CEResNet(depth=50, base_channels=16).train()
     block = model.layer2[0]
-    for name in ('norm3', 'ce', 'downsample'):
-        getattr(block, name).register_forward_hook(
-            lambda *a, n=name: calls.append(n))
-    model.conv1.register_forward_hook(lambda *a: calls.append('conv1'))
-    model.norm1.register_forward_hook(lambda *a: calls.append('bn1'))
-    model.ce1.register_forward_hook(lambda *a: calls.append('ce1'))
+    calls = record_calls(model, [
+        'conv1', 'norm1', 'ce1', 'layer2.0.conv3', 'layer2.0.norm3',
+        'layer2.0.ce', 'layer2.0.downsample'
+    ])
     model(torch.rand(1, 3, 64, 64))
-    assert calls == ['conv1', 'bn1', 'ce1', 'norm3', 'ce', 'downsample']
+    assert calls == [('conv1', None), ('ce1', model.norm1),
+                     ('layer2.0.conv3', None), ('layer2.0.ce', block.norm3),
+                     ('layer2.0.downsample', None)]
 
 
 def test_basic_block_order_ce_after_norm2():
     model = CEResNet(depth=18, base_channels=16).train()
-    calls = []
     block = model.layer1[1]
-    for name in ('norm2', 'ce'):
-        getattr(block, name).register_forward_hook(
-            lambda *a, n=name: calls.append(n))
+    calls = record_calls(model,
+                         ['layer1.1.conv2', 'layer1.1.norm2', 'layer1.1.ce'])
     model(torch.rand(1, 3, 64, 64))
-    assert calls == ['norm2', 'ce']
+    assert calls == [('layer1.1.conv2', None), ('layer1.1.ce', block.norm2)]
+
+
+def test_signature_keeps_resnet_positional_order():
+    """mmdet's own test_resnet.py style: positional arguments mean what
+    they mean for ResNet, CE arguments are keyword-only after them."""
+    import inspect
+    ours = inspect.signature(CEResNet).parameters
+    theirs = inspect.signature(ResNet).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    assert all(ours[k].kind is inspect.Parameter.KEYWORD_ONLY
+               for k in ('ce_cfg', 'ce_stages', 'stem_ce'))
+    for k in theirs:
+        assert ours[k].default == theirs[k].default, k
+    model = CEResNet(50, 3, 32, 16)  # depth, in_ch, stem_ch, base_ch
+    ref = ResNet(50, 3, 32, 16)
+    assert model.stem_channels == ref.stem_channels == 32
+    assert model.base_channels == ref.base_channels == 16
+    x = torch.rand(1, 3, 64, 64)
+    assert [o.shape for o in model(x)] == [o.shape for o in ref(x)]
+    with pytest.raises(TypeError):
+        CEResNet(50, 3, 32, 16, 4, (1, 2, 2, 2), (1, 1, 1, 1), (0, 1, 2, 3),
+                 'pytorch', False, False, -1, None, dict(type='BN'), True,
+                 None, (False, ) * 4, None, False, True, None, None, {})
+
+
+@pytest.mark.parametrize('frozen_stages', [-2, -5])
+def test_frozen_stages_below_minus_one_freeze_nothing(frozen_stages):
+    model = CEResNet(depth=50, base_channels=16,
+                     frozen_stages=frozen_stages, norm_eval=False).train()
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize('depth', [18, 50])
@@ -217,10 +261,12 @@ def test_user_plugins_still_work():
     ]
     model = CEResNet(depth=50, base_channels=16, plugins=plugins)
     block = model.layer2[0]
-    assert block.after_conv3_plugin_names[0] == 'ce'
-    assert 'context_block' in block.after_conv3_plugin_names
+    assert block.after_conv3_plugin_names == ['context_block']
+    assert isinstance(block.ce, ChannelEquilibrium)
     assert not hasattr(model.layer1[0], 'context_block')
+    calls = record_calls(model, ['layer2.0.ce', 'layer2.0.context_block'])
     outs = model(torch.rand(1, 3, 64, 64))
+    assert [c[0] for c in calls] == ['layer2.0.ce', 'layer2.0.context_block']
     assert outs[3].shape == (1, 512, 2, 2)
 
 
@@ -282,35 +328,75 @@ def test_loads_backbone_of_mmdet_detector_checkpoint(tmp_path):
         assert torch.equal(loaded[k], v), k
 
 
-def test_inference_with_absorbed_batchnorms_matches(monkeypatch):
-    """In eval mode without autograd every CE computes CE(BN(z)) from z
-    (the BN skips its pass); the outputs are those of the unfused model."""
-    from ce_mmdet.models.layers import ce_function
-    monkeypatch.setattr(ce_function, 'INPLACE_CHUNK_BYTES', 4096)
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_inference_matches_the_published_computation(monkeypatch):
+    """Eval mode without autograd (each BN folded into its CE, the result
+    written into the conv output): the outputs of the unfused, published
+    computation."""
+    from ce_mmdet.ops import torch_impl
+    monkeypatch.setattr(torch_impl, 'INPLACE_CHUNK_BYTES', 4096)
     model = randomise(
         CEResNet(depth=50, stem_channels=32, base_channels=16).double())
     model.eval()
-    unfused = copy.deepcopy(model)
-    for m in unfused.modules():  # another hook on each BN: no absorption
-        if isinstance(m, nn.BatchNorm2d):
-            m.register_forward_hook(lambda *a: None)
-    layers = [m for m in model.modules() if isinstance(m, ChannelEquilibrium)]
-    absorbed = []
-    for m in layers:
-        m._forward_absorbed = (lambda bn, z, m=m, f=m._forward_absorbed:
-                               absorbed.append(m) or f(bn, z))
+    reference = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         outs = model(x)
-        expected = unfused(x)
-    assert absorbed == layers  # every CE absorbed its BN, in order
+        expected = ce_resnet_reference_forward(reference, x)
     for o, e in zip(outs, expected):
-        assert ((o - e).abs().max() / e.abs().max()).item() < 1e-12
+        assert rel(o, e) < 1e-12
+
+
+@pytest.mark.parametrize('norm_eval', [False, True])
+def test_training_step_matches_the_published_computation(norm_eval):
+    """A whole CE-ResNet-50 training step in float64 against the unfused,
+    published computation: outputs, input and parameter gradients, BN and
+    CE running buffers and num_batches_tracked, over two steps."""
+    model = randomise(
+        CEResNet(depth=50, stem_channels=32, base_channels=16,
+                 norm_eval=norm_eval).double())
+    reference = copy.deepcopy(model)
+    model.train()
+    reference.train()
+    for step in range(2):
+        torch.manual_seed(step)
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        outs = model(x1)
+        expected = ce_resnet_reference_forward(reference, x2)
+        for o, e in zip(outs, expected):
+            assert rel(o, e) < 1e-8
+        weights = [torch.randn_like(o) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        sum((e * w).sum() for e, w in zip(expected, weights)).backward()
+        assert rel(x1.grad, x2.grad) < 1e-8
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            q = ref_params[name]
+            if q.grad is None:
+                assert p.grad is None or not p.grad.any(), name
+                continue
+            assert rel(p.grad, q.grad) < 1e-8 or (
+                p.grad - q.grad).abs().max() < 1e-12, name
+        ref_buffers = dict(reference.named_buffers())
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                assert (b - ref_buffers[name]).abs().max() <= 1e-8 * \
+                    ref_buffers[name].abs().max(), name
+            else:
+                assert torch.equal(b, ref_buffers[name]), name
+        model.zero_grad()
+        reference.zero_grad()
+    tracked = model.layer1[0].norm3.num_batches_tracked
+    assert int(tracked) == (0 if norm_eval else 2)
 
 
 def test_threads_sharing_a_model_get_their_own_results():
-    """The BN -> CE handoff is per thread: concurrent inference and
-    training steps on one model give what they give alone."""
+    """The fused ops keep no state between calls: concurrent inference on
+    one model gives what each call gives alone."""
     import sys
     import threading
     torch.manual_seed(0)
@@ -337,7 +423,7 @@ def test_threads_sharing_a_model_get_their_own_results():
     finally:
         sys.setswitchinterval(interval)
     for i, e in enumerate(expected):
-        assert ((results[i] - e).abs().max() / e.abs().max()).item() < 1e-12
+        assert rel(results[i], e) < 1e-12
 
 
 def test_fuse_conv_bn_for_testing_keeps_outputs():

@@ -256,7 +256,7 @@ def test_state_dict_round_trip():
 def test_extra_repr_shows_settings():
     text = repr(ChannelEquilibrium(64, group_size=32, num_iters=4))
     for part in ('64', 'group_size=32', 'num_groups=2', 'num_iters=4',
-                 'reduction=4', 'momentum=0.1'):
+                 'reduction=4', 'momentum=0.1', "impl='auto'"):
         assert part in text
 
 
@@ -319,88 +319,225 @@ def saved_storages(fn):
 def small_inplace_chunks(monkeypatch):
     """Let the in-place apply work on test-sized tensors, in several chunks
     that do not divide H*W."""
-    from ce_mmdet.models.layers import ce_function
-    monkeypatch.setattr(ce_function, 'INPLACE_CHUNK_BYTES', 7 * 64 * 8)
+    from ce_mmdet.ops import torch_impl
+    monkeypatch.setattr(torch_impl, 'INPLACE_CHUNK_BYTES', 7 * 64 * 8)
 
 
-@pytest.mark.parametrize('inplace', [True, False])
+def make_bn(c, training, momentum=0.1, affine=True, track=True, seed=3):
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(c, momentum=momentum, affine=affine,
+                              track_running_stats=track).double()
+    with torch.no_grad():
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+        if track:
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.5, 2)
+    return bn.train(training)
+
+
+BN_CASES = [
+    # bn mode, CE mode, BN momentum, affine, track_running_stats
+    (True, True, 0.1, True, True),
+    (True, False, 0.1, True, True),
+    (False, True, 0.1, True, True),
+    (False, False, 0.1, True, True),  # inference / norm_eval training
+    (True, True, None, True, True),  # cumulative average
+    (True, True, 0.1, False, True),  # no affine
+    (False, False, 0.1, True, False),  # no running stats: batch stats
+]
+
+
+@pytest.mark.parametrize('bn_training,ce_training,momentum,affine,track',
+                         BN_CASES)
+def test_bn_fused_matches_unfused_float64(bn_training, ce_training, momentum,
+                                          affine, track):
+    """ce(z, bn=bn) == CE(bn(z)) by the reference: output, gradients of the
+    input and every parameter, the BN's running statistics and
+    num_batches_tracked, CE's running buffers (two steps)."""
+    layer = make_layer(32).train(ce_training)
+    ref_layer = copy.deepcopy(layer)
+    bn = make_bn(32, bn_training, momentum, affine, track)
+    ref_bn = copy.deepcopy(bn)
+    for step in range(2):
+        z = (2 * bn_like_input(2, 32, 5, 7, seed=step) + 1).requires_grad_()
+        z_ref = z.detach().clone().requires_grad_()
+        out = layer(z, bn=bn)
+        ref, ref_wm, ref_scale = ce_reference_module(ref_layer, ref_bn(z_ref))
+        if ce_training:  # the reference returns the new buffers
+            with torch.no_grad():
+                ref_layer.running_wm.copy_(ref_wm)
+                ref_layer.running_scale.copy_(ref_scale)
+        assert rel_err(out, ref) < TOL
+        for name, buf in bn.named_buffers():
+            assert torch.allclose(buf, dict(ref_bn.named_buffers())[name],
+                                  rtol=1e-12, atol=0), name
+        for name, buf in layer.named_buffers():
+            assert rel_err(buf, dict(ref_layer.named_buffers())[name]) < TOL
+        g = torch.randn_like(out)
+        wrt = [z] + list(bn.parameters()) + list(layer.parameters())
+        ref_wrt = [z_ref] + list(ref_bn.parameters()) + list(
+            ref_layer.parameters())
+        names = ['input'] + [n for n, _ in bn.named_parameters()] + [
+            n for n, _ in layer.named_parameters()
+        ]
+        for name, a, b in zip(names, torch.autograd.grad(out, wrt, g),
+                              torch.autograd.grad(ref, ref_wrt, g)):
+            assert rel_err(a, b) < TOL, name
+    if bn_training and track:
+        assert int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize('bn_training,ce_training', [(True, True),
+                                                     (False, False)])
+def test_bn_fused_gradcheck_float64(bn_training, ce_training):
+    layer = make_layer(8, group_size=4, num_iters=2).train(ce_training)
+    layer.momentum = 0.0  # keep buffers fixed across gradcheck's calls
+    bn = make_bn(8, bn_training, momentum=0.0)
+
+    class Pair(torch.nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.bn, self.ce = bn, layer
+
+        def forward(self, z):
+            return self.ce(z, bn=self.bn)
+
+    pair = Pair()
+    names = [n for n, _ in pair.named_parameters()]
+
+    def fn(z, *ps):
+        return torch.func.functional_call(pair, dict(zip(names, ps)), (z, ))
+
+    z = bn_like_input(2, 8, 3, 3).requires_grad_()
+    inputs = (z, ) + tuple(p.detach().clone().requires_grad_()
+                           for p in pair.parameters())
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_bn_fused_saves_only_the_bn_input():
+    """Backward keeps z (what a BN keeps anyway) and small tensors."""
+    layer = make_layer(32)
+    for bn_training, ce_training in ((True, True), (False, False),
+                                     (False, True)):
+        bn = make_bn(32, bn_training)
+        layer.train(ce_training)
+        z = bn_like_input(2, 32, 6, 5).contiguous().requires_grad_()
+        _, saved = saved_storages(lambda: layer(z, bn=bn))
+        big = [t for t in saved.values() if t.numel() >= z.numel()]
+        assert len(big) == 1 and big[0].data_ptr() == z.data_ptr()
+        _, saved_plain = saved_storages(lambda: layer(bn(z)))
+        assert len([t for t in saved_plain.values()
+                    if t.numel() >= z.numel()]) == 2
+
+
 @pytest.mark.parametrize('bn_training', [True, False])
-def test_following_a_batchnorm_saves_its_input_not_ours(
-        bn_training, inplace, small_inplace_chunks):
-    torch.manual_seed(0)
-    bn = torch.nn.BatchNorm2d(32).double()
+def test_bn_fused_inference_may_write_into_its_input(bn_training,
+                                                     small_inplace_chunks):
+    layer = make_layer(32).eval()
+    bn = make_bn(32, bn_training)
+    z = bn_like_input(2, 32, 6, 5).contiguous()
+    expected, _, _ = ce_reference_module(copy.deepcopy(layer),
+                                         copy.deepcopy(bn)(z))
     with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_(0, 0.2)
-        bn.running_var.uniform_(0.5, 2)
-    plain = make_layer(32)
-    fused = copy.deepcopy(plain)
-    bn_fused = copy.deepcopy(bn)
-    assert fused.follow(bn_fused, inplace=inplace)
-    bn.train(bn_training)
-    bn_fused.train(bn_training)
-    z = bn_like_input(2, 32, 6, 5).requires_grad_()
-    z2 = z.detach().clone().requires_grad_()
-    out1, saved1 = saved_storages(lambda: plain(bn(z)))
-    bn_out = []
-    handle = bn_fused.register_forward_hook(
-        lambda m, i, o: bn_out.append(o.data_ptr()))
-    out2, saved2 = saved_storages(lambda: fused(bn_fused(z2)))
-    handle.remove()
-    # another hook on the BN might keep its output: never in place then
-    assert out2.data_ptr() != bn_out[0]
-    bn_out = []
-
-    def run():
-        bn_out.append(bn_fused(z2))
-        return fused(bn_out[-1])
-
-    out3, saved3 = saved_storages(run)
-    # written into the BN output
-    assert (out3.data_ptr() == bn_out[-1].data_ptr()) == inplace
-    assert torch.equal(out1, out2)
-    assert rel_err(out3, out1) < 1e-14  # chunked GEMM: equal up to rounding
-    # the fused path keeps nothing of CE's input size beyond the BN input
-    for saved in (saved1, saved2, saved3):
-        big = {k for k, t in saved.items() if t.numel() >= z.numel()}
-        assert len(big) == (2 if saved is saved1 else 1)
-    assert z2.untyped_storage().data_ptr() in saved3
-    g = torch.randn_like(out1)
-    grads1 = torch.autograd.grad(out1, [z, bn.weight, bn.bias] +
-                                 list(plain.parameters()), g)
-    grads3 = torch.autograd.grad(out3, [z2, bn_fused.weight, bn_fused.bias] +
-                                 list(fused.parameters()), g)
-    for a, b in zip(grads1, grads3):
-        assert rel_err(b, a) < 1e-12
+        zc = z.clone()
+        out = layer(zc, bn=copy.deepcopy(bn), inplace=True)
+        # with running statistics the BN pass is folded: written into z;
+        # with batch statistics into the BN's own temporary
+        assert (out.data_ptr() == zc.data_ptr()) == (not bn_training)
+        assert rel_err(out, expected) < TOL
+        zc = z.clone()
+        out = layer(zc, bn=copy.deepcopy(bn))  # no permission
+        assert out.data_ptr() != zc.data_ptr()
+        assert torch.equal(zc, z)
+    zc = z.clone().requires_grad_()  # autograd needs z: never overwritten
+    out = layer(zc, bn=copy.deepcopy(bn), inplace=True)
+    assert out.data_ptr() != zc.data_ptr() and torch.equal(zc.detach(), z)
 
 
+def test_plain_inplace_is_a_permission(small_inplace_chunks):
+    layer = make_layer(32).eval()
+    x = bn_like_input(2, 32, 6, 5).contiguous()
+    expected = layer(x)
+    xc = x.clone()
+    with torch.no_grad():
+        out = layer(xc, inplace=True)
+    assert out.data_ptr() == xc.data_ptr() and rel_err(out, expected) < TOL
+    xg = x.clone().requires_grad_()
+    out = layer(xg, inplace=True)  # backward reads x: not overwritten
+    assert out.data_ptr() != xg.data_ptr()
+    assert torch.equal(xg.detach(), x)
+    grad, = torch.autograd.grad(out.sum(), xg)
+    ref_x = x.clone().requires_grad_()
+    ref_grad, = torch.autograd.grad(layer(ref_x).sum(), ref_x)
+    assert rel_err(grad, ref_grad) < TOL
+
+
+class _HookedForwardBN(torch.nn.BatchNorm2d):
+    """A BN subclass with its own forward: CE must call it as a module."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_other_norms_are_called_as_modules():
+    layer = make_layer(16, dtype=torch.float32)
+    z = torch.randn(2, 16, 4, 4)
+    for norm in (torch.nn.GroupNorm(4, 16), _HookedForwardBN(16),
+                 torch.nn.Identity()):
+        calls = []
+        handle = norm.register_forward_hook(lambda *a: calls.append(1))
+        out = layer(z, bn=norm)
+        handle.remove()
+        assert calls == [1]
+        assert torch.equal(out, layer(norm(z)))
+
+
+def test_hooks_on_a_fused_bn_do_not_run():
+    layer = make_layer(16, dtype=torch.float32)
+    bn = torch.nn.BatchNorm2d(16)
+    calls = []
+    bn.register_forward_hook(lambda *a: calls.append('hook'))
+    bn.register_forward_pre_hook(lambda *a: calls.append('pre'))
+    z = torch.randn(2, 16, 4, 4)
+    out = layer(z, bn=bn)
+    assert calls == []
+    assert int(bn.num_batches_tracked) == 1  # the BN did run
+    assert torch.allclose(out, layer(torch.nn.BatchNorm2d(16)(z)), atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('training', [True, False])
-def test_inplace_after_batchnorm_reuses_its_output(training,
-                                                   small_inplace_chunks):
-    torch.manual_seed(0)
-    bn = torch.nn.BatchNorm2d(32).double().train(training)
-    layer = make_layer(32).train(training)
-    reference = copy.deepcopy(layer)
-    assert layer.follow(bn)
+def test_bn_fused_low_precision(dtype, training):
+    layer = make_layer(32, dtype=torch.float32).train(training)
+    bn = make_bn(32, training).float()
+    z = bn_like_input(2, 32, 8, 8, dtype=torch.float32)
+    ref = copy.deepcopy(layer)(copy.deepcopy(bn)(z))
+    zl = z.to(dtype).requires_grad_()
+    out = layer(zl, bn=bn)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    assert rel_err(out.float(), ref) < tol
+    out.float().sum().backward()
+    assert zl.grad.dtype == dtype and torch.isfinite(zl.grad).all()
+    assert bn.weight.grad.dtype == torch.float32
+    assert torch.isfinite(bn.weight.grad).all()
+
+
+def test_bn_fused_channels_last():
+    layer = make_layer(32)
+    bn = make_bn(32, True)
     z = bn_like_input(2, 32, 6, 5)
-    with torch.no_grad():
-        expected = reference(bn(z))
-        x = bn(z)  # the fresh BN output CE may overwrite
-        out = layer(x)
-    assert out.data_ptr() == x.data_ptr()
-    assert rel_err(out, expected) < 1e-14
-    # opted out: a new tensor
-    layer2 = copy.deepcopy(reference)
-    bn2 = copy.deepcopy(bn)
-    assert layer2.follow(bn2, inplace=False)
-    with torch.no_grad():
-        x = bn2(z)
-        out = layer2(x)
-    assert out.data_ptr() != x.data_ptr()
+    expected = copy.deepcopy(layer)(z, bn=copy.deepcopy(bn))
+    out = layer(z.contiguous(memory_format=torch.channels_last), bn=bn)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, expected) < TOL
 
 
 def test_apply_inplace_matches_one_gemm():
-    from ce_mmdet.models.layers.ce_function import apply_inplace
+    from ce_mmdet.ops.torch_impl import apply_inplace
     torch.manual_seed(0)
     a = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     x = torch.randn(3, 2, 4, 37, dtype=torch.float64)
@@ -409,117 +546,3 @@ def test_apply_inplace_matches_one_gemm():
         y = x.clone()
         apply_inplace(a, y, chunk)
         assert rel_err(y, expected) < 1e-14
-
-
-def test_inplace_without_source_refuses_autograd():
-    from ce_mmdet.models.layers.ce_function import channel_equilibrium
-    layer = make_layer(16)
-    x = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
-    params = (layer.gate, layer.fc1.weight, layer.norm.weight,
-              layer.norm.bias, layer.fc2.weight)
-    with pytest.raises(ValueError, match='needs a source'):
-        channel_equilibrium(x, params, layer.running_wm, layer.running_scale,
-                            16, 3, 1e-5, 0.1, True, inplace=True)
-
-
-def test_follow_ignores_other_norms_and_modified_inputs():
-    layer = make_layer(16, dtype=torch.float32)
-    assert not layer.follow(torch.nn.GroupNorm(4, 16))
-    assert not layer.follow(torch.nn.SyncBatchNorm(16))
-    bn = torch.nn.BatchNorm2d(16)
-    assert layer.follow(bn)
-    z = torch.randn(2, 16, 4, 4, requires_grad=True)
-    y = bn(z)
-    y2 = y * 2  # not the BN output: CE must save its own input
-    _, saved = saved_storages(lambda: layer(y2))
-    assert y2.untyped_storage().data_ptr() in saved
-    y = bn(z)
-    y.mul_(2)  # modified in place: likewise
-    _, saved = saved_storages(lambda: layer(y))
-    assert y.untyped_storage().data_ptr() in saved
-
-
-@pytest.mark.parametrize('training', [True, False])
-def test_batchnorm_affine_reproduces_its_output(training):
-    from ce_mmdet.models.layers.batchnorm_handoff import batchnorm_affine
-    bn = torch.nn.BatchNorm2d(8).double().train(training)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_()
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
-    z = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True) + 3
-    out = bn(z)
-    alpha, beta = batchnorm_affine(bn, out)
-    assert not alpha.requires_grad and not beta.requires_grad
-    rebuilt = z.detach() * alpha.view(1, 8, 1, 1) + beta.view(1, 8, 1, 1)
-    assert rel_err(rebuilt, out.detach()) < 1e-14
-    if training:  # batch statistics come from the BN's backward node only
-        with torch.no_grad():
-            assert batchnorm_affine(bn, bn(z)) is None
-
-
-class _ConvBNCE(torch.nn.Module):
-    """conv -> BN -> CE, the scope of the BN's absorption."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(c, c, 1).double()
-        self.bn = torch.nn.BatchNorm2d(c).double()
-        self.ce = make_layer(c)
-        with torch.no_grad():
-            self.bn.weight.uniform_(0.5, 1.5)
-            self.bn.bias.normal_(0, 0.2)
-            self.bn.running_mean.normal_(0, 0.3)
-            self.bn.running_var.uniform_(0.5, 2)
-
-    def forward(self, x):
-        return self.ce(self.bn(self.conv(x)))
-
-
-@pytest.mark.parametrize('inplace', [True, False])
-def test_inference_absorbs_the_batchnorm(inplace, small_inplace_chunks):
-    from ce_mmdet.models.layers import BatchNorm2dBeforeCE
-    torch.manual_seed(0)
-    block = _ConvBNCE(32).eval()
-    plain = copy.deepcopy(block)  # never follows: the unfused reference
-    assert block.ce.follow(block.bn, inplace=inplace, scope=block)
-    assert type(block.bn) is BatchNorm2dBeforeCE
-    assert set(block.bn.state_dict()) == set(plain.bn.state_dict())
-    x = bn_like_input(2, 32, 6, 5)
-    absorbed = []
-    block.ce._forward_absorbed = (
-        lambda bn, z, f=block.ce._forward_absorbed: absorbed.append(z) or
-        f(bn, z))
-    with torch.no_grad():
-        expected = plain(x)
-        out = block(x)
-    assert len(absorbed) == 1
-    assert rel_err(out, expected) < 1e-13
-    # with inplace the result is written into the conv output
-    assert (out.data_ptr() == absorbed[0].data_ptr()) == inplace
-    # outside the scope, the BN is a BN
-    with torch.no_grad():
-        z = block.conv(x)
-        assert torch.equal(block.bn(z), plain.bn(z))
-    # with autograd, in training, or with another hook: no absorption
-    out = block(x)
-    assert rel_err(out.detach(), expected) < 1e-13 and out.requires_grad
-    block.train()
-    plain.train()
-    with torch.no_grad():
-        assert rel_err(block(x), plain(x)) < 1e-12
-    block.eval()
-    plain.eval()  # running statistics moved: a new reference
-    with torch.no_grad():
-        expected = plain(x)
-    handle = block.bn.register_forward_hook(lambda *a: None)
-    with torch.no_grad():
-        assert rel_err(block(x), expected) < 1e-13
-    handle.remove()
-    assert len(absorbed) == 1
-    # a deep copy absorbs into its own CE layer
-    clone = copy.deepcopy(block)
-    assert clone.bn.__dict__['_ce_after'] is clone.ce
-    with torch.no_grad():
-        assert rel_err(clone(x), expected) < 1e-13

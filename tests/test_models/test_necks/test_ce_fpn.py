@@ -64,16 +64,50 @@ def test_ce_after_norm_before_activation_and_keys_kept():
     assert isinstance(conv, ConvNormCE)
     assert not isinstance(neck.lateral_convs[0], ConvNormCE)
     order = []
+    conv.conv.register_forward_hook(lambda *a: order.append('conv'))
     conv.norm.register_forward_hook(lambda *a: order.append('norm'))
-    conv.ce.register_forward_hook(lambda *a: order.append('ce'))
+    conv.ce.register_forward_pre_hook(
+        lambda m, args, kwargs: order.append(('ce', kwargs['bn'])),
+        with_kwargs=True)
     conv.activate.register_forward_hook(lambda *a: order.append('act'))
     neck(feats())
-    assert order == ['norm', 'ce', 'act']
+    # the norm runs inside CE's fused op (its own hooks do not fire)
+    assert order == ['conv', ('ce', conv.norm), 'act']
     keys = set(neck.state_dict())
     assert 'fpn_convs.0.conv.weight' in keys
     assert 'fpn_convs.0.bn.weight' in keys
     assert 'fpn_convs.0.ce.running_wm' in keys
     assert 'lateral_convs.0.ce.gate' not in keys
+
+
+def test_signature_keeps_fpn_positional_order():
+    """mmdet's test_necks.py style: ``CEFPN([64, 128], 64, 2, 0)``."""
+    import inspect
+    ours = inspect.signature(CEFPN).parameters
+    theirs = inspect.signature(FPN).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    assert ours['ce_cfg'].kind is inspect.Parameter.KEYWORD_ONLY
+    neck = CEFPN([64, 128], 64, 2, 0)
+    ref = FPN([64, 128], 64, 2, 0, norm_cfg=dict(type='BN'))
+    x = [torch.rand(1, 64, 8, 8), torch.rand(1, 128, 4, 4)]
+    assert [o.shape for o in neck(x)] == [o.shape for o in ref(x)]
+    assert neck.start_level == ref.start_level == 0
+
+
+def test_conv_norm_ce_copies_a_conv_module():
+    from mmcv.cnn import ConvModule
+    torch.manual_seed(0)
+    module = ConvModule(16, 32, 3, padding=1, norm_cfg=dict(type='BN'),
+                        act_cfg=dict(type='ReLU'))
+    new = ConvNormCE.from_conv_module(module, dict(group_size=16))
+    assert new is not module and type(module) is ConvModule
+    for k, v in module.state_dict().items():
+        assert torch.equal(new.state_dict()[k], v), k
+    with pytest.raises(ValueError, match='needs a norm_cfg'):
+        ConvNormCE(16, 32, 3, ce_cfg=dict(group_size=16))
+    with pytest.raises(ValueError, match='order'):
+        ConvNormCE(16, 32, 3, norm_cfg=dict(type='BN'),
+                   order=('norm', 'conv', 'act'), ce_cfg=dict(group_size=16))
 
 
 def test_ce_on_both_changes_the_output():

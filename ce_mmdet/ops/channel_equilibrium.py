@@ -1,0 +1,191 @@
+"""The functional CE ops: ``channel_equilibrium`` and
+``batchnorm_channel_equilibrium`` (a plain BatchNorm followed by CE, as one
+op).
+
+These entries own what is the same for every implementation: argument
+checks, the running-state updates (CE's running whitening matrices and
+scale, the BN's ``num_batches_tracked`` and momentum), and the choice of the
+implementation (:func:`ce_mmdet.ops.impl.resolve_impl`); the arithmetic is
+in the implementation (:mod:`ce_mmdet.ops.torch_impl`).
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import torch_impl
+from .impl import resolve_impl
+from .types import BatchNormArgs, CEConfig, CEParams, CEState
+
+_IMPLS = {'torch': torch_impl}
+
+
+def _check_input(x: Tensor, state: CEState, config: CEConfig) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f'expected a Tensor, got {type(x).__name__}')
+    if x.dim() != 4 or not x.is_contiguous():
+        raise ValueError('expected a contiguous 4-D (N, C, H, W) input, got '
+                         f'shape {tuple(x.shape)}, strides {x.stride()}')
+    if not x.is_floating_point():
+        raise TypeError(f'expected a floating point input, got {x.dtype}')
+    g, d = state.running_wm.shape[:2]
+    if d != config.group_size or x.shape[1] != g * d:
+        raise ValueError(
+            f'input has {x.shape[1]} channels; running_wm {tuple(state.running_wm.shape)} '
+            f'and group_size={config.group_size} need {g * d}')
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
+def _update_running_state(state: CEState, wm: Tensor, scale: Tensor,
+                          config: CEConfig) -> None:
+    if config.momentum > 0:
+        with torch.no_grad():
+            state.running_wm.lerp_(wm.to(state.running_wm.dtype),
+                                   config.momentum)
+            state.running_scale.lerp_(scale.to(state.running_scale.dtype),
+                                      config.momentum)
+
+
+def channel_equilibrium(x: Tensor,
+                        params: CEParams,
+                        state: CEState,
+                        *,
+                        config: CEConfig,
+                        training: bool,
+                        reduce_fn: Optional[Callable[[Tensor],
+                                                     Tensor]] = None,
+                        inplace: bool = False,
+                        impl: str = 'auto') -> Tensor:
+    """Channel Equilibrium of a contiguous (N, C, H, W) tensor.
+
+    The published computation (see
+    :class:`~ce_mmdet.models.layers.ChannelEquilibrium` for the formulas);
+    statistics in float32 (float64 for float64 inputs), output in the input
+    dtype.
+
+    Args:
+        x (Tensor): NCHW-contiguous input, C = G * d.
+        params (CEParams): the learned parameters.
+        state (CEState): the running state; updated in place in training.
+        config (CEConfig): group size, Newton iterations, eps, momentum.
+        training (bool): batch statistics (and running-state update) or the
+            running state.
+        reduce_fn (callable, optional): sums a small statistics tensor over
+            processes (SyncCE), in forward and, for their gradient, in
+            backward.
+        inplace (bool): the caller does not read ``x`` afterwards; the
+            implementation may then write the result into ``x`` when
+            autograd does not need ``x`` (inference). A permission, not a
+            demand: check the returned tensor, not ``x``.
+        impl (str): ``'auto'``, ``'torch'`` or ``'triton'``
+            (:func:`~ce_mmdet.ops.impl.resolve_impl`).
+
+    Returns:
+        Tensor: same shape and dtype as ``x``.
+
+    Example:
+        >>> import torch
+        >>> from ce_mmdet.ops import CEConfig, CEParams, CEState
+        >>> from ce_mmdet.ops import channel_equilibrium
+        >>> c, d = 32, 16
+        >>> params = CEParams(torch.zeros(1), torch.randn(8, c),
+        ...                   torch.ones(8), torch.zeros(8), torch.randn(c, 8))
+        >>> state = CEState(torch.eye(d).repeat(c // d, 1, 1), torch.ones(1))
+        >>> out = channel_equilibrium(torch.randn(2, c, 5, 5), params, state,
+        ...                           config=CEConfig(group_size=d),
+        ...                           training=True)
+        >>> out.shape
+        torch.Size([2, 32, 5, 5])
+    """
+    _check_input(x, state, config)
+    call = torch_impl.OpCall(
+        config=config,
+        training=bool(training),
+        reduce_fn=reduce_fn if training else None,
+        inplace=bool(inplace),
+        needs_grad=_needs_grad(x, *params))
+    ops = _IMPLS[resolve_impl(impl, x)]
+    out, wm, scale = ops.channel_equilibrium(x, params, state, call)
+    if training:
+        _update_running_state(state, wm, scale, config)
+    return out
+
+
+def batchnorm_channel_equilibrium(z: Tensor,
+                                  bn: BatchNormArgs,
+                                  params: CEParams,
+                                  state: CEState,
+                                  *,
+                                  config: CEConfig,
+                                  training: bool,
+                                  reduce_fn: Optional[Callable[[Tensor],
+                                                               Tensor]] = None,
+                                  inplace: bool = False,
+                                  impl: str = 'auto') -> Tensor:
+    """``CE(BN(z))`` as one op, for a plain BatchNorm.
+
+    Equal (up to rounding) to ``channel_equilibrium(F.batch_norm(z, ...))``,
+    and the BN's running statistics and ``num_batches_tracked`` are updated
+    exactly as ``nn.BatchNorm2d.forward`` updates them (momentum, or the
+    cumulative average for ``momentum=None``; unbiased variance; nothing
+    without running statistics or in eval mode). What the fusion buys:
+    backward keeps only ``z`` (which a BN keeps anyway), and with the BN in
+    eval mode and CE in eval mode the BN's pass is not made at all (see
+    :mod:`ce_mmdet.ops.torch_impl`).
+
+    Args:
+        z (Tensor): the BN's NCHW-contiguous input.
+        bn (BatchNormArgs): the BN's tensors and settings
+            (``BatchNormArgs.from_module(bn)``).
+        params, state: as for :func:`channel_equilibrium`.
+        config, training, reduce_fn, impl: as for
+            :func:`channel_equilibrium` (``training`` is CE's mode; the BN's
+            is ``bn.training``).
+        inplace (bool): the caller does not read ``z`` afterwards (it is a
+            convolution's output that only this op reads); the result may
+            then be written into ``z`` when autograd does not need it.
+
+    Returns:
+        Tensor: same shape and dtype as ``z``.
+    """
+    _check_input(z, state, config)
+    if not isinstance(bn, BatchNormArgs):
+        raise TypeError('bn must be a BatchNormArgs (BatchNormArgs.'
+                        f'from_module(module)), got {type(bn).__name__}')
+    for name in ('weight', 'bias', 'running_mean', 'running_var'):
+        t = getattr(bn, name)
+        if t is not None and t.shape != (z.shape[1], ):
+            raise ValueError(f'BN {name} has shape {tuple(t.shape)}, '
+                             f'expected ({z.shape[1]},)')
+    batch_stats = bn.uses_batch_stats
+    if not batch_stats and (bn.running_mean is None
+                            or bn.running_var is None):
+        raise ValueError('a BN in eval mode needs both running_mean and '
+                         'running_var (or neither)')
+    # nn.BatchNorm2d.forward's bookkeeping, before its batch_norm call
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.num_batches_tracked is not None and \
+            bn.running_mean is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    call = torch_impl.OpCall(
+        config=config,
+        training=bool(training),
+        reduce_fn=reduce_fn if training else None,
+        inplace=bool(inplace),
+        needs_grad=_needs_grad(z, bn.weight, bn.bias, *params),
+        bn_batch_stats=batch_stats,
+        bn_momentum=float(factor),
+        bn_eps=float(bn.eps))
+    ops = _IMPLS[resolve_impl(impl, z)]
+    bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    out, wm, scale = ops.batchnorm_channel_equilibrium(
+        z, bn_tensors, params, state, call)
+    if training:
+        _update_running_state(state, wm, scale, config)
+    return out

@@ -1,0 +1,100 @@
+"""The functional ops: their signatures, argument checks and numerics (the
+float64 comparisons against the reference are in the layer's tests, which
+go through these ops)."""
+import inspect
+
+import pytest
+import torch
+
+from ce_mmdet.ops import (BatchNormArgs, CEConfig, CEParams, CEState,
+                          batchnorm_channel_equilibrium, channel_equilibrium)
+from ce_mmdet.testing import ce_reference
+
+
+def positional_parameters(fn):
+    return [
+        p for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def test_ops_take_at_most_four_positional_parameters():
+    assert len(positional_parameters(channel_equilibrium)) <= 4
+    assert len(positional_parameters(batchnorm_channel_equilibrium)) <= 4
+
+
+def make(c=32, d=16, dtype=torch.float64):
+    torch.manual_seed(0)
+    h = c // 4
+    params = CEParams(
+        torch.full((1, ), 0.2, dtype=dtype),
+        0.3 * torch.randn(h, c, dtype=dtype),
+        1 + 0.1 * torch.randn(h, dtype=dtype), 0.1 * torch.randn(h, dtype=dtype),
+        0.3 * torch.randn(c, h, dtype=dtype))
+    state = CEState(torch.eye(d, dtype=dtype).repeat(c // d, 1, 1),
+                    torch.ones(1, dtype=dtype))
+    return params, state
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_functional_op_matches_reference(training):
+    params, state = make()
+    config = CEConfig(group_size=16, num_iters=4, momentum=0.3)
+    x = torch.randn(2, 32, 4, 5, dtype=torch.float64)
+    ref, ref_wm, ref_scale = ce_reference(x, *params, *state, 16, 4, 1e-5,
+                                          0.3, training)
+    out = channel_equilibrium(x, params, state, config=config,
+                              training=training)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(state.running_wm, ref_wm, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(state.running_scale, ref_scale, rtol=1e-10)
+
+
+def test_keyword_only_arguments():
+    params, state = make()
+    x = torch.randn(2, 32, 4, 5, dtype=torch.float64)
+    with pytest.raises(TypeError):
+        channel_equilibrium(x, params, state, CEConfig(), True)
+    with pytest.raises(TypeError, match='BatchNormArgs'):
+        batchnorm_channel_equilibrium(x, torch.nn.BatchNorm2d(32), params,
+                                      state, config=CEConfig(),
+                                      training=True)
+
+
+@pytest.mark.parametrize('kwargs,error,match', [
+    (dict(group_size=0), ValueError, 'group_size must be >= 1'),
+    (dict(group_size=2.0), TypeError, 'group_size must be an int'),
+    (dict(num_iters=0), ValueError, 'num_iters must be >= 1'),
+    (dict(eps=-1.0), ValueError, 'eps must be a positive'),
+    (dict(momentum=2), ValueError, r'momentum must be in \[0, 1\]'),
+])
+def test_config_is_validated(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CEConfig(**kwargs)
+
+
+def test_input_checks_name_the_problem():
+    params, state = make()
+    config = CEConfig(group_size=16)
+    with pytest.raises(ValueError, match='need 32'):
+        channel_equilibrium(torch.randn(2, 48, 3, 3, dtype=torch.float64),
+                            params, state, config=config, training=True)
+    with pytest.raises(ValueError, match='contiguous 4-D'):
+        channel_equilibrium(
+            torch.randn(2, 32, 3, 6, dtype=torch.float64)[..., ::2], params,
+            state, config=config, training=True)
+    bn = BatchNormArgs.from_module(torch.nn.BatchNorm2d(16).double())
+    with pytest.raises(ValueError, match=r'BN weight has shape \(16,\)'):
+        batchnorm_channel_equilibrium(
+            torch.randn(2, 32, 3, 3, dtype=torch.float64), bn, params, state,
+            config=config, training=True)
+
+
+def test_batchnorm_args_follow_the_module():
+    bn = torch.nn.BatchNorm2d(8, momentum=None, track_running_stats=False)
+    args = BatchNormArgs.from_module(bn.eval())
+    assert args.running_mean is None and args.num_batches_tracked is None
+    assert args.uses_batch_stats  # no running stats: batch stats in eval
+    bn = torch.nn.BatchNorm2d(8).eval()
+    args = BatchNormArgs.from_module(bn)
+    assert args.running_var is bn.running_var and not args.uses_batch_stats

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from ce_mmdet.models import CEResNet, ChannelEquilibrium
+from ce_mmdet.ops import IMPLS, resolve_impl
+
+
+def test_resolve_impl_values(monkeypatch):
+    monkeypatch.delenv('CE_MMDET_IMPL', raising=False)
+    x = torch.randn(1, 16, 2, 2)
+    assert IMPLS == ('auto', 'torch', 'triton')
+    assert resolve_impl('auto', x) == 'torch'
+    assert resolve_impl('torch', x) == 'torch'
+    with pytest.raises(NotImplementedError, match="impl='triton'"):
+        resolve_impl('triton', x)
+    with pytest.raises(ValueError, match=r"one of \('auto', 'torch', "
+                       r"'triton'\), got 'cuda'"):
+        resolve_impl('cuda', x)
+
+
+def test_environment_variable_overrides(monkeypatch):
+    layer = ChannelEquilibrium(16, impl='torch')
+    x = torch.randn(2, 16, 3, 3)
+    monkeypatch.setenv('CE_MMDET_IMPL', 'triton')
+    with pytest.raises(NotImplementedError):
+        layer(x)
+    monkeypatch.setenv('CE_MMDET_IMPL', 'fast')
+    with pytest.raises(ValueError, match='CE_MMDET_IMPL must be one of'):
+        layer(x)
+    monkeypatch.setenv('CE_MMDET_IMPL', '')  # empty: not set
+    assert layer(x).shape == x.shape
+
+
+def test_impl_argument_is_checked_at_construction():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ChannelEquilibrium(16, impl='gpu')
+    model = CEResNet(18, base_channels=16, ce_cfg=dict(impl='torch'))
+    assert {m.impl for m in model.modules()
+            if isinstance(m, ChannelEquilibrium)} == {'torch'}
+    with pytest.raises(ValueError, match='impl must be one of'):
+        CEResNet(18, base_channels=16, ce_cfg=dict(impl='cudnn'))
