@@ -1,8 +1,15 @@
+import os
 import os.path as osp
 
 import pytest
+import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+# Without a GPU, Triton kernels are tested in Triton's interpreter, which must
+# be chosen before triton is first imported (ce_mmdet imports it lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 
 @pytest.fixture(scope='session')

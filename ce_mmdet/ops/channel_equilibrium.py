@@ -6,18 +6,18 @@ These entries own what is the same for every implementation: argument
 checks, the running-state updates (CE's running whitening matrices and
 scale, the BN's ``num_batches_tracked`` and momentum), and the choice of the
 implementation (:func:`ce_mmdet.ops.impl.resolve_impl`); the arithmetic is
-in the implementation (:mod:`ce_mmdet.ops.torch_impl`).
+in the autograd Functions (:mod:`ce_mmdet.ops.functions`) and the
+implementation of their big passes (:mod:`ce_mmdet.ops.torch_impl`,
+:mod:`ce_mmdet.ops.triton_impl`).
 """
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from . import torch_impl
-from .impl import resolve_impl
+from . import functions
+from .impl import passes_for
 from .types import BatchNormArgs, CEConfig, CEParams, CEState
-
-_IMPLS = {'torch': torch_impl}
 
 
 def _check_input(x: Tensor, state: CEState, config: CEConfig) -> None:
@@ -102,14 +102,14 @@ def channel_equilibrium(x: Tensor,
         torch.Size([2, 32, 5, 5])
     """
     _check_input(x, state, config)
-    call = torch_impl.OpCall(
+    call = functions.OpCall(
         config=config,
         training=bool(training),
+        passes=passes_for(impl, x),
         reduce_fn=reduce_fn if training else None,
         inplace=bool(inplace),
         needs_grad=_needs_grad(x, *params))
-    ops = _IMPLS[resolve_impl(impl, x)]
-    out, wm, scale = ops.channel_equilibrium(x, params, state, call)
+    out, wm, scale = functions.channel_equilibrium(x, params, state, call)
     if training:
         _update_running_state(state, wm, scale, config)
     return out
@@ -162,6 +162,10 @@ def batchnorm_channel_equilibrium(z: Tensor,
             raise ValueError(f'BN {name} has shape {tuple(t.shape)}, '
                              f'expected ({z.shape[1]},)')
     batch_stats = bn.uses_batch_stats
+    if batch_stats and z.shape[0] * z.shape[2] * z.shape[3] == 1:
+        # what F.batch_norm (and so nn.BatchNorm2d) says
+        raise ValueError('Expected more than 1 value per channel when '
+                         f'training, got input size {z.size()}')
     if not batch_stats and (bn.running_mean is None
                             or bn.running_var is None):
         raise ValueError('a BN in eval mode needs both running_mean and '
@@ -173,18 +177,18 @@ def batchnorm_channel_equilibrium(z: Tensor,
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
-    call = torch_impl.OpCall(
+    call = functions.OpCall(
         config=config,
         training=bool(training),
+        passes=passes_for(impl, z),
         reduce_fn=reduce_fn if training else None,
         inplace=bool(inplace),
         needs_grad=_needs_grad(z, bn.weight, bn.bias, *params),
         bn_batch_stats=batch_stats,
         bn_momentum=float(factor),
         bn_eps=float(bn.eps))
-    ops = _IMPLS[resolve_impl(impl, z)]
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    out, wm, scale = ops.batchnorm_channel_equilibrium(
+    out, wm, scale = functions.batchnorm_channel_equilibrium(
         z, bn_tensors, params, state, call)
     if training:
         _update_running_state(state, wm, scale, config)

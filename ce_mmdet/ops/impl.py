@@ -5,19 +5,26 @@
 for the whole process by the environment variable ``CE_MMDET_IMPL`` (set it
 to compare implementations without touching a config).
 
-* ``'torch'``: PyTorch ops only; runs everywhere (CPU, CUDA, any dtype).
-* ``'triton'``: Triton kernels for the passes over the feature map. Not
-  available yet: asking for it raises ``NotImplementedError``.
-* ``'auto'``: the fastest implementation available for the tensor's device
-  and dtype; today always ``'torch'``.
+* ``'torch'``: PyTorch ops only (batched GEMMs); runs everywhere (CPU, CUDA,
+  any floating dtype).
+* ``'triton'``: Triton kernels for the passes over the feature map
+  (:mod:`ce_mmdet.ops.triton_impl`), for float32/float16/bfloat16 inputs on
+  CUDA, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
+  set before triton is imported: slow, for tests). Asked for where it
+  cannot run, it raises ``RuntimeError`` saying why.
+* ``'auto'``: ``'triton'`` for CUDA tensors of those dtypes when ``triton``
+  imports (torch's CUDA wheels ship it; it is never a hard dependency),
+  ``'torch'`` otherwise.
 """
+import functools
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 IMPLS = ('auto', 'torch', 'triton')
 ENV_VAR = 'CE_MMDET_IMPL'
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_impl(impl: str, source: str = 'impl') -> str:
@@ -28,6 +35,38 @@ def check_impl(impl: str, source: str = 'impl') -> str:
     return impl
 
 
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """Whether ``import triton`` works (checked once)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (on CPU tensors)."""
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def _triton_usable(tensor: Optional[torch.Tensor]) -> Tuple[bool, str]:
+    if not triton_importable():
+        return False, ('triton is not installed (pip install triton; '
+                       "torch's CUDA wheels ship it)")
+    if tensor is None:
+        return True, ''
+    if tensor.dtype not in TRITON_DTYPES:
+        return False, (f'its kernels take float32, float16 and bfloat16 '
+                       f'inputs, got {tensor.dtype}')
+    if tensor.is_cuda or (tensor.device.type == 'cpu'
+                          and triton_interpreting()):
+        return True, ''
+    return False, (f'the input is on {tensor.device}; Triton runs CUDA '
+                   'tensors, or CPU tensors under its interpreter '
+                   '(TRITON_INTERPRET=1 set before triton is imported)')
+
+
 def resolve_impl(impl: str = 'auto',
                  tensor: Optional[torch.Tensor] = None) -> str:
     """The implementation that runs a CE op on ``tensor``.
@@ -36,23 +75,39 @@ def resolve_impl(impl: str = 'auto',
         impl (str): the requested one (:data:`IMPLS`); the environment
             variable ``CE_MMDET_IMPL``, when set and not empty, wins.
         tensor (Tensor, optional): the op's input (device and dtype decide
-            what ``'auto'`` means).
+            what ``'auto'`` means and whether ``'triton'`` can run).
 
     Returns:
-        str: ``'torch'`` (the only concrete implementation today).
+        str: ``'torch'`` or ``'triton'``.
 
     Raises:
         ValueError: for a value not in :data:`IMPLS`.
-        NotImplementedError: for ``'triton'``.
+        RuntimeError: for ``'triton'`` where it cannot run (the message
+            says why).
     """
     env = os.environ.get(ENV_VAR, '')
     if env:
         impl = check_impl(env, f'the environment variable {ENV_VAR}')
     else:
         impl = check_impl(impl)
-    if impl == 'triton':
-        raise NotImplementedError(
-            "impl='triton' is not available in this version of ce_mmdet; "
-            "use impl='torch' or 'auto' (or unset "
-            f'{ENV_VAR})')
-    return 'torch'
+    if impl == 'torch':
+        return 'torch'
+    usable, why = _triton_usable(tensor)
+    if impl == 'auto':
+        # never the (slow) interpreter unless asked for
+        return 'triton' if usable and tensor is not None and \
+            tensor.is_cuda else 'torch'
+    if not usable:
+        raise RuntimeError(f"impl='triton' cannot run here: {why}. Use "
+                           "impl='auto' or 'torch'.")
+    return 'triton'
+
+
+def passes_for(impl: str, tensor: torch.Tensor):
+    """The big-pass implementation (``TorchPasses`` / ``TritonPasses``)
+    that :func:`resolve_impl` picks for ``tensor``."""
+    if resolve_impl(impl, tensor) == 'triton':
+        from .triton_impl import TritonPasses
+        return TritonPasses
+    from .torch_impl import TorchPasses
+    return TorchPasses

@@ -3,32 +3,43 @@ import torch
 
 from ce_mmdet.models import CEResNet, ChannelEquilibrium
 from ce_mmdet.ops import IMPLS, resolve_impl
+from ce_mmdet.ops.impl import triton_importable
 
 
 def test_resolve_impl_values(monkeypatch):
     monkeypatch.delenv('CE_MMDET_IMPL', raising=False)
     x = torch.randn(1, 16, 2, 2)
     assert IMPLS == ('auto', 'torch', 'triton')
-    assert resolve_impl('auto', x) == 'torch'
+    assert resolve_impl('auto', x) == 'torch'  # CPU: never the interpreter
     assert resolve_impl('torch', x) == 'torch'
-    with pytest.raises(NotImplementedError, match="impl='triton'"):
-        resolve_impl('triton', x)
+    assert resolve_impl('auto', x.double()) == 'torch'
     with pytest.raises(ValueError, match=r"one of \('auto', 'torch', "
                        r"'triton'\), got 'cuda'"):
         resolve_impl('cuda', x)
 
 
+def test_triton_where_it_cannot_run_says_why(monkeypatch):
+    monkeypatch.delenv('CE_MMDET_IMPL', raising=False)
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    x = torch.randn(1, 16, 2, 2)
+    expected = ('on cpu' if triton_importable() else
+                'triton is not installed')
+    with pytest.raises(RuntimeError, match=expected):
+        resolve_impl('triton', x)
+
+
 def test_environment_variable_overrides(monkeypatch):
-    layer = ChannelEquilibrium(16, impl='torch')
+    layer = ChannelEquilibrium(16, impl='triton')
     x = torch.randn(2, 16, 3, 3)
-    monkeypatch.setenv('CE_MMDET_IMPL', 'triton')
-    with pytest.raises(NotImplementedError):
-        layer(x)
     monkeypatch.setenv('CE_MMDET_IMPL', 'fast')
     with pytest.raises(ValueError, match='CE_MMDET_IMPL must be one of'):
         layer(x)
-    monkeypatch.setenv('CE_MMDET_IMPL', '')  # empty: not set
+    monkeypatch.setenv('CE_MMDET_IMPL', 'torch')  # wins over impl='triton'
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
     assert layer(x).shape == x.shape
+    monkeypatch.setenv('CE_MMDET_IMPL', '')  # empty: not set
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run"):
+        layer(x)
 
 
 def test_impl_argument_is_checked_at_construction():

@@ -1,0 +1,171 @@
+"""The Triton kernels (in Triton's interpreter on this CPU machine, see
+tests/conftest.py) against the torch implementation and the float64
+reference."""
+import copy
+
+import pytest
+import torch
+
+from ce_mmdet.ops import resolve_impl
+from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+
+pytestmark = pytest.mark.skipif(
+    not triton_importable() or not (torch.cuda.is_available()
+                                    or triton_interpreting()),
+    reason='needs triton (and a GPU or TRITON_INTERPRET=1)')
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def passes():
+    from ce_mmdet.ops.torch_impl import TorchPasses
+    from ce_mmdet.ops.triton_impl import TritonPasses
+    return TorchPasses, TritonPasses
+
+
+# n, c, h, w, d: N=1, H*W=1, H*W not a multiple of any block, d 8..64
+SHAPES = [(2, 32, 5, 7, 16), (1, 16, 1, 1, 8), (1, 64, 9, 13, 32),
+          (2, 64, 3, 5, 64), (3, 24, 17, 11, 8), (2, 32, 40, 40, 16)]
+
+
+@pytest.mark.parametrize('n,c,h,w,d', SHAPES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16,
+                                   torch.float16])
+def test_every_pass_matches_torch(n, c, h, w, d, dtype):
+    torch_p, triton_p = passes()
+    torch.manual_seed(0)
+    x = (torch.randn(n, c, h, w, device=DEVICE) + 0.5).to(dtype)
+    y = torch.randn(n, c, h, w, device=DEVICE).to(dtype)
+    g = c // d
+    a = torch.randn(n, g, d, d, device=DEVICE)
+    m2 = torch.randn(n, g, d, d, device=DEVICE)
+    b = torch.randn(n, g, d, 1, device=DEVICE)
+    # statistics are fp32 sums of the same inputs: fp32 accuracy
+    for training in (True, False):
+        for u, v in zip(triton_p.stats(x, d, training),
+                        torch_p.stats(x, d, training)):
+            assert u.dtype == torch.float32 and u.shape == v.shape
+            assert rel_err(u, v) < 1e-5
+    for u, v in zip(triton_p.cross(y, x, d), torch_p.cross(y, x, d)):
+        assert u.shape == v.shape and rel_err(u, v) < 1e-5
+    # maps: fp32 accumulation (the torch path rounds half GEMMs more)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    ref = torch.einsum('ngij,ngjp->ngip', a,
+                       x.float().view(n, g, d, h * w)) + b
+    out = triton_p.apply(a, x, d, False, b)
+    assert out.dtype == dtype and rel_err(out, ref.view_as(out)) < tol
+    ref2 = ref + torch.einsum('ngij,ngjp->ngip', m2,
+                              y.float().view(n, g, d, h * w))
+    out = triton_p.apply2(m2, y, a, x, b, d)
+    assert out.dtype == dtype and rel_err(out, ref2.view_as(out)) < tol
+    # in place: the output is the input tensor
+    xc = x.clone()
+    out = triton_p.apply(a, xc, d, True)
+    assert out.data_ptr() == xc.data_ptr()
+    assert rel_err(out, (ref - b).view_as(out)) < tol
+
+
+def make_pair(c, d, bn_training, ce_training, impl):
+    from ce_mmdet.models import ChannelEquilibrium
+    torch.manual_seed(0)
+    ce = ChannelEquilibrium(c, group_size=d, num_iters=3, impl=impl)
+    bn = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        ce.gate.fill_(0.3)
+        ce.norm.bias.normal_(0, 0.1)
+        ce.running_wm.add_(0.01 * torch.randn_like(ce.running_wm))
+        ce.running_scale.fill_(1.3)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.2)
+        bn.running_mean.normal_(0, 0.3)
+        bn.running_var.uniform_(0.5, 2)
+    return ce.train(ce_training).to(DEVICE), bn.train(bn_training).to(
+        DEVICE)
+
+
+@pytest.mark.parametrize('n,c,h,w,d', [(2, 32, 5, 7, 16), (1, 16, 1, 1, 8),
+                                       (2, 64, 6, 9, 32)])
+@pytest.mark.parametrize('bn_training,ce_training', [(True, True),
+                                                     (False, False),
+                                                     (True, False),
+                                                     (False, True)])
+@pytest.mark.parametrize('fused', [True, False])
+def test_layer_matches_float64_reference(n, c, h, w, d, bn_training,
+                                         ce_training, fused):
+    """impl='triton' against the float64 computation: output, input and
+    parameter gradients, running buffers (fp32 accuracy)."""
+    ce, bn = make_pair(c, d, bn_training, ce_training, 'triton')
+    ref_ce, ref_bn = copy.deepcopy(ce).double(), copy.deepcopy(bn).double()
+    ref_ce.impl = 'torch'
+    torch.manual_seed(1)
+    z = (2 * torch.randn(n, c, h, w, device=DEVICE) + 1).requires_grad_()
+    zr = z.detach().double().requires_grad_()
+    if bn_training and n * h * w == 1:  # as nn.BatchNorm2d
+        with pytest.raises(ValueError, match='more than 1 value'):
+            ce(z, bn=bn)
+        return
+    out = ce(z, bn=bn) if fused else ce(bn(z))
+    ref = ref_ce(zr, bn=ref_bn)
+    assert rel_err(out, ref) < 1e-3
+    g = torch.randn_like(out)
+    params = [z] + list(bn.parameters()) + list(ce.parameters())
+    ref_params = [zr] + list(ref_bn.parameters()) + list(ref_ce.parameters())
+    for a, b in zip(torch.autograd.grad(out, params, g),
+                    torch.autograd.grad(ref, ref_params, g.double())):
+        assert rel_err(a, b) < 1e-3
+    for (name, a), b in zip(ce.named_buffers(), ref_ce.buffers()):
+        assert rel_err(a, b) < 1e-3, name
+    for (name, a), b in zip(bn.named_buffers(), ref_bn.buffers()):
+        assert rel_err(a, b) < 1e-3, name
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_layer_low_precision(dtype):
+    ce, bn = make_pair(32, 16, True, True, 'triton')
+    ref_ce, ref_bn = copy.deepcopy(ce), copy.deepcopy(bn)
+    ref_ce.impl = 'torch'
+    z = torch.randn(2, 32, 8, 8, device=DEVICE)
+    ref = ref_ce(z, bn=ref_bn)
+    zl = z.to(dtype).requires_grad_()
+    out = ce(zl, bn=bn)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < (2e-2 if dtype == torch.float16 else 6e-2)
+    out.float().sum().backward()
+    assert zl.grad.dtype == dtype and torch.isfinite(zl.grad).all()
+
+
+def test_sync_sums_go_through_the_same_kernels():
+    """SyncCE with the Triton passes equals SyncCE with the torch passes
+    (a reduce function that sums two identical processes)."""
+    from ce_mmdet.ops import CEConfig, channel_equilibrium
+    ce, _ = make_pair(32, 16, True, True, 'triton')
+    ref = copy.deepcopy(ce)
+
+    def two_processes(t):
+        return 2 * t
+
+    x = torch.randn(2, 32, 6, 6, device=DEVICE)
+    outs = []
+    for layer, impl in ((ce, 'triton'), (ref, 'torch')):
+        xi = x.clone().requires_grad_()
+        out = channel_equilibrium(
+            xi, layer.ce_params(), layer.ce_state(),
+            config=CEConfig(16, 3), training=True,
+            reduce_fn=two_processes, impl=impl)
+        out.sum().backward()
+        outs.append((out, xi.grad, layer.fc1.weight.grad))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_auto_never_picks_the_interpreter():
+    x = torch.randn(1, 16, 2, 2)
+    assert resolve_impl('auto', x) == 'torch'
+    assert resolve_impl('triton', x) == 'triton'
+    with pytest.raises(RuntimeError, match='float32, float16 and bfloat16'):
+        resolve_impl('triton', x.double())
