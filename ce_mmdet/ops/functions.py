@@ -46,7 +46,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .small_graph import block_map, compute_dtype, local_statistics
+from . import small_graph
+from .small_graph import compute_dtype
 from .types import CEConfig, CEParams, CEState
 
 #: A function that sums small statistic tensors over processes (SyncCE).
@@ -85,60 +86,36 @@ class OpCall:
     bn_eps: float = 1e-5
 
 
-def _small_graph_forward(mean: Tensor, second: Tensor, hw: int,
+def _small_graph_forward(ctx, mean: Tensor, second: Tensor, hw: int,
                          params: CEParams, state: CEState, call: OpCall):
-    """Statistics -> (batch sums, A, batch whitening, batch scale)."""
-    with torch.no_grad():
-        var, sums = local_statistics(mean, second, hw, call.training)
-        if sums is not None and call.reduce_fn is not None:
-            sums = call.reduce_fn(sums)  # SyncCE: global batch statistics
-        a, wm, scale = block_map(var, sums, params, state, call.config)
+    """Statistics -> (A, batch whitening, batch scale); keeps the small
+    graph's intermediates on ``ctx`` for the backward (they are this op's
+    own tensors, never an input or output)."""
+    a, wm, scale, cache = small_graph.forward(mean, second, hw, params,
+                                              state, call.config,
+                                              call.training, call.reduce_fn)
+    if call.needs_grad:
+        # in eval the cache's wm may be the running buffer itself: the
+        # backward gets it from save_for_backward (version-checked)
+        ctx.cache = cache._replace(wm=None) if not call.training else cache
     if not call.training:
         wm = scale = mean.new_empty(0)
-    return sums, a, wm, scale
+    return a, wm, scale
 
 
-def _small_graph_backward(grad_a: Tensor, mean: Tensor, second: Tensor,
-                          sums: Optional[Tensor], hw: int, params: CEParams,
+def _small_graph_backward(ctx, grad_a: Tensor, hw: int, params: CEParams,
                           state: CEState, need_params, call: OpCall):
-    """Map ``dL/dA`` back onto the statistics and the parameters by
-    re-running the small graph under autograd.
-
-    Returns:
-        tuple: ``d_mean``, ``d_second`` and a list of parameter gradients
-        (None where not needed).
-    """
-    synced = call.training and call.reduce_fn is not None
-    with torch.enable_grad():
-        mean_l = mean.detach().requires_grad_()
-        second_l = second.detach().requires_grad_()
-        leaf = CEParams(*(p.detach().requires_grad_(bool(req))
-                          for p, req in zip(params, need_params)))
-        var, local_sums = local_statistics(mean_l, second_l, hw,
-                                           call.training)
-        # without SyncCE the batch sums are this process's own: one graph
-        glob = sums.detach().requires_grad_() if synced else local_sums
-        a_re, _, _ = block_map(var, glob, leaf, state, call.config)
-        outputs, grad_outputs = [a_re], [grad_a]
-        if synced:
-            # dL/d(global sums): every process's loss depends on them, so
-            # their gradients are summed (as SyncBN's)
-            d_glob, = torch.autograd.grad(
-                a_re, glob, grad_a, retain_graph=True)
-            outputs.append(local_sums)
-            grad_outputs.append(call.reduce_fn(d_glob))
-        wrt = [mean_l, second_l] + [p for p in leaf if p.requires_grad]
-        grads = torch.autograd.grad(
-            outputs, wrt, grad_outputs, allow_unused=True)
-    d_mean, d_second = grads[0], grads[1]
-    rest = iter(grads[2:])
-    d_params = []
-    for p in leaf:
-        grad = next(rest) if p.requires_grad else None
-        if grad is None and p.requires_grad:
-            grad = torch.zeros_like(p)
-        d_params.append(grad)
-    return d_mean, d_second, d_params
+    """``(d_mean, d_second, d_params)`` from ``dL/dA`` by the small graph's
+    hand-derived backward (None for the parameters not needed)."""
+    cache = ctx.cache
+    if not call.training:
+        cache = cache._replace(wm=state.running_wm.to(grad_a.dtype))
+    d_mean, d_second, d_params = small_graph.backward(
+        grad_a, cache, hw, params, call.config, call.training,
+        call.reduce_fn)
+    return d_mean, d_second, [
+        grad if need else None for grad, need in zip(d_params, need_params)
+    ]
 
 
 def _input_grad_maps(d_mean: Tensor, d_second: Tensor, mean: Tensor,
@@ -205,8 +182,8 @@ class _CEFunction(torch.autograd.Function):
         hw = x.shape[2] * x.shape[3]
         passes, d = call.passes, call.config.group_size
         mean, second = passes.stats(x, d, call.training)
-        sums, a, wm, scale = _small_graph_forward(mean, second, hw, params,
-                                                  state, call)
+        a, wm, scale = _small_graph_forward(ctx, mean, second, hw, params,
+                                            state, call)
         inplace = call.inplace and not call.needs_grad
         out = passes.apply(a, x, d, inplace)
         if out is x:
@@ -216,13 +193,13 @@ class _CEFunction(torch.autograd.Function):
             # training never reads the running state (which is updated
             # right after this call): do not save it
             kept = (None, None) if call.training else tuple(state)
-            ctx.save_for_backward(x, mean, second, sums, a, *kept, *params)
+            ctx.save_for_backward(x, a, *kept, *params)
             ctx.call = call
         return out, wm, scale
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
-        x, mean, second, sums, a, *rest = ctx.saved_tensors
+        x, a, *rest = ctx.saved_tensors
         state = CEState(*rest[:_NUM_STATE])
         params = CEParams(*rest[_NUM_STATE:])
         call = ctx.call
@@ -232,10 +209,11 @@ class _CEFunction(torch.autograd.Function):
         grad_a, _ = passes.cross(grad_out, x, d)
         need_params = ctx.needs_input_grad[2:2 + _NUM_PARAMS]
         d_mean, d_second, d_params = _small_graph_backward(
-            grad_a, mean, second, sums, hw, params, state, need_params, call)
+            ctx, grad_a, hw, params, state, need_params, call)
         grad_x = None
         if ctx.needs_input_grad[1]:
-            s_mat, b = _input_grad_maps(d_mean, d_second, mean, hw, call)
+            s_mat, b = _input_grad_maps(d_mean, d_second, ctx.cache.mean, hw,
+                                        call)
             m1, m2, shift = _grad_maps(a, s_mat, b, None, None)
             grad_x = passes.apply2(m1, grad_out, m2, x, shift, d)
         return (None, grad_x, *d_params) + (None, ) * _NUM_STATE
@@ -283,8 +261,8 @@ class _BNCEFunction(torch.autograd.Function):
                 bn_mean, invstd, bn_var = save_mean, save_invstd, None
             alpha, beta = _bn_affine(bn_weight, bn_bias, bn_mean, invstd, cdt)
             mean, second = passes.stats(x, d, call.training)
-            sums, a, wm, scale = _small_graph_forward(mean, second, hw,
-                                                      params, state, call)
+            a, wm, scale = _small_graph_forward(ctx, mean, second, hw,
+                                                params, state, call)
             # x is this op's own temporary: always free to overwrite
             out = passes.apply(a, x, d, inplace=True)
             folded = False
@@ -294,8 +272,8 @@ class _BNCEFunction(torch.autograd.Function):
             mean_z, var_z = passes.stats(z, d, training=False)
             mean = mean_z * alpha + beta
             second = var_z * alpha * alpha
-            sums, a, wm, scale = _small_graph_forward(mean, second, hw,
-                                                      params, state, call)
+            a, wm, scale = _small_graph_forward(ctx, mean, second, hw,
+                                                params, state, call)
             g = c // d
             bias = a @ beta.view(1, g, d, 1)
             inplace = call.inplace and not call.needs_grad
@@ -310,9 +288,8 @@ class _BNCEFunction(torch.autograd.Function):
             # what the BN's backward needs: the batch mean and inverse std,
             # or the running mean and inverse std (small copies)
             ctx.save_for_backward(z, alpha, beta, bn_mean, invstd, bn_var,
-                                  bn_weight, mean, second,
-                                  var_z if folded else None, sums, a, *kept,
-                                  *params)
+                                  bn_weight, var_z if folded else None, a,
+                                  *kept, *params)
             ctx.call = call
             ctx.folded = folded
             ctx.bias_dtype = None if bn_bias is None else bn_bias.dtype
@@ -320,8 +297,8 @@ class _BNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
-        (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, mean, second,
-         var_z, sums, a, *rest) = ctx.saved_tensors
+        (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, var_z, a,
+         *rest) = ctx.saved_tensors
         state = CEState(*rest[:_NUM_STATE])
         params = CEParams(*rest[_NUM_STATE:])
         call = ctx.call
@@ -334,8 +311,9 @@ class _BNCEFunction(torch.autograd.Function):
         grad_a = gz * alpha.view(1, g, 1, d) + go_sum * beta.view(1, g, 1, d)
         need_params = ctx.needs_input_grad[6:6 + _NUM_PARAMS]
         d_mean, d_second, d_params = _small_graph_backward(
-            grad_a, mean, second, sums, hw, params, state, need_params, call)
-        s_mat, b = _input_grad_maps(d_mean, d_second, mean, hw, call)
+            ctx, grad_a, hw, params, state, need_params, call)
+        s_mat, b = _input_grad_maps(d_mean, d_second, ctx.cache.mean, hw,
+                                    call)
         need_z, need_w, need_b = ctx.needs_input_grad[1:4]
         grad_z = grad_w = grad_b = None
         if ctx.folded:

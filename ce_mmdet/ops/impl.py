@@ -13,11 +13,14 @@ to compare implementations without touching a config).
   set before triton is imported: slow, for tests). Asked for where it
   cannot run, it raises ``RuntimeError`` saying why.
 * ``'auto'``: ``'triton'`` for CUDA tensors of those dtypes when ``triton``
-  imports (torch's CUDA wheels ship it; it is never a hard dependency),
-  ``'torch'`` otherwise.
+  imports (torch's CUDA wheels ship it; it is never a hard dependency) and
+  the kernels pass a one-time self-check on that device (a few small calls
+  compared with the torch implementation; a failure warns once and keeps
+  ``'torch'``), ``'torch'`` otherwise.
 """
 import functools
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -103,10 +106,53 @@ def resolve_impl(impl: str = 'auto',
     return 'triton'
 
 
+@functools.lru_cache(maxsize=None)
+def triton_self_check(device: torch.device) -> bool:
+    """Whether the Triton passes agree with the torch passes on ``device``
+    (small float32 inputs, every pass, groups of 8 and 16). Run once per
+    device by ``impl='auto'``; a failure (a kernel that does not compile on
+    this GPU or Triton version, or a wrong result) warns once and makes
+    ``'auto'`` keep the torch implementation there."""
+    from .torch_impl import TorchPasses
+    try:
+        from .triton_impl import TritonPasses
+        gen = torch.Generator(device=device).manual_seed(0)
+        for n, c, h, w, d in ((2, 32, 5, 7, 16), (1, 16, 3, 1, 8)):
+            x = torch.randn(n, c, h, w, device=device, generator=gen)
+            y = torch.randn(n, c, h, w, device=device, generator=gen)
+            a = torch.randn(n, c // d, d, d, device=device, generator=gen)
+            b = torch.randn(n, c // d, d, 1, device=device, generator=gen)
+            pairs = [(TritonPasses.stats(x, d, t), TorchPasses.stats(x, d, t))
+                     for t in (True, False)]
+            pairs.append((TritonPasses.cross(y, x, d),
+                          TorchPasses.cross(y, x, d)))
+            pairs.append(((TritonPasses.apply(a, x, d, False, b), ),
+                          (TorchPasses.apply(a, x, d, False, b), )))
+            pairs.append(((TritonPasses.apply2(a, y, a, x, b, d), ),
+                          (TorchPasses.apply2(a, y, a, x, b, d), )))
+            for got, want in pairs:
+                for u, v in zip(got, want):
+                    if not torch.allclose(u, v, rtol=1e-3, atol=1e-3):
+                        raise AssertionError(
+                            f'results differ by {(u - v).abs().max():.3g}')
+    except Exception as exc:  # noqa: BLE001 (any failure: keep torch)
+        warnings.warn(
+            f"ce_mmdet: the Triton kernels failed their self-check on "
+            f"{device} ({type(exc).__name__}: {exc}); impl='auto' uses the "
+            "torch implementation there. Please report it; impl='triton' "
+            'shows the error.', RuntimeWarning)
+        return False
+    return True
+
+
 def passes_for(impl: str, tensor: torch.Tensor):
     """The big-pass implementation (``TorchPasses`` / ``TritonPasses``)
-    that :func:`resolve_impl` picks for ``tensor``."""
-    if resolve_impl(impl, tensor) == 'triton':
+    that :func:`resolve_impl` picks for ``tensor`` (for ``'auto'`` on CUDA,
+    only after :func:`triton_self_check` passed there)."""
+    name = resolve_impl(impl, tensor)
+    auto = (os.environ.get(ENV_VAR, '') or impl) == 'auto'
+    if name == 'triton' and not (auto and tensor.is_cuda
+                                 and not triton_self_check(tensor.device)):
         from .triton_impl import TritonPasses
         return TritonPasses
     from .torch_impl import TorchPasses

@@ -6,7 +6,7 @@ autograd and the same for every implementation of the big passes.
 With SyncCE the batch sums between :func:`local_statistics` and
 :func:`block_map` are summed over processes.
 """
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,3 +133,193 @@ def block_map(var: Tensor, sums: Optional[Tensor], params: CEParams,
     if sums is not None:
         return a, wm, scale
     return a, None, None
+
+
+# ---------------------------------------------------------------------------
+# The small graph with a hand-derived backward (what the ops run).
+#
+# ``local_statistics`` + ``block_map`` above are the readable definition (and
+# the tests' autograd reference); ``forward`` computes the same values in
+# fewer ops and keeps what ``backward`` needs, and ``backward`` maps dL/dA
+# back onto the statistics and the parameters without re-running anything
+# under autograd.
+# ---------------------------------------------------------------------------
+
+
+class SmallGraphCache(NamedTuple):
+    """What :func:`backward` needs from :func:`forward` (all small)."""
+    mean: Tensor
+    raw_var: Optional[Tensor]  # training: before the clamp at 0
+    var: Tensor
+    sums: Optional[Tensor]
+    hidden: Tensor  # fc1 output, the LayerNorm input
+    ln_mean: Tensor
+    ln_rstd: Tensor
+    pre_relu: Tensor
+    post_relu: Tensor
+    y: Tensor
+    lam: Tensor
+    scale: Tensor
+    wm: Tensor
+    newton: Optional[tuple]  # (cov, trace, cov_n, [P_k], [(P_k^2, P_k^3)])
+
+
+def _newton(cov: Tensor, num_iters: int) -> Tuple[Tensor, tuple]:
+    """:func:`newton_whitening` keeping the iterates for the backward."""
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    cov_n = cov / trace[:, None, None]
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    p = 1.5 * eye - 0.5 * cov_n
+    iterates, powers = [p], []
+    for _ in range(num_iters - 1):
+        p2 = p @ p
+        p3 = p2 @ p
+        p = 1.5 * p - 0.5 * p3 @ cov_n
+        iterates.append(p)
+        powers.append((p2, p3))
+    return p, (cov, trace, cov_n, iterates, powers)
+
+
+def _newton_backward(grad_w: Tensor, saved: tuple) -> Tensor:
+    """dL/dcov from dL/dW through the Newton iterations and the trace
+    normalisation."""
+    cov, trace, cov_n, iterates, powers = saved
+    grad_sn = torch.zeros_like(cov_n)
+    g = grad_w
+    for k in reversed(range(len(powers))):
+        # P_{k+1} = 1.5 P_k - 0.5 P_k^3 S_N
+        p, (p2, p3) = iterates[k], powers[k]
+        h = -0.5 * g
+        grad_sn = grad_sn + p3.transpose(-1, -2) @ h
+        g3 = h @ cov_n.transpose(-1, -2)  # dL/dP^3; P^3 = P^2 P
+        g2 = g3 @ p.transpose(-1, -2)  # dL/dP^2; P^2 = P P
+        g = 1.5 * g + p2.transpose(-1, -2) @ g3 + g2 @ p.transpose(
+            -1, -2) + p.transpose(-1, -2) @ g2
+    grad_sn = grad_sn - 0.5 * g  # P_1 = 1.5 I - 0.5 S_N
+    # S_N = cov / tr(cov)
+    inner = (grad_sn * cov).sum((-2, -1)) / (trace * trace)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return grad_sn / trace[:, None, None] - inner[:, None, None] * eye
+
+
+def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
+            state: CEState, config: CEConfig, training: bool,
+            reduce_fn=None) -> Tuple[Tensor, Tensor, Tensor, SmallGraphCache]:
+    """``A`` from the statistics: :func:`local_statistics` then
+    :func:`block_map` (with SyncCE's ``reduce_fn`` on the batch sums).
+
+    Returns:
+        tuple: ``A`` (N, G, d, d), the batch whitening matrices and scale
+        (training; the running ones in eval), and the cache for
+        :func:`backward`.
+    """
+    d, eps = config.group_size, config.eps
+    n, c = mean.shape
+    g = c // d
+    dt = mean.dtype
+    newton = raw = sums = None
+    if training:
+        sumsq = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
+        raw = (sumsq - hw * mean * mean) / max(hw - 1, 1)
+        var = raw.clamp_min(0)
+        counts = torch.tensor([float(n), float(n * hw)], dtype=dt,
+                              device=mean.device)
+        sums = torch.cat([var.sum().reshape(1), counts, hw * mean.sum(0),
+                          second.sum(0).reshape(-1)])
+        if reduce_fn is not None:
+            sums = reduce_fn(sums)  # SyncCE: global batch statistics
+        samples, positions = sums[1], sums[2]
+        scale = torch.sqrt((sums[0:1] / (samples * c)).clamp_min(eps * eps))
+        mu = (sums[3:3 + c] / positions).reshape(g, d, 1)
+        eye = torch.eye(d, dtype=dt, device=mean.device)
+        cov = sums[3 + c:].reshape(g, d, d) / positions - \
+            mu @ mu.transpose(1, 2) + eps * eye
+        wm, newton = _newton(cov, config.num_iters)
+    else:
+        var = second
+        wm = state.running_wm.to(dt)
+        scale = state.running_scale.to(dt).clamp_min(eps)
+    fc1, ln_w, ln_b, fc2 = (params.fc1_weight.to(dt), params.ln_weight.to(dt),
+                            params.ln_bias.to(dt), params.fc2_weight.to(dt))
+    hidden = var @ fc1.t()
+    pre_relu, ln_mean, ln_rstd = torch.native_layer_norm(
+        hidden, hidden.shape[-1:], ln_w, ln_b, eps)
+    post_relu = torch.relu(pre_relu)
+    y = torch.sigmoid(post_relu @ fc2.t())
+    lam = torch.sigmoid(params.gate.to(dt))
+    diag = ((1 - lam) / scale * y).reshape(n, g, d)
+    a = torch.diag_embed(diag).add_(lam * wm)
+    cache = SmallGraphCache(mean, raw, var, sums, hidden, ln_mean, ln_rstd,
+                            pre_relu, post_relu, y, lam, scale, wm, newton)
+    return a, wm, scale, cache
+
+
+def backward(grad_a: Tensor, cache: SmallGraphCache, hw: int,
+             params: CEParams, config: CEConfig, training: bool,
+             reduce_fn=None) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """dL/d(mean), dL/d(second) and dL/d(params) from dL/dA.
+
+    With SyncCE (``reduce_fn``), the gradient of the global batch sums is
+    summed over processes before it reaches this process's statistics, as
+    SyncBN's is.
+
+    Returns:
+        tuple: ``d_mean`` (N, C), ``d_second`` (training: (N, G, d, d);
+        eval: (N, C)) and the parameter gradients in :class:`CEParams`
+        order, each in its parameter's dtype.
+    """
+    d, eps = config.group_size, config.eps
+    n, c = cache.mean.shape
+    g = c // d
+    y, lam, scale = cache.y, cache.lam, cache.scale
+    fc1, ln_w, ln_b, fc2 = (p.to(y.dtype) for p in params[1:])
+    grad_diag = grad_a.diagonal(dim1=-2, dim2=-1).reshape(n, c)
+    dy_s = grad_diag * y  # dL/dD * y, reused below
+    # A = lam W + diag((1 - lam) y / s)
+    grad_lam = (grad_a.sum(0) * cache.wm).sum() - dy_s.sum() / scale
+    grad_gate = grad_lam * lam * (1 - lam)
+    grad_y = grad_diag * ((1 - lam) / scale)
+    # IR MLP: y = sigmoid(fc2 relu(LN(fc1 v)))
+    grad_t = grad_y * y * (1 - y)
+    grad_fc2 = grad_t.t() @ cache.post_relu
+    grad_pre = torch.ops.aten.threshold_backward(grad_t @ fc2,
+                                                cache.post_relu, 0)
+    grad_hidden, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+        grad_pre, cache.hidden, cache.hidden.shape[-1:], cache.ln_mean,
+        cache.ln_rstd, ln_w, ln_b, [True, True, True])
+    grad_fc1 = grad_hidden.t() @ cache.var
+    grad_var = grad_hidden @ fc1
+    if training:
+        # s = sqrt(max(sum v / (N C), eps^2))
+        sums = cache.sums
+        samples, positions = sums[1], sums[2]
+        grad_scale = -dy_s.sum() * (1 - lam) / (scale * scale)
+        unclamped = sums[0] / (samples * c) >= eps * eps
+        grad_vsum = grad_scale * unclamped / (2 * scale * samples * c)
+        # W from cov = Gram / P - mu mu^T + eps I, mu = x_sum / P
+        grad_cov = _newton_backward(lam * grad_a.sum(0), cache.newton)
+        mu = (sums[3:3 + c] / positions).reshape(g, d, 1)
+        grad_mu = -(grad_cov + grad_cov.transpose(1, 2)) @ mu
+        grad_sums = torch.cat([
+            grad_vsum.reshape(1),
+            grad_vsum.new_zeros(2),
+            (grad_mu / positions).reshape(-1),
+            (grad_cov / positions).reshape(-1)
+        ])
+        if reduce_fn is not None:
+            grad_sums = reduce_fn(grad_sums)
+        # this process's share: v -> sum v, hw * sum_n mean, sum_n Gram
+        grad_var = grad_var + grad_sums[0]
+        grad_var = grad_var * (cache.raw_var >= 0)  # clamp_min(0)
+        grad_var = grad_var / max(hw - 1, 1)
+        # v = (diag(Gram) - hw mean^2) / (hw - 1)
+        grad_mean = hw * grad_sums[3:3 + c] - 2 * hw * cache.mean * grad_var
+        grad_second = torch.diag_embed(grad_var.reshape(n, g, d)).add_(
+            grad_sums[3 + c:].reshape(g, d, d))
+    else:
+        grad_mean = torch.zeros_like(cache.mean)
+        grad_second = grad_var
+    grads = (grad_gate.reshape(1), grad_fc1, grad_ln_w, grad_ln_b, grad_fc2)
+    return grad_mean, grad_second, [
+        gr.to(p.dtype) for gr, p in zip(grads, params)
+    ]

@@ -36,6 +36,23 @@ from torch import Tensor
 _TARGET_PROGRAMS = 512
 
 
+class LaunchStats:
+    """How many kernels this module launched, and whether one is running
+    (read by :class:`ce_mmdet.analysis.launches.LaunchCounter`, which must
+    not count the torch ops Triton's interpreter runs inside a launch)."""
+    launches = 0
+    running = False
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    LaunchStats.launches += 1
+    LaunchStats.running = True
+    try:
+        kernel[grid](*args, **kwargs)
+    finally:
+        LaunchStats.running = False
+
+
 @triton.jit
 def _stats_kernel(P, Q, OUT_PQ, OUT_PS, OUT_QS, HW, CHUNK, NSPLIT,
                   D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -145,7 +162,8 @@ def _statistics(p: Tensor, q: Optional[Tensor], group_size: int,
     pq = torch.empty((n * g, split) + ((d, d) if full else (d, )), **f32)
     ps = torch.empty((n * g, split, d), **f32)
     qs = torch.empty((n * g, split, d), **f32) if cross else ps
-    _stats_kernel[(n * g, split)](
+    _launch(
+        _stats_kernel, (n * g, split),
         p, q if cross else p, pq, ps, qs, hw, chunk, split, D=d,
         BLOCK_D=block_d, BLOCK_HW=block_hw, CROSS=cross, FULL=full)
     if split > 1:
@@ -174,7 +192,8 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
     if q is not None:
         _check(q, 'Q')
     grid = (n * (c // d), triton.cdiv(hw, block_hw))
-    _map_kernel[grid](
+    _launch(
+        _map_kernel, grid,
         m1, p, m1 if m2 is None else m2, p if q is None else q,
         m1 if b is None else b, out, hw, D=d, BLOCK_D=block_d,
         BLOCK_HW=block_hw, HAS_Q=q is not None, HAS_B=b is not None)

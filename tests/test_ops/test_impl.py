@@ -50,3 +50,24 @@ def test_impl_argument_is_checked_at_construction():
             if isinstance(m, ChannelEquilibrium)} == {'torch'}
     with pytest.raises(ValueError, match='impl must be one of'):
         CEResNet(18, base_channels=16, ce_cfg=dict(impl='cudnn'))
+
+
+@pytest.mark.skipif(not triton_importable(), reason='needs triton')
+def test_triton_self_check(monkeypatch):
+    """The check 'auto' runs before it uses Triton on a CUDA device: it
+    passes for the kernels as they are (here in the interpreter, on CPU)
+    and fails, with one warning, for a broken kernel."""
+    from ce_mmdet.ops import impl, triton_impl
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    impl.triton_self_check.cache_clear()
+    assert impl.triton_self_check(torch.device('cpu'))
+    impl.triton_self_check.cache_clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('no kernel for this GPU')
+
+    monkeypatch.setattr(triton_impl.TritonPasses, 'apply2',
+                        staticmethod(broken))
+    with pytest.warns(RuntimeWarning, match='failed their self-check'):
+        assert not impl.triton_self_check(torch.device('cpu'))
+    impl.triton_self_check.cache_clear()

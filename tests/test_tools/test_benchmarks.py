@@ -4,6 +4,9 @@ import json
 import os.path as osp
 import sys
 
+import pytest
+import torch
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
@@ -26,8 +29,11 @@ def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     assert 'CE/BN' in printed
     for metric in ('train step (s)', 'inference (s)',
                    'saved for backward (MiB)', 'peak RSS, train step (MiB)',
-                   'params (M)', 'FLOPs, 1 image (G)'):
+                   'params (M)', 'FLOPs, 1 image (G)', 'ops per train step',
+                   'ops per inference'):
         assert ratios[metric] > 0
+    # CE adds work: more ops per step than the same ResNet
+    assert ratios['ops per train step'] > 1
     # measured in fresh processes: a training step needs memory
     assert results['bn']['peak RSS, train step (MiB)'] > 0
     # CE adds parameters and operations to the same ResNet
@@ -57,3 +63,28 @@ def test_benchmark_ce_layer_prints_ratios(capsys):
     printed = capsys.readouterr().out
     assert 'ref/ce' in printed and 'ce/bn' in printed
     assert 'train fwd+bwd' in printed and 'eval fwd' in printed
+
+
+def test_benchmark_backbone_counts_triton_launches(monkeypatch, capsys):
+    """--counts-only under Triton's interpreter: the Triton launches count,
+    the interpreter's own torch ops inside a launch do not."""
+    from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+    if not (triton_importable() and triton_interpreting()):
+        pytest.skip('needs triton in interpreter mode')
+    from ce_mmdet.analysis.launches import LaunchCounter
+    from ce_mmdet.models import ChannelEquilibrium
+    ce = ChannelEquilibrium(16, group_size=16, impl='triton').eval()
+    x = torch.randn(1, 16, 4, 4)
+    with LaunchCounter() as counter:
+        ce(x)
+    # statistics and apply kernels: two launches
+    assert counter.triton_launches == 2
+    assert counter.total < 40
+    monkeypatch.setenv('CE_MMDET_IMPL', 'triton')
+    results, ratios = load('benchmark_backbone').main([
+        '--depth', '18', '--shape', '64', '64', '--batch-size', '1',
+        '--counts-only'
+    ])
+    assert 'train step (s)' not in ratios
+    assert results['ce']['ops per train step'] > results['bn'][
+        'ops per train step']

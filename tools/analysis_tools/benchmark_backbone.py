@@ -4,6 +4,7 @@ Usage:
     python tools/analysis_tools/benchmark_backbone.py [--device cpu|cuda]
         [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
         [--warmup 2] [--norm-eval] [--json OUT.json] [--profile ROWS] [--no-rss]
+        [--counts-only]
 
 Both backbones are built with the same depth and the CE one gets the BN one's
 weights (the shared tensors). They are timed alternately (A/B within every
@@ -21,7 +22,15 @@ a warm-up) and the medians are reported:
   (Linux ``/proc``; measured in a fresh process per model after a warm-up
   step, skip with ``--no-rss``);
 * parameters, and FLOPs of one image by mmengine's analyser (CE counted by
-  the rule in ``ce_mmdet/analysis/flops.py``).
+  the rule in ``ce_mmdet/analysis/flops.py``);
+* ops per train step / per inference call: the aten ops that do work
+  (views and metadata ops not counted) plus Triton launches
+  (:class:`ce_mmdet.analysis.launches.LaunchCounter`): on a GPU, the kernel
+  launches that bound a small-batch step. ``--counts-only`` measures only
+  these (and parameters), e.g. on CPU under Triton's interpreter:
+  ``CE_MMDET_IMPL=triton TRITON_INTERPRET=1 python
+  tools/analysis_tools/benchmark_backbone.py --counts-only --batch-size 1
+  --shape 64 64``.
 
 The last column is CE / BN; for times it is the median over repeats of the
 ratio within each repeat (both measured within a second of each other), which
@@ -38,6 +47,7 @@ from mmengine.analysis import FlopAnalyzer
 
 import ce_mmdet  # noqa: F401  (registers the modules)
 from ce_mmdet.analysis import ce_flop_handles
+from ce_mmdet.analysis.launches import LaunchCounter
 from ce_mmdet.analysis.benchmark import (backbone_train_step,
                                         build_backbone_pair,
                                         make_backbone_train_step,
@@ -69,6 +79,15 @@ def profile_table(fn, rows, device):
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def count_ops(model, x, phase):
+    """Working ops (and Triton launches) of one call after a warm-up."""
+    model.train(phase == 'train')
+    run_phase(model, x, phase)
+    with LaunchCounter() as counter:
+        run_phase(model, x, phase)
+    return counter.total
+
+
 def cuda_peak(model, x, device):
     if device.type != 'cuda':
         return None
@@ -97,6 +116,9 @@ def main(argv=None):
                         'detection configs) instead of batch statistics')
     parser.add_argument('--no-rss', action='store_true',
                         help='skip the CPU peak RSS (two extra processes)')
+    parser.add_argument('--counts-only', action='store_true',
+                        help='only count ops per step (no timing, memory '
+                        'or FLOPs)')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     h, w = args.shape
@@ -107,8 +129,9 @@ def main(argv=None):
 
     results = {k: {} for k in models}
     paired = {}
-    for name, phase in (('train step (s)', 'train'), ('inference (s)',
-                                                      'eval')):
+    timed = () if args.counts_only else (('train step (s)', 'train'),
+                                          ('inference (s)', 'eval'))
+    for name, phase in timed:
         for m in models.values():
             m.train(phase == 'train')
         fns = {k: (lambda m=m: run_phase(m, x, phase))
@@ -130,6 +153,12 @@ def main(argv=None):
                 print(f'--- {k}, {phase}: torch.profiler, 2 calls')
                 print(profile_table(fns[k], args.profile, device))
     for k, m in models.items():
+        results[k]['ops per train step'] = count_ops(m, x, 'train')
+        results[k]['ops per inference'] = count_ops(m, x, 'eval')
+        results[k]['params (M)'] = sum(p.numel()
+                                       for p in m.parameters()) / 1e6
+        if args.counts_only:
+            continue
         m.train()
         results[k]['saved for backward (MiB)'] = saved_for_backward_bytes(
             lambda m=m: m(x)) / 2**20
@@ -142,8 +171,6 @@ def main(argv=None):
                                      args.norm_eval)
             if peak is not None:
                 results[k]['peak RSS, train step (MiB)'] = peak / 2**20
-        results[k]['params (M)'] = sum(p.numel()
-                                       for p in m.parameters()) / 1e6
         m.eval()
         flops = FlopAnalyzer(m, (x[:1], )).set_op_handle(**ce_flop_handles())
         results[k]['FLOPs, 1 image (G)'] = flops.unsupported_ops_warnings(
