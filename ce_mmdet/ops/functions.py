@@ -48,6 +48,7 @@ from torch import Tensor
 
 from . import small_graph
 from .small_graph import compute_dtype
+from .torch_impl import BNAffine
 from .types import CEConfig, CEParams, CEState
 
 #: A function that sums small statistic tensors over processes (SyncCE).
@@ -86,21 +87,23 @@ class OpCall:
     bn_eps: float = 1e-5
 
 
-def _small_graph_forward(ctx, mean: Tensor, second: Tensor, hw: int,
-                         params: CEParams, state: CEState, call: OpCall):
-    """Statistics -> (A, batch whitening, batch scale); keeps the small
+def _forward_map(ctx, x: Tensor, params: CEParams, state: CEState,
+                 call: OpCall, affine=None):
+    """The statistics of ``x`` (or of ``alpha x + beta`` with ``affine``)
+    and the small graph: ``call.passes.forward_map``. Keeps the small
     graph's intermediates on ``ctx`` for the backward (they are this op's
     own tensors, never an input or output)."""
-    a, wm, scale, cache = small_graph.forward(mean, second, hw, params,
-                                              state, call.config,
-                                              call.training, call.reduce_fn)
+    result = call.passes.forward_map(x, params, state, call.config,
+                                     call.training, call.reduce_fn, affine)
     if call.needs_grad:
+        cache = result.cache
         # in eval the cache's wm may be the running buffer itself: the
         # backward gets it from save_for_backward (version-checked)
         ctx.cache = cache._replace(wm=None) if not call.training else cache
     if not call.training:
-        wm = scale = mean.new_empty(0)
-    return a, wm, scale
+        empty = result.a.new_empty(0)
+        result = result._replace(wm=empty, scale=empty)
+    return result
 
 
 def _small_graph_backward(ctx, grad_a: Tensor, hw: int, params: CEParams,
@@ -179,11 +182,8 @@ class _CEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: OpCall, x: Tensor, *tensors: Tensor):
         params, state = _split(tensors)
-        hw = x.shape[2] * x.shape[3]
         passes, d = call.passes, call.config.group_size
-        mean, second = passes.stats(x, d, call.training)
-        a, wm, scale = _small_graph_forward(ctx, mean, second, hw, params,
-                                            state, call)
+        a, _, _, wm, scale = _forward_map(ctx, x, params, state, call)[:5]
         inplace = call.inplace and not call.needs_grad
         out = passes.apply(a, x, d, inplace)
         if out is x:
@@ -247,11 +247,10 @@ class _BNCEFunction(torch.autograd.Function):
         n, c, h, w = z.shape
         hw = h * w
         if not call.bn_batch_stats:
-            # alpha, beta from the running statistics as they are now (a
-            # later training call may move them before backward)
-            bn_var = running_var.to(cdt, copy=True)
-            invstd = torch.rsqrt(bn_var + call.bn_eps)
-            bn_mean = running_mean.to(cdt, copy=True)
+            # the running statistics as they are now (copies for the
+            # backward: a later training call may move them)
+            bn_var = running_var.to(cdt, copy=call.needs_grad)
+            bn_mean = running_mean.to(cdt, copy=call.needs_grad)
         if call.bn_batch_stats or call.training:
             # the BN's pass (and its running-statistics update)
             x, save_mean, save_invstd = torch.native_batch_norm(
@@ -259,26 +258,25 @@ class _BNCEFunction(torch.autograd.Function):
                 call.bn_batch_stats, call.bn_momentum, call.bn_eps)
             if call.bn_batch_stats:
                 bn_mean, invstd, bn_var = save_mean, save_invstd, None
+            else:
+                invstd = torch.rsqrt(bn_var + call.bn_eps)
             alpha, beta = _bn_affine(bn_weight, bn_bias, bn_mean, invstd, cdt)
-            mean, second = passes.stats(x, d, call.training)
-            a, wm, scale = _small_graph_forward(ctx, mean, second, hw,
-                                                params, state, call)
+            a, _, _, wm, scale = _forward_map(ctx, x, params, state,
+                                              call)[:5]
             # x is this op's own temporary: always free to overwrite
             out = passes.apply(a, x, d, inplace=True)
             folded = False
         else:
             # BN with running statistics, CE in eval: no BN pass
-            alpha, beta = _bn_affine(bn_weight, bn_bias, bn_mean, invstd, cdt)
-            mean_z, var_z = passes.stats(z, d, training=False)
-            mean = mean_z * alpha + beta
-            second = var_z * alpha * alpha
-            a, wm, scale = _small_graph_forward(ctx, mean, second, hw,
-                                                params, state, call)
-            g = c // d
-            bias = a @ beta.view(1, g, d, 1)
+            result = _forward_map(
+                ctx, z, params, state, call,
+                affine=BNAffine(bn_weight, bn_bias, bn_mean, bn_var,
+                                call.bn_eps))
+            a, a_z, bias, wm, scale, _, var_z, alpha, beta = result
+            invstd = torch.rsqrt(bn_var + call.bn_eps) if call.needs_grad \
+                else None
             inplace = call.inplace and not call.needs_grad
-            out = passes.apply(a * alpha.view(1, g, 1, d), z, d, inplace,
-                               bias)
+            out = passes.apply(a_z, z, d, inplace, bias)
             if out is z:
                 ctx.mark_dirty(z)
             folded = True

@@ -161,7 +161,10 @@ class SmallGraphCache(NamedTuple):
     lam: Tensor
     scale: Tensor
     wm: Tensor
-    newton: Optional[tuple]  # (cov, trace, cov_n, [P_k], [(P_k^2, P_k^3)])
+    # training: the covariance, and the Newton iterates if kept
+    # ((cov, trace, cov_n, [P_k], [(P_k^2, P_k^3)]); recomputed when None)
+    cov: Optional[Tensor]
+    newton: Optional[tuple]
 
 
 def _newton(cov: Tensor, num_iters: int) -> Tuple[Tensor, tuple]:
@@ -250,7 +253,8 @@ def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
     diag = ((1 - lam) / scale * y).reshape(n, g, d)
     a = torch.diag_embed(diag).add_(lam * wm)
     cache = SmallGraphCache(mean, raw, var, sums, hidden, ln_mean, ln_rstd,
-                            pre_relu, post_relu, y, lam, scale, wm, newton)
+                            pre_relu, post_relu, y, lam, scale, wm,
+                            None if newton is None else newton[0], newton)
     return a, wm, scale, cache
 
 
@@ -297,7 +301,10 @@ def backward(grad_a: Tensor, cache: SmallGraphCache, hw: int,
         unclamped = sums[0] / (samples * c) >= eps * eps
         grad_vsum = grad_scale * unclamped / (2 * scale * samples * c)
         # W from cov = Gram / P - mu mu^T + eps I, mu = x_sum / P
-        grad_cov = _newton_backward(lam * grad_a.sum(0), cache.newton)
+        newton = cache.newton
+        if newton is None:
+            newton = _newton(cache.cov, config.num_iters)[1]
+        grad_cov = _newton_backward(lam * grad_a.sum(0), newton)
         mu = (sums[3:3 + c] / positions).reshape(g, d, 1)
         grad_mu = -(grad_cov + grad_cov.transpose(1, 2)) @ mu
         grad_sums = torch.cat([

@@ -11,11 +11,12 @@ are written there.
 Statistics and gradients are accumulated in float32 (float64 for float64
 inputs) whatever the input dtype; outputs have the input dtype.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import small_graph
 from .small_graph import compute_dtype
 
 #: Column chunk of the in-place apply, in bytes (a few MiB: stays in cache).
@@ -104,6 +105,74 @@ def instance_moments(xg: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     return mean, var.clamp_min(0)
 
 
+class BNAffine(NamedTuple):
+    """An eval-mode BatchNorm as the affine map ``alpha x + beta`` it
+    applies: its weight and bias (or None), running mean and variance (C,)
+    and eps."""
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    mean: Tensor
+    var: Tensor
+    eps: float
+
+    def alpha_beta(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """``(alpha, beta)`` in ``dtype``."""
+        alpha = torch.rsqrt(self.var.to(dtype) + self.eps)
+        if self.weight is not None:
+            alpha = alpha * self.weight.to(dtype)
+        beta = -self.mean.to(dtype) * alpha
+        if self.bias is not None:
+            beta = beta + self.bias.to(dtype)
+        return alpha, beta
+
+
+class MapResult(NamedTuple):
+    """What ``forward_map`` returns.
+
+    Attributes:
+        a (Tensor): (N, G, d, d) CE's per-sample block maps.
+        a_in (Tensor): the map to apply to the op's input: ``a``, or ``a
+            diag(alpha)`` with an affine input map.
+        bias (Tensor, optional): (N, G, d, 1) ``a beta`` with an affine
+            input map.
+        wm, scale (Tensor): batch whitening matrices and scale (training).
+        cache (SmallGraphCache): for :func:`small_graph.backward`.
+        var_in (Tensor, optional): per-sample variances of the input
+            itself (N, C), with an affine input map.
+        alpha, beta (Tensor, optional): (C,) the affine input map.
+    """
+    a: Tensor
+    a_in: Tensor
+    bias: Optional[Tensor]
+    wm: Tensor
+    scale: Tensor
+    cache: 'small_graph.SmallGraphCache'
+    var_in: Optional[Tensor]
+    alpha: Optional[Tensor] = None
+    beta: Optional[Tensor] = None
+
+
+def map_from_stats(mean: Tensor, second: Tensor, hw: int, params, state,
+                   config, training: bool, reduce_fn, affine) -> MapResult:
+    """:func:`small_graph.forward` on statistics of the input (eval with an
+    affine map, a :class:`BNAffine`: of ``alpha x + beta``)."""
+    var_in = None
+    if affine is not None:  # eval: mean and variance of alpha x + beta
+        alpha, beta = affine.alpha_beta(mean.dtype)
+        var_in = second
+        mean = mean * alpha + beta
+        second = second * alpha * alpha
+    a, wm, scale, cache = small_graph.forward(mean, second, hw, params,
+                                              state, config, training,
+                                              reduce_fn)
+    if affine is None:
+        return MapResult(a, a, None, wm, scale, cache, None)
+    n, g, d, _ = a.shape
+    bias = a @ beta.view(1, g, d, 1)
+    return MapResult(a, a * alpha.view(1, g, 1, d), bias, wm, scale, cache,
+                     var_in, alpha, beta)
+
+
 class TorchPasses:
     """The big passes by PyTorch ops. Every pass takes and returns
     (N, C, H, W) contiguous activations and small (N, G, d, d) / (N, G, d,
@@ -127,6 +196,16 @@ class TorchPasses:
         xs = xg if x.dtype == cdt else xg.to(cdt)
         mean = xs.mean(-1).reshape(n, c)
         return mean, torch.matmul(xs, xs.transpose(-1, -2))
+
+    @staticmethod
+    def forward_map(x: Tensor, params, state, config, training: bool,
+                    reduce_fn, affine=None) -> MapResult:
+        """Statistics of ``x`` and the small graph (:func:`map_from_stats`;
+        ``affine`` only in eval)."""
+        hw = x.shape[2] * x.shape[3]
+        mean, second = TorchPasses.stats(x, config.group_size, training)
+        return map_from_stats(mean, second, hw, params, state, config,
+                              training, reduce_fn, affine)
 
     @staticmethod
     def cross(go: Tensor, z: Tensor,

@@ -32,6 +32,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .small_graph import SmallGraphCache
+from .torch_impl import BNAffine, MapResult, map_from_stats
+
 #: Programs to aim for in a statistics launch (a few per SM of a large GPU).
 _TARGET_PROGRAMS = 512
 
@@ -129,6 +132,168 @@ def _map_kernel(M1, P, M2, Q, B, OUT, HW, D: tl.constexpr,
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
+                        BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
+                        MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        TRAINING: tl.constexpr, AFFINE: tl.constexpr,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        NUM_ITERS: tl.constexpr):
+    """Small graph, per group g (one program each): the per-sample means
+    and variances of the group's channels from the partial sums of
+    :func:`_stats_kernel`, their batch sums, and in training the covariance
+    and the Newton iterations (the whitening matrix). With AFFINE (an
+    eval-mode BN before CE) the statistics are those of ``alpha x + beta``,
+    the BN's map, which is written to ALPHA and BETA."""
+    g = tl.program_id(0)
+    G = C // D
+    rows = tl.arange(0, BLOCK_D)
+    rmask = rows < D
+    on_diag = rows[:, None] == rows[None, :]
+    mmask = rmask[:, None] & rmask[None, :]
+    mat = rows[:, None] * D + rows[None, :]
+    if AFFINE:
+        ch = g * D + rows
+        alpha = 1. / tl.sqrt(
+            tl.load(BN_VAR + ch, mask=rmask, other=1.) + bn_eps)
+        if HAS_W:
+            alpha = alpha * tl.load(BN_W + ch, mask=rmask, other=0.)
+        beta = -tl.load(BN_MEAN + ch, mask=rmask, other=0.) * alpha
+        if HAS_B:
+            beta = beta + tl.load(BN_B + ch, mask=rmask, other=0.)
+        tl.store(ALPHA + ch, alpha, mask=rmask)
+        tl.store(BETA + ch, beta, mask=rmask)
+    vacc = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    xacc = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    gacc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for n in range(N):
+        psum = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+        if TRAINING:
+            q = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        else:
+            q = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+        for s in range(NSPLIT):
+            slot = ((n * G + g) * NSPLIT + s).to(tl.int64)
+            psum += tl.load(PS + slot * D + rows, mask=rmask, other=0.)
+            if TRAINING:
+                q += tl.load(PQ + slot * D * D + mat, mask=mmask, other=0.)
+            else:
+                q += tl.load(PQ + slot * D + rows, mask=rmask, other=0.)
+        mean = psum / hw
+        if TRAINING:
+            sumsq = tl.sum(tl.where(on_diag, q, 0.), 1)
+        else:
+            sumsq = q
+        raw = (sumsq - hw * mean * mean) / den
+        var = tl.maximum(raw, 0.)
+        out = n * C + g * D + rows
+        if AFFINE:  # statistics of alpha x + beta
+            tl.store(VAR_IN + out, var, mask=rmask)
+            mean = mean * alpha + beta
+            var = var * alpha * alpha
+        tl.store(MEAN + out, mean, mask=rmask)
+        tl.store(VAR + out, var, mask=rmask)
+        vacc += tl.where(rmask, var, 0.)
+        if TRAINING:
+            tl.store(RAW + out, raw, mask=rmask)
+            xacc += psum
+            gacc += q
+    tl.store(VSUM_G + g, tl.sum(vacc, 0))
+    if TRAINING:
+        tl.store(SUMS + 3 + g * D + rows, xacc, mask=rmask)
+        tl.store(SUMS + 3 + C + g * D * D + mat, gacc, mask=mmask)
+        mu = xacc * inv_positions
+        eye = tl.where(on_diag & rmask[:, None], 1., 0.)
+        cov = gacc * inv_positions - mu[:, None] * mu[None, :] + eps * eye
+        tl.store(COV + g * D * D + mat, cov, mask=mmask)
+        trace = tl.sum(tl.sum(tl.where(on_diag, cov, 0.), 1), 0)
+        cov_n = cov / trace
+        p = 1.5 * eye - 0.5 * cov_n
+        for _ in tl.static_range(NUM_ITERS - 1):
+            p2 = tl.dot(p, p, input_precision='ieee')
+            p3 = tl.dot(p2, p, input_precision='ieee')
+            p = 1.5 * p - 0.5 * tl.dot(p3, cov_n, input_precision='ieee')
+        tl.store(WM + g * D * D + mat, p, mask=mmask)
+
+
+@triton.jit
+def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
+                       GATE, W1, LNW, LNB, W2, WM, RSCALE, ALPHA, BETA, A,
+                       A_IN, BIAS, HID, LN_MEAN, LN_RSTD, POST, Y, LAM,
+                       SCALE, SUMS, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_G: tl.constexpr, TRAINING: tl.constexpr,
+                       AFFINE: tl.constexpr):
+    """Small graph, per sample n (one program each): the IR scale, the
+    LayerNorm MLP on the sample's variances and the block maps
+    ``A[n, g] = sig(a) W_g + (1 - sig(a)) diag(y[n, g] / s)`` (with an
+    affine input map also ``A diag(alpha)`` and ``A beta``)."""
+    n = tl.program_id(0)
+    G = C // D
+    gs = tl.arange(0, BLOCK_G)
+    vsum = tl.sum(tl.load(VSUM_G + gs, mask=gs < G, other=0.), 0)
+    if TRAINING:
+        scale = tl.sqrt(tl.maximum(vsum * inv_nc, eps * eps))
+        if n == 0:
+            tl.store(SCALE, scale)
+            tl.store(SUMS, vsum)
+            tl.store(SUMS + 1, samples)
+            tl.store(SUMS + 2, positions)
+    else:
+        scale = tl.maximum(tl.load(RSCALE), eps)
+        if n == 0:
+            tl.store(SCALE, scale)
+    # hidden = fc1 v
+    hs = tl.arange(0, BLOCK_H)
+    hmask = hs < H
+    hid = tl.zeros((BLOCK_H, ), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        v = tl.load(VAR + n * C + cs, mask=cmask, other=0.)
+        w = tl.load(W1 + hs[:, None] * C + cs[None, :],
+                    mask=hmask[:, None] & cmask[None, :], other=0.)
+        hid += tl.sum(w * v[None, :], 1)
+    tl.store(HID + n * H + hs, hid, mask=hmask)
+    # LayerNorm (biased variance), ReLU
+    mean = tl.sum(hid, 0) / H
+    xc = tl.where(hmask, hid - mean, 0.)
+    rstd = 1. / tl.sqrt(tl.sum(xc * xc, 0) / H + eps)
+    tl.store(LN_MEAN + n, mean)
+    tl.store(LN_RSTD + n, rstd)
+    lnw = tl.load(LNW + hs, mask=hmask, other=0.)
+    lnb = tl.load(LNB + hs, mask=hmask, other=0.)
+    post = tl.maximum(xc * rstd * lnw + lnb, 0.)
+    post = tl.where(hmask, post, 0.)
+    tl.store(POST + n * H + hs, post, mask=hmask)
+    lam = 1. / (1. + tl.exp(-tl.load(GATE)))
+    if n == 0:
+        tl.store(LAM, lam)
+    rows = tl.arange(0, BLOCK_D)
+    rmask = rows < D
+    on_diag = rows[:, None] == rows[None, :]
+    mmask = rmask[:, None] & rmask[None, :]
+    mat = rows[:, None] * D + rows[None, :]
+    for g in range(G):
+        ch = g * D + rows
+        w2 = tl.load(W2 + ch[:, None] * H + hs[None, :],
+                     mask=rmask[:, None] & hmask[None, :], other=0.)
+        y = 1. / (1. + tl.exp(-tl.sum(w2 * post[None, :], 1)))
+        tl.store(Y + n * C + ch, y, mask=rmask)
+        wm = tl.load(WM + g * D * D + mat, mask=mmask, other=0.)
+        a = lam * wm + tl.where(on_diag, ((1. - lam) * y / scale)[:, None],
+                                0.)
+        out = (n * G + g).to(tl.int64) * D * D + mat
+        tl.store(A + out, a, mask=mmask)
+        if AFFINE:
+            alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
+            beta = tl.load(BETA + ch, mask=rmask, other=0.)
+            tl.store(A_IN + out, a * alpha[None, :], mask=mmask)
+            tl.store(BIAS + (n * G + g).to(tl.int64) * D + rows,
+                     tl.sum(a * beta[None, :], 1), mask=rmask)
+
+
 def _blocks(d: int) -> Tuple[int, int]:
     """(BLOCK_D, BLOCK_HW): ``d`` padded to a power of two >= 16, and a
     position block that keeps a tile at about 2K elements."""
@@ -141,10 +306,11 @@ def _check(x: Tensor, name: str) -> None:
         raise ValueError(f'{name} must be contiguous')
 
 
-def _statistics(p: Tensor, q: Optional[Tensor], group_size: int,
-                full: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Sums over positions, per sample and group: ``P Q^T`` (N, G, d, d)
-    or ``sum(P * Q)`` (N, C), and the row sums of P (N, C) (and Q)."""
+def _partials(p: Tensor, q: Optional[Tensor], group_size: int, full: bool):
+    """Partial sums over slices of the positions, per sample and group, by
+    :func:`_stats_kernel`: ``(pq, ps, qs, split)`` with ``pq`` of shape
+    (N*G, split, d, d) (``full``) or (N*G, split, d), ``ps`` and ``qs``
+    (N*G, split, d) (``qs`` None without ``q``)."""
     n, c, h, w = p.shape
     d, hw = group_size, h * w
     g = c // d
@@ -161,22 +327,88 @@ def _statistics(p: Tensor, q: Optional[Tensor], group_size: int,
     f32 = dict(dtype=torch.float32, device=p.device)
     pq = torch.empty((n * g, split) + ((d, d) if full else (d, )), **f32)
     ps = torch.empty((n * g, split, d), **f32)
-    qs = torch.empty((n * g, split, d), **f32) if cross else ps
+    qs = torch.empty((n * g, split, d), **f32) if cross else None
     _launch(
         _stats_kernel, (n * g, split),
-        p, q if cross else p, pq, ps, qs, hw, chunk, split, D=d,
-        BLOCK_D=block_d, BLOCK_HW=block_hw, CROSS=cross, FULL=full)
+        p, q if cross else p, pq, ps, ps if qs is None else qs, hw, chunk,
+        split, D=d, BLOCK_D=block_d, BLOCK_HW=block_hw, CROSS=cross,
+        FULL=full)
+    return pq, ps, qs, split
+
+
+def _statistics(p: Tensor, q: Optional[Tensor], group_size: int,
+                full: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Sums over positions, per sample and group: ``P Q^T`` (N, G, d, d)
+    or ``sum(P * Q)`` (N, C), and the row sums of P (N, C) (and Q)."""
+    n, c = p.shape[:2]
+    d = group_size
+    pq, ps, qs, split = _partials(p, q, group_size, full)
     if split > 1:
         pq, ps = pq.sum(1), ps.sum(1)
-        qs = qs.sum(1) if cross else None
+        qs = None if qs is None else qs.sum(1)
     else:
         pq, ps = pq.squeeze(1), ps.squeeze(1)
-        qs = qs.squeeze(1) if cross else None
-    if full:
-        pq = pq.view(n, g, d, d)
-    else:
-        pq = pq.view(n, c)
+        qs = None if qs is None else qs.squeeze(1)
+    pq = pq.view(n, c // d, d, d) if full else pq.view(n, c)
     return pq, ps.view(n, c), None if qs is None else qs.view(n, c)
+
+
+def _fused_forward_map(x: Tensor, params, state, config, training: bool,
+                       affine) -> MapResult:
+    """Statistics and the whole small graph in three launches: the
+    statistics kernel, one program per group (sums, Newton), one per sample
+    (LayerNorm MLP, the block maps)."""
+    n, c, h, w = x.shape
+    d, hw, eps = config.group_size, h * w, config.eps
+    g = c // d
+    hidden = params.fc1_weight.shape[0]
+    block_d = _blocks(d)[0]
+    pq, ps, _, split = _partials(x, None, d, full=training)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    new = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
+    mean, var, vsum_g = new(n, c), new(n, c), new(g)
+    var_in = new(n, c) if affine is not None else None
+    raw = new(n, c) if training else None
+    sums = new(3 + c + g * d * d) if training else None
+    cov = new(g, d, d) if training else None
+    wm = new(g, d, d) if training else state.running_wm
+    alpha = beta = None
+    bn = affine
+    if affine is not None:
+        alpha, beta = new(c), new(c)
+    else:  # unused pointers
+        bn = BNAffine(None, None, ps, ps, 0.0)
+    _launch(
+        _group_stats_kernel, (g, ),
+        pq, ps, split, n, c, hw, float(max(hw - 1, 1)), 1.0 / (n * hw), eps,
+        ps if bn.weight is None else bn.weight,
+        ps if bn.bias is None else bn.bias, bn.mean, bn.var, float(bn.eps),
+        ps if alpha is None else alpha, ps if beta is None else beta, mean,
+        var, var if var_in is None else var_in, var if raw is None else raw,
+        vsum_g, ps if sums is None else sums, ps if cov is None else cov, wm,
+        D=d, BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
+        HAS_W=bn.weight is not None, HAS_B=bn.bias is not None,
+        NUM_ITERS=config.num_iters)
+    a = new(n, g, d, d)
+    a_in = new(n, g, d, d) if affine is not None else a
+    bias = new(n, g, d, 1) if affine is not None else None
+    hid, post, y = new(n, hidden), new(n, hidden), new(n, c)
+    ln_mean, ln_rstd, lam, scale = new(n, 1), new(n, 1), new(1), new(1)
+    block_h = triton.next_power_of_2(hidden)
+    _launch(
+        _sample_map_kernel, (n, ),
+        var, vsum_g, c, hidden, 1.0 / (n * c), float(n), float(n * hw), eps,
+        params.gate, params.fc1_weight, params.ln_weight, params.ln_bias,
+        params.fc2_weight, wm, state.running_scale, a if alpha is None else
+        alpha, a if beta is None else beta, a, a_in, a if bias is None else
+        bias, hid, ln_mean, ln_rstd, post, y, lam, scale,
+        scale if sums is None else sums, D=d, BLOCK_D=block_d,
+        BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
+        BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
+        AFFINE=affine is not None)
+    cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, None,
+                            post, y, lam, scale, wm, cov, None)
+    return MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
 
 
 def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
@@ -205,6 +437,25 @@ class TritonPasses:
     :class:`~ce_mmdet.ops.torch_impl.TorchPasses`; compute dtype float32)."""
 
     name = 'triton'
+
+    @staticmethod
+    def forward_map(x: Tensor, params, state, config, training: bool,
+                    reduce_fn, affine=None) -> MapResult:
+        """Statistics and the small graph: fused kernels
+        (:func:`_fused_forward_map`), or with SyncCE (whose sums are reduced
+        between the two) or non-float32 parameters, the statistics kernel
+        and the torch small graph."""
+        tensors = tuple(params) + tuple(state)
+        if affine is not None:
+            tensors += tuple(t for t in affine[:4] if t is not None)
+        fp32 = all(t.dtype == torch.float32 for t in tensors)
+        if reduce_fn is None and fp32:
+            return _fused_forward_map(x, params, state, config, training,
+                                      affine)
+        hw = x.shape[2] * x.shape[3]
+        mean, second = TritonPasses.stats(x, config.group_size, training)
+        return map_from_stats(mean, second, hw, params, state, config,
+                              training, reduce_fn, affine)
 
     @staticmethod
     def stats(x: Tensor, group_size: int,

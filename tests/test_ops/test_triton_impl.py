@@ -169,3 +169,51 @@ def test_auto_never_picks_the_interpreter():
     assert resolve_impl('triton', x) == 'triton'
     with pytest.raises(RuntimeError, match='float32, float16 and bfloat16'):
         resolve_impl('triton', x.double())
+
+
+@pytest.mark.parametrize('n,c,h,w,d,reduction', [(2, 32, 5, 7, 16, 4),
+                                                 (1, 48, 3, 1, 8, 4),
+                                                 (3, 64, 4, 5, 32, 3),
+                                                 (2, 64, 2, 2, 64, 4)])
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('affine', [False, True])
+def test_fused_small_graph_matches_torch(n, c, h, w, d, reduction, training,
+                                         affine):
+    """The three-launch forward (statistics, per-group, per-sample kernels)
+    against the statistics and small graph in torch: every output and
+    every cached tensor the backward reads."""
+    from ce_mmdet.models import ChannelEquilibrium
+    from ce_mmdet.ops.torch_impl import TorchPasses
+    from ce_mmdet.ops.triton_impl import TritonPasses
+    if affine and training:
+        pytest.skip('the affine input map is an eval-only path')
+    torch.manual_seed(0)
+    ce = ChannelEquilibrium(c, group_size=d, reduction=reduction,
+                            num_iters=4).to(DEVICE)
+    with torch.no_grad():
+        ce.gate.fill_(-0.2)
+        ce.norm.weight.uniform_(0.5, 1.5)
+        ce.running_wm.add_(0.05 * torch.randn_like(ce.running_wm))
+        ce.running_scale.fill_(0.8)
+    x = torch.randn(n, c, h, w, device=DEVICE) * 1.5 + 0.3
+    aff = None
+    if affine:
+        from ce_mmdet.ops.torch_impl import BNAffine
+        aff = BNAffine(torch.rand(c, device=DEVICE) + 0.5,
+                       torch.randn(c, device=DEVICE),
+                       torch.randn(c, device=DEVICE),
+                       torch.rand(c, device=DEVICE) + 0.5, 1e-5)
+    args = (x, ce.ce_params(), ce.ce_state(), ce.config, training, None, aff)
+    got, want = TritonPasses.forward_map(*args), TorchPasses.forward_map(*args)
+    for name in ('a', 'a_in', 'bias', 'wm', 'scale', 'var_in', 'alpha',
+                 'beta'):
+        u, v = getattr(got, name), getattr(want, name)
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+    for name in ('mean', 'raw_var', 'var', 'sums', 'hidden', 'ln_mean',
+                 'ln_rstd', 'post_relu', 'y', 'lam', 'scale', 'cov'):
+        u, v = getattr(got.cache, name), getattr(want.cache, name)
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
