@@ -106,67 +106,20 @@ def _forward_map(ctx, x: Tensor, params: CEParams, state: CEState,
     return result
 
 
-def _small_graph_backward(ctx, grad_a: Tensor, hw: int, params: CEParams,
-                          state: CEState, need_params, call: OpCall):
-    """``(d_mean, d_second, d_params)`` from ``dL/dA`` by the small graph's
-    hand-derived backward (None for the parameters not needed)."""
+def _backward_maps(ctx, grad_out: Tensor, kept: Tensor, a: Tensor,
+                   params: CEParams, state: CEState, call: OpCall,
+                   need_params, affine=None, fold=None):
+    """``call.passes.backward_maps`` with this call's cache (in eval with
+    the running whitening matrices the forward used)."""
     cache = ctx.cache
     if not call.training:
-        cache = cache._replace(wm=state.running_wm.to(grad_a.dtype))
-    d_mean, d_second, d_params = small_graph.backward(
-        grad_a, cache, hw, params, call.config, call.training,
-        call.reduce_fn)
-    return d_mean, d_second, [
-        grad if need else None for grad, need in zip(d_params, need_params)
-    ]
-
-
-def _input_grad_maps(d_mean: Tensor, d_second: Tensor, mean: Tensor,
-                     hw: int, call: OpCall) -> Tuple[Tensor, Tensor]:
-    """``(S, b)`` with ``dX = A^T dout + S X + b`` (the statistics' part).
-
-    Training: ``S = dQ + dQ^T`` (N, G, d, d), ``b = d_mean / HW``.
-    Eval: ``v = sum((x - m)^2) / (HW - 1)``, so ``S = diag(coef)`` with
-    ``coef = 2 dv / (HW - 1)`` and ``b = -coef m``; returned as the
-    diagonal (N, G, d) and ``b`` (N, G, d, 1).
-    """
-    n, c = mean.shape
-    d = call.config.group_size
-    g = c // d
-    if call.training:
-        s_mat = d_second + d_second.transpose(-1, -2)
-        b = d_mean.reshape(n, g, d, 1) / hw
-        return s_mat, b
-    coef = (2 * d_second / max(hw - 1, 1)).reshape(n, g, d)
-    b = (-coef * mean.reshape(n, g, d)).unsqueeze(-1)
-    return coef, b
-
-
-def _grad_maps(a: Tensor, s_mat: Tensor, b: Tensor, alpha: Optional[Tensor],
-               beta: Optional[Tensor], out_scale: Optional[Tensor] = None
-               ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(M1, M2, c)`` with ``diag(out_scale) (A^T dout + S X + b) = M1 dout
-    + M2 z + c`` for ``X = alpha z + beta`` (or ``X = z``): the input
-    gradient as one pass over ``(dout, z)``.
-
-    Args:
-        a (Tensor): (N, G, d, d).
-        s_mat (Tensor): (N, G, d, d) or its diagonal (N, G, d).
-        b (Tensor): (N, G, d, 1).
-        alpha, beta (Tensor, optional): (C,) affine map of ``z``.
-        out_scale (Tensor, optional): (C,) per-channel factor of the result.
-    """
-    n, g, d, _ = a.shape
-    if s_mat.dim() == 3:
-        s_mat = torch.diag_embed(s_mat)
-    if alpha is not None:  # S X = (S diag(alpha)) z + S beta
-        b = b + s_mat @ beta.view(1, g, d, 1)
-        s_mat = s_mat * alpha.view(1, g, 1, d)
-    a_t = a.transpose(-1, -2)
-    if out_scale is not None:
-        scale = out_scale.view(1, g, d, 1)
-        b, s_mat, a_t = b * scale, s_mat * scale, a_t * scale
-    return a_t, s_mat, b
+        cache = cache._replace(wm=state.running_wm.to(a.dtype))
+    maps = call.passes.backward_maps(grad_out, kept, a, cache, params,
+                                     call.config, call.training,
+                                     call.reduce_fn, affine, fold)
+    return maps._replace(params=[
+        grad if need else None for grad, need in zip(maps.params, need_params)
+    ])
 
 
 def _split(tensors) -> Tuple[CEParams, CEState]:
@@ -203,20 +156,15 @@ class _CEFunction(torch.autograd.Function):
         state = CEState(*rest[:_NUM_STATE])
         params = CEParams(*rest[_NUM_STATE:])
         call = ctx.call
-        hw = x.shape[2] * x.shape[3]
         passes, d = call.passes, call.config.group_size
         grad_out = grad_out.contiguous()
-        grad_a, _ = passes.cross(grad_out, x, d)
-        need_params = ctx.needs_input_grad[2:2 + _NUM_PARAMS]
-        d_mean, d_second, d_params = _small_graph_backward(
-            ctx, grad_a, hw, params, state, need_params, call)
+        maps = _backward_maps(ctx, grad_out, x, a, params, state, call,
+                              ctx.needs_input_grad[2:2 + _NUM_PARAMS])
         grad_x = None
         if ctx.needs_input_grad[1]:
-            s_mat, b = _input_grad_maps(d_mean, d_second, ctx.cache.mean, hw,
-                                        call)
-            m1, m2, shift = _grad_maps(a, s_mat, b, None, None)
-            grad_x = passes.apply2(m1, grad_out, m2, x, shift, d)
-        return (None, grad_x, *d_params) + (None, ) * _NUM_STATE
+            grad_x = passes.apply2(maps.m1, grad_out, maps.m2, x, maps.shift,
+                                   d)
+        return (None, grad_x, *maps.params) + (None, ) * _NUM_STATE
 
 
 def _bn_affine(weight: Optional[Tensor], bias: Optional[Tensor],
@@ -300,43 +248,29 @@ class _BNCEFunction(torch.autograd.Function):
         state = CEState(*rest[:_NUM_STATE])
         params = CEParams(*rest[_NUM_STATE:])
         call = ctx.call
-        n, c, h, w = z.shape
-        passes, d, hw = call.passes, call.config.group_size, h * w
-        g = c // d
+        passes, d = call.passes, call.config.group_size
         grad_out = grad_out.contiguous()
-        # dL/dA = dout X^T = (dout z^T) diag(alpha) + (dout 1) beta^T
-        gz, go_sum = passes.cross(grad_out, z, d)
-        grad_a = gz * alpha.view(1, g, 1, d) + go_sum * beta.view(1, g, 1, d)
-        need_params = ctx.needs_input_grad[6:6 + _NUM_PARAMS]
-        d_mean, d_second, d_params = _small_graph_backward(
-            ctx, grad_a, hw, params, state, need_params, call)
-        s_mat, b = _input_grad_maps(d_mean, d_second, ctx.cache.mean, hw,
-                                    call)
         need_z, need_w, need_b = ctx.needs_input_grad[1:4]
+        need_params = ctx.needs_input_grad[6:6 + _NUM_PARAMS]
         grad_z = grad_w = grad_b = None
         if ctx.folded:
-            # BN in eval: dz = alpha dX; the BN's parameter gradients need
-            # only per-channel sums of dX and dX z, which follow from small
-            # tensors: sum_hw dX = A^T sum_hw dout (the variance term sums
-            # to zero), sum_hw dX z = diag(A^T dout z^T) + coef alpha
-            # (HW - 1) var_z
+            # BN in eval: dz = alpha dX, and the BN's parameter gradients
+            # from small tensors (see backward_maps)
+            maps = _backward_maps(ctx, grad_out, z, a, params, state, call,
+                                  need_params, (alpha, beta),
+                                  (bn_mean, invstd, var_z))
             if need_z:
-                m1, m2, shift = _grad_maps(a, s_mat, b, alpha, beta,
-                                       out_scale=alpha)
-                grad_z = passes.apply2(m1, grad_out, m2, z, shift, d)
-            if need_w or need_b:
-                a_t = a.transpose(-1, -2)
-                sum_dx = (a_t @ go_sum).reshape(n, c)
-                sum_dxz = (a * gz).sum(-2).reshape(n, c) + \
-                    s_mat.reshape(n, c) * alpha * (hw - 1) * var_z
-                if need_b:
-                    grad_b = sum_dx.sum(0).to(ctx.bias_dtype)
-                if need_w:
-                    grad_w = ((sum_dxz.sum(0) - bn_mean * sum_dx.sum(0)) *
-                              invstd).to(bn_weight.dtype)
+                grad_z = passes.apply2(maps.m1, grad_out, maps.m2, z,
+                                       maps.shift, d)
+            if need_w:
+                grad_w = maps.bn_weight.to(bn_weight.dtype)
+            if need_b:
+                grad_b = maps.bn_bias.to(ctx.bias_dtype)
         else:
-            m1, m2, shift = _grad_maps(a, s_mat, b, alpha, beta)
-            grad_x = passes.apply2(m1, grad_out, m2, z, shift, d)
+            maps = _backward_maps(ctx, grad_out, z, a, params, state, call,
+                                  need_params, (alpha, beta))
+            grad_x = passes.apply2(maps.m1, grad_out, maps.m2, z, maps.shift,
+                                   d)
             if call.bn_batch_stats:
                 stats = (None, None, bn_mean, invstd, True)
             else:  # eval-mode BN: the running statistics of the forward
@@ -346,7 +280,7 @@ class _BNCEFunction(torch.autograd.Function):
                 [need_z, need_w, need_b])
         return (None, grad_z if need_z else None, grad_w if need_w else None,
                 grad_b if need_b else None, None, None,
-                *d_params) + (None, ) * _NUM_STATE
+                *maps.params) + (None, ) * _NUM_STATE
 
 
 def channel_equilibrium(x: Tensor, params: CEParams, state: CEState,

@@ -173,6 +173,95 @@ def map_from_stats(mean: Tensor, second: Tensor, hw: int, params, state,
                      var_in, alpha, beta)
 
 
+def input_grad_maps(d_mean: Tensor, d_second: Tensor, mean: Tensor,
+                    hw: int, group_size: int,
+                    training: bool) -> Tuple[Tensor, Tensor]:
+    """``(S, b)`` with ``dX = A^T dout + S X + b`` (the statistics' part).
+
+    Training: ``S = dQ + dQ^T`` (N, G, d, d), ``b = d_mean / HW``.
+    Eval: ``v = sum((x - m)^2) / (HW - 1)``, so ``S = diag(coef)`` with
+    ``coef = 2 dv / (HW - 1)`` and ``b = -coef m``; returned as the
+    diagonal (N, G, d) and ``b`` (N, G, d, 1).
+    """
+    n, c = mean.shape
+    d = group_size
+    g = c // d
+    if training:
+        s_mat = d_second + d_second.transpose(-1, -2)
+        b = d_mean.reshape(n, g, d, 1) / hw
+        return s_mat, b
+    coef = (2 * d_second / max(hw - 1, 1)).reshape(n, g, d)
+    b = (-coef * mean.reshape(n, g, d)).unsqueeze(-1)
+    return coef, b
+
+
+def grad_maps(a: Tensor, s_mat: Tensor, b: Tensor, alpha: Optional[Tensor],
+               beta: Optional[Tensor], out_scale: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(M1, M2, c)`` with ``diag(out_scale) (A^T dout + S X + b) = M1 dout
+    + M2 z + c`` for ``X = alpha z + beta`` (or ``X = z``): the input
+    gradient as one pass over ``(dout, z)``.
+
+    Args:
+        a (Tensor): (N, G, d, d).
+        s_mat (Tensor): (N, G, d, d) or its diagonal (N, G, d).
+        b (Tensor): (N, G, d, 1).
+        alpha, beta (Tensor, optional): (C,) affine map of ``z``.
+        out_scale (Tensor, optional): (C,) per-channel factor of the result.
+    """
+    n, g, d, _ = a.shape
+    if s_mat.dim() == 3:
+        s_mat = torch.diag_embed(s_mat)
+    if alpha is not None:  # S X = (S diag(alpha)) z + S beta
+        b = b + s_mat @ beta.view(1, g, d, 1)
+        s_mat = s_mat * alpha.view(1, g, 1, d)
+    a_t = a.transpose(-1, -2)
+    if out_scale is not None:
+        scale = out_scale.view(1, g, d, 1)
+        b, s_mat, a_t = b * scale, s_mat * scale, a_t * scale
+    return a_t, s_mat, b
+
+
+class GradMaps(NamedTuple):
+    """What ``backward_maps`` returns: the input gradient as ``m1 dout + m2
+    kept + shift`` (per sample and group), the CE parameters' gradients and,
+    for a folded eval-mode BN, its weight and bias gradients."""
+    m1: Tensor
+    m2: Tensor
+    shift: Tensor
+    params: list
+    bn_weight: Optional[Tensor] = None
+    bn_bias: Optional[Tensor] = None
+
+
+def backward_maps_from_cross(gz: Tensor, go_sum: Tensor, a: Tensor, cache,
+                             hw: int, params, config, training: bool,
+                             reduce_fn, affine=None, fold=None) -> GradMaps:
+    """:class:`GradMaps` from ``dout kept^T`` and ``dout 1`` (see
+    :meth:`TorchPasses.backward_maps`)."""
+    n, g, d, _ = a.shape
+    c = g * d
+    alpha, beta = affine if affine is not None else (None, None)
+    # dL/dA = dout X^T = (dout z^T) diag(alpha) + (dout 1) beta^T
+    grad_a = gz if alpha is None else \
+        gz * alpha.view(1, g, 1, d) + go_sum * beta.view(1, g, 1, d)
+    d_mean, d_second, d_params = small_graph.backward(
+        grad_a, cache, hw, params, config, training, reduce_fn)
+    s_mat, b = input_grad_maps(d_mean, d_second, cache.mean, hw, d, training)
+    if fold is None:
+        return GradMaps(*grad_maps(a, s_mat, b, alpha, beta), d_params)
+    # eval-mode BN folded: dz = alpha dX; its parameter gradients need only
+    # per-channel sums of dX and dX z: sum_hw dX = A^T sum_hw dout (the
+    # variance term sums to zero), sum_hw dX z = diag(A^T dout z^T) + coef
+    # alpha (HW - 1) var_z
+    bn_mean, invstd, var_z = fold
+    sum_dx = (a.transpose(-1, -2) @ go_sum).reshape(n, c).sum(0)
+    sum_dxz = ((a * gz).sum(-2).reshape(n, c) +
+               s_mat.reshape(n, c) * alpha * (hw - 1) * var_z).sum(0)
+    return GradMaps(*grad_maps(a, s_mat, b, alpha, beta, out_scale=alpha),
+                    d_params, (sum_dxz - bn_mean * sum_dx) * invstd, sum_dx)
+
+
 class TorchPasses:
     """The big passes by PyTorch ops. Every pass takes and returns
     (N, C, H, W) contiguous activations and small (N, G, d, d) / (N, G, d,
@@ -217,6 +306,30 @@ class TorchPasses:
         zg = _grouped(z, group_size).to(cdt)
         return (torch.matmul(gog, zg.transpose(-1, -2)),
                 gog.sum(-1, keepdim=True))
+
+    @staticmethod
+    def backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
+                      params, config, training: bool, reduce_fn,
+                      affine=None, fold=None) -> GradMaps:
+        """The backward's small part: ``dout kept^T`` and ``dout 1``, the
+        small graph's backward, and the maps of the input gradient.
+
+        Args:
+            grad_out (Tensor): dL/d(out), (N, C, H, W) contiguous.
+            kept (Tensor): the saved input (X, or Z with ``affine``).
+            a (Tensor): (N, G, d, d) the forward's block maps.
+            cache (SmallGraphCache): the forward's small-graph cache.
+            affine (tuple, optional): ``(alpha, beta)``, ``X = alpha kept +
+                beta``.
+            fold (tuple, optional): ``(bn_mean, invstd, var_z)`` of an
+                eval-mode BN folded into the op: the maps give ``dZ`` and
+                the BN's parameter gradients are returned too.
+        """
+        gz, go_sum = TorchPasses.cross(grad_out, kept, config.group_size)
+        hw = kept.shape[2] * kept.shape[3]
+        return backward_maps_from_cross(gz, go_sum, a, cache, hw, params,
+                                        config, training, reduce_fn, affine,
+                                        fold)
 
     @staticmethod
     def apply(a: Tensor, x: Tensor, group_size: int, inplace: bool,

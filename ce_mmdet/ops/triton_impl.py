@@ -33,7 +33,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .small_graph import SmallGraphCache
-from .torch_impl import BNAffine, MapResult, map_from_stats
+from .torch_impl import (BNAffine, GradMaps, MapResult,
+                         backward_maps_from_cross, map_from_stats)
 
 #: Programs to aim for in a statistics launch (a few per SM of a large GPU).
 _TARGET_PROGRAMS = 512
@@ -478,6 +479,16 @@ class TritonPasses:
         d = group_size
         gz, go_sum, _ = _statistics(go, z, group_size, full=True)
         return gz, go_sum.view(n, c // d, d, 1)
+
+    @staticmethod
+    def backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
+                      params, config, training: bool, reduce_fn,
+                      affine=None, fold=None) -> GradMaps:
+        gz, go_sum = TritonPasses.cross(grad_out, kept, config.group_size)
+        hw = kept.shape[2] * kept.shape[3]
+        return backward_maps_from_cross(gz, go_sum, a, cache, hw, params,
+                                        config, training, reduce_fn, affine,
+                                        fold)
 
     @staticmethod
     def apply(a: Tensor, x: Tensor, group_size: int, inplace: bool,
