@@ -46,7 +46,6 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import small_graph
 from .small_graph import compute_dtype
 from .torch_impl import BNAffine
 from .types import CEConfig, CEParams, CEState
@@ -192,8 +191,6 @@ class _BNCEFunction(torch.autograd.Function):
         params, state = _split(tensors)
         cdt = compute_dtype(z.dtype)
         passes, d = call.passes, call.config.group_size
-        n, c, h, w = z.shape
-        hw = h * w
         if not call.bn_batch_stats:
             # the running statistics as they are now (copies for the
             # backward: a later training call may move them)

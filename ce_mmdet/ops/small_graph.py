@@ -165,6 +165,8 @@ class SmallGraphCache(NamedTuple):
     # ((cov, trace, cov_n, [P_k], [(P_k^2, P_k^3)]); recomputed when None)
     cov: Optional[Tensor]
     newton: Optional[tuple]
+    # training, fused Triton forward: P_1 ... P_{T-1} stacked (T-1, G, d, d)
+    iterates: Optional[Tensor] = None
 
 
 def _newton(cov: Tensor, num_iters: int) -> Tuple[Tensor, tuple]:

@@ -136,7 +136,7 @@ def _map_kernel(M1, P, M2, Q, B, OUT, HW, D: tl.constexpr,
 @triton.jit
 def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
-                        MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM,
+                        MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM, ITERS,
                         D: tl.constexpr, BLOCK_D: tl.constexpr,
                         TRAINING: tl.constexpr, AFFINE: tl.constexpr,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -211,7 +211,9 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
         trace = tl.sum(tl.sum(tl.where(on_diag, cov, 0.), 1), 0)
         cov_n = cov / trace
         p = 1.5 * eye - 0.5 * cov_n
-        for _ in tl.static_range(NUM_ITERS - 1):
+        for k in tl.static_range(NUM_ITERS - 1):
+            # P_1 ... P_{T-1}, for the backward
+            tl.store(ITERS + (k * G + g) * D * D + mat, p, mask=mmask)
             p2 = tl.dot(p, p, input_precision='ieee')
             p3 = tl.dot(p2, p, input_precision='ieee')
             p = 1.5 * p - 0.5 * tl.dot(p3, cov_n, input_precision='ieee')
@@ -295,6 +297,229 @@ def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
                      tl.sum(a * beta[None, :], 1), mask=rmask)
 
 
+@triton.jit
+def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
+                       ITERS, SUMS, inv_positions, GDIAG, LAM_PART, GC, DXS,
+                       GZ_OUT, GOS_OUT, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, TRAINING: tl.constexpr,
+                       AFFINE: tl.constexpr, KEEP_CROSS: tl.constexpr,
+                       NUM_ITERS: tl.constexpr):
+    """Backward of the small graph, per group g: dL/dA from the partial
+    sums of ``dout kept^T`` and ``dout 1`` (with the affine input map),
+    its diagonal, the gate's share ``<sum_n dL/dA, W>``, and in training
+    the Newton iterations' backward: dL/dcov (divided by the positions)
+    and dL/d(channel sums)."""
+    g = tl.program_id(0)
+    G = C // D
+    rows = tl.arange(0, BLOCK_D)
+    rmask = rows < D
+    on_diag = rows[:, None] == rows[None, :]
+    mmask = rmask[:, None] & rmask[None, :]
+    mat = rows[:, None] * D + rows[None, :]
+    ch = g * D + rows
+    if AFFINE:
+        alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
+        beta = tl.load(BETA + ch, mask=rmask, other=0.)
+    lam = tl.load(LAM)
+    wm = tl.load(WM + g * D * D + mat, mask=mmask, other=0.)
+    gsum = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for n in range(N):
+        gz = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        gos = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+        for s in range(NSPLIT):
+            slot = ((n * G + g) * NSPLIT + s).to(tl.int64)
+            gz += tl.load(GZ + slot * D * D + mat, mask=mmask, other=0.)
+            gos += tl.load(GOS + slot * D + rows, mask=rmask, other=0.)
+        ng = (n * G + g).to(tl.int64)
+        if KEEP_CROSS:
+            tl.store(GZ_OUT + ng * D * D + mat, gz, mask=mmask)
+            tl.store(GOS_OUT + ng * D + rows, gos, mask=rmask)
+        if AFFINE:
+            ga = gz * alpha[None, :] + gos[:, None] * beta[None, :]
+        else:
+            ga = gz
+        tl.store(GDIAG + n * C + ch, tl.sum(tl.where(on_diag, ga, 0.), 1),
+                 mask=rmask)
+        gsum += ga
+    tl.store(LAM_PART + g, tl.sum(tl.sum(gsum * wm, 1), 0))
+    if TRAINING:
+        cov = tl.load(COV + g * D * D + mat, mask=mmask, other=0.)
+        trace = tl.sum(tl.sum(tl.where(on_diag, cov, 0.), 1), 0)
+        cov_n = cov / trace
+        grad = lam * gsum  # dL/dW
+        grad_sn = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for j in tl.static_range(NUM_ITERS - 1):
+            # P_{k+1} = 1.5 P_k - 0.5 P_k^3 S_N, backwards
+            p = tl.load(ITERS + ((NUM_ITERS - 2 - j) * G + g) * D * D + mat,
+                        mask=mmask, other=0.)
+            p2 = tl.dot(p, p, input_precision='ieee')
+            p3 = tl.dot(p2, p, input_precision='ieee')
+            h = -0.5 * grad
+            grad_sn += tl.dot(tl.trans(p3), h, input_precision='ieee')
+            g3 = tl.dot(h, tl.trans(cov_n), input_precision='ieee')
+            g2 = tl.dot(g3, tl.trans(p), input_precision='ieee')
+            grad = 1.5 * grad + tl.dot(
+                tl.trans(p2), g3, input_precision='ieee') + tl.dot(
+                    g2, tl.trans(p), input_precision='ieee') + tl.dot(
+                        tl.trans(p), g2, input_precision='ieee')
+        grad_sn += -0.5 * grad  # P_1 = 1.5 I - 0.5 S_N
+        inner = tl.sum(tl.sum(grad_sn * cov, 1), 0) / (trace * trace)
+        grad_cov = grad_sn / trace - tl.where(on_diag & rmask[:, None],
+                                              inner, 0.)
+        # cov = Gram sum / P - mu mu^T + eps I, mu = channel sum / P
+        tl.store(GC + g * D * D + mat, grad_cov * inv_positions, mask=mmask)
+        mu = tl.load(SUMS + 3 + ch, mask=rmask, other=0.) * inv_positions
+        sym = grad_cov + tl.trans(grad_cov)
+        tl.store(DXS + ch, -tl.sum(sym * mu[None, :], 1) * inv_positions,
+                 mask=rmask)
+
+
+@triton.jit
+def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, RAW, LAM,
+                     SCALE, LAM_PART, SUMS, W1, LNW, W2, N, C, H, eps, den,
+                     DGATE, DFC1, DLNW, DLNB, DFC2, GVAR, D: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_G: tl.constexpr, TRAINING: tl.constexpr):
+    """Backward of the small graph's instance branch (one program): the
+    gate, the IR MLP (fc2, ReLU, LayerNorm, fc1), the scale, and
+    dL/d(variances), all samples at once."""
+    G = C // D
+    lam = tl.load(LAM)
+    scale = tl.load(SCALE)
+    ns = tl.arange(0, BLOCK_N)
+    nmask = ns < N
+    hs = tl.arange(0, BLOCK_H)
+    hmask = hs < H
+    nh = nmask[:, None] & hmask[None, :]
+    post = tl.load(POST + ns[:, None] * H + hs[None, :], mask=nh, other=0.)
+    rows = tl.arange(0, BLOCK_D)
+    rmask = rows < D
+    grad_post = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    dys = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for g in range(G):
+        ch = g * D + rows
+        nd = nmask[:, None] & rmask[None, :]
+        gd = tl.load(GDIAG + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
+        y = tl.load(Y + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
+        dys += gd * y
+        grad_t = gd * ((1. - lam) / scale) * y * (1. - y)
+        w2 = tl.load(W2 + ch[:, None] * H + hs[None, :],
+                     mask=rmask[:, None] & hmask[None, :], other=0.)
+        dfc2 = tl.dot(tl.trans(grad_t), post, input_precision='ieee')
+        tl.store(DFC2 + ch[:, None] * H + hs[None, :], dfc2,
+                 mask=rmask[:, None] & hmask[None, :])
+        grad_post += tl.dot(grad_t, w2, input_precision='ieee')
+    dy_s = tl.sum(tl.sum(dys, 1), 0)
+    gs = tl.arange(0, BLOCK_G)
+    lam_part = tl.sum(tl.load(LAM_PART + gs, mask=gs < G, other=0.), 0)
+    tl.store(DGATE, (lam_part - dy_s / scale) * lam * (1. - lam))
+    # ReLU, LayerNorm
+    grad_pre = tl.where(post > 0., grad_post, 0.)
+    hid = tl.load(HID + ns[:, None] * H + hs[None, :], mask=nh, other=0.)
+    ln_mean = tl.load(LN_MEAN + ns, mask=nmask, other=0.)
+    ln_rstd = tl.load(LN_RSTD + ns, mask=nmask, other=0.)
+    xhat = tl.where(nh, (hid - ln_mean[:, None]) * ln_rstd[:, None], 0.)
+    lnw = tl.load(LNW + hs, mask=hmask, other=0.)
+    tl.store(DLNW + hs, tl.sum(grad_pre * xhat, 0), mask=hmask)
+    tl.store(DLNB + hs, tl.sum(grad_pre, 0), mask=hmask)
+    dxh = grad_pre * lnw[None, :]
+    m1 = tl.sum(dxh, 1) / H
+    m2 = tl.sum(dxh * xhat, 1) / H
+    grad_hid = tl.where(nh, ln_rstd[:, None] *
+                        (dxh - m1[:, None] - xhat * m2[:, None]), 0.)
+    if TRAINING:
+        # s = sqrt(max(sum v / (N C), eps^2))
+        grad_scale = -dy_s * (1. - lam) / (scale * scale)
+        vsum = tl.load(SUMS)
+        samples = tl.load(SUMS + 1)
+        unclamped = vsum / (samples * C) >= eps * eps
+        grad_vsum = tl.where(unclamped,
+                             grad_scale / (2. * scale * samples * C), 0.)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        nc = nmask[:, None] & cmask[None, :]
+        var = tl.load(VAR + ns[:, None] * C + cs[None, :], mask=nc, other=0.)
+        w1 = tl.load(W1 + hs[:, None] * C + cs[None, :],
+                     mask=hmask[:, None] & cmask[None, :], other=0.)
+        tl.store(DFC1 + hs[:, None] * C + cs[None, :],
+                 tl.dot(tl.trans(grad_hid), var, input_precision='ieee'),
+                 mask=hmask[:, None] & cmask[None, :])
+        gv = tl.dot(grad_hid, w1, input_precision='ieee')
+        if TRAINING:
+            raw = tl.load(RAW + ns[:, None] * C + cs[None, :], mask=nc,
+                          other=0.)
+            gv = tl.where(raw >= 0., gv + grad_vsum, 0.) / den
+        tl.store(GVAR + ns[:, None] * C + cs[None, :], gv, mask=nc)
+
+
+@triton.jit
+def _grad_maps_kernel(A, MEAN, GVAR, GC, DXS, ALPHA, BETA, GZ, GOS, VAR_Z,
+                      BN_MEAN, INVSTD, N, C, hw, den, M1, M2, SHIFT, DBN_W,
+                      DBN_B, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      TRAINING: tl.constexpr, AFFINE: tl.constexpr,
+                      FOLD: tl.constexpr):
+    """The input gradient's maps, per group g: ``dX = M1 dout + M2 kept +
+    shift`` for every sample, from the block maps and the statistics'
+    gradients; with FOLD (an eval-mode BN folded into the op) ``dZ = alpha
+    dX`` and the BN's weight and bias gradients."""
+    g = tl.program_id(0)
+    G = C // D
+    rows = tl.arange(0, BLOCK_D)
+    rmask = rows < D
+    on_diag = rows[:, None] == rows[None, :]
+    mmask = rmask[:, None] & rmask[None, :]
+    mat = rows[:, None] * D + rows[None, :]
+    ch = g * D + rows
+    if AFFINE:
+        alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
+        beta = tl.load(BETA + ch, mask=rmask, other=0.)
+    if TRAINING:
+        grad_cov = tl.load(GC + g * D * D + mat, mask=mmask, other=0.)
+        sym = grad_cov + tl.trans(grad_cov)
+        dxs = tl.load(DXS + ch, mask=rmask, other=0.)
+    if FOLD:
+        var_z = tl.load(VAR_Z + ch, mask=rmask, other=0.)  # row n below
+        sum_dx = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+        sum_dxz = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    for n in range(N):
+        ng = (n * G + g).to(tl.int64)
+        a = tl.load(A + ng * D * D + mat, mask=mmask, other=0.)
+        gv = tl.load(GVAR + n * C + ch, mask=rmask, other=0.)
+        mean = tl.load(MEAN + n * C + ch, mask=rmask, other=0.)
+        if TRAINING:
+            # S = dQ + dQ^T, dQ = diag(gv) + dL/d(sum of Gram matrices)
+            s_mat = tl.where(on_diag, 2. * gv[:, None], 0.) + sym
+            b = dxs - 2. * mean * gv
+        else:
+            coef = 2. * gv / den
+            s_mat = tl.where(on_diag, coef[:, None], 0.)
+            b = -coef * mean
+        if AFFINE:  # S X = (S diag(alpha)) z + S beta
+            b = b + tl.sum(s_mat * beta[None, :], 1)
+            s_mat = s_mat * alpha[None, :]
+        a_t = tl.trans(a)
+        if FOLD:
+            a_t = a_t * alpha[:, None]
+            s_mat = s_mat * alpha[:, None]
+            b = b * alpha
+            gz = tl.load(GZ + ng * D * D + mat, mask=mmask, other=0.)
+            gos = tl.load(GOS + ng * D + rows, mask=rmask, other=0.)
+            var_z = tl.load(VAR_Z + n * C + ch, mask=rmask, other=0.)
+            sum_dx += tl.sum(a * gos[:, None], 0)
+            sum_dxz += tl.sum(a * gz, 0) + coef * alpha * (hw - 1.) * var_z
+        tl.store(M1 + ng * D * D + mat, a_t, mask=mmask)
+        tl.store(M2 + ng * D * D + mat, s_mat, mask=mmask)
+        tl.store(SHIFT + ng * D + rows, b, mask=rmask)
+    if FOLD:
+        bn_mean = tl.load(BN_MEAN + ch, mask=rmask, other=0.)
+        invstd = tl.load(INVSTD + ch, mask=rmask, other=0.)
+        tl.store(DBN_W + ch, (sum_dxz - bn_mean * sum_dx) * invstd,
+                 mask=rmask)
+        tl.store(DBN_B + ch, sum_dx, mask=rmask)
+
+
 def _blocks(d: int) -> Tuple[int, int]:
     """(BLOCK_D, BLOCK_HW): ``d`` padded to a power of two >= 16, and a
     position block that keeps a tile at about 2K elements."""
@@ -373,6 +598,8 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     sums = new(3 + c + g * d * d) if training else None
     cov = new(g, d, d) if training else None
     wm = new(g, d, d) if training else state.running_wm
+    iterates = new(max(config.num_iters - 1, 1), g, d, d) if training \
+        else None
     alpha = beta = None
     bn = affine
     if affine is not None:
@@ -387,7 +614,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         ps if alpha is None else alpha, ps if beta is None else beta, mean,
         var, var if var_in is None else var_in, var if raw is None else raw,
         vsum_g, ps if sums is None else sums, ps if cov is None else cov, wm,
-        D=d, BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
+        ps if iterates is None else iterates, D=d, BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
         HAS_W=bn.weight is not None, HAS_B=bn.bias is not None,
         NUM_ITERS=config.num_iters)
     a = new(n, g, d, d)
@@ -408,7 +635,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
         AFFINE=affine is not None)
     cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, None,
-                            post, y, lam, scale, wm, cov, None)
+                            post, y, lam, scale, wm, cov, None, iterates)
     return MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
 
 
@@ -431,6 +658,75 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
         m1 if b is None else b, out, hw, D=d, BLOCK_D=block_d,
         BLOCK_HW=block_hw, HAS_Q=q is not None, HAS_B=b is not None)
     return out
+
+
+def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
+                         params, config, training: bool, affine,
+                         fold) -> GradMaps:
+    """The backward's small part in four launches: ``dout kept^T`` (the
+    statistics kernel), one program per group (dL/dA, the Newton
+    iterations' backward), one program for the instance branch (gate, MLP,
+    scale), one program per group (the input gradient's maps, the folded
+    BN's gradients)."""
+    n, c, h, w = kept.shape
+    d, hw, eps = config.group_size, h * w, config.eps
+    g = c // d
+    hidden = params.fc1_weight.shape[0]
+    block_d = _blocks(d)[0]
+    gz_p, gos_p, _, split = _partials(grad_out, kept, d, full=True)
+    f32 = dict(dtype=torch.float32, device=kept.device)
+    new = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
+    alpha, beta = affine if affine is not None else (gos_p, gos_p)
+    gdiag, lam_part = new(n, c), new(g)
+    grad_cov = new(g, d, d) if training else None
+    dxs = new(c) if training else None
+    gz = new(n, g, d, d) if fold is not None else None
+    gos = new(n, g, d, 1) if fold is not None else None
+    _launch(
+        _group_grad_kernel, (g, ),
+        gz_p, gos_p, split, n, c, alpha, beta, cache.lam, cache.wm,
+        gdiag if cache.cov is None else cache.cov,
+        gdiag if cache.iterates is None else cache.iterates,
+        gdiag if cache.sums is None else cache.sums, 1.0 / (n * hw), gdiag,
+        lam_part, gdiag if grad_cov is None else grad_cov,
+        gdiag if dxs is None else dxs, gdiag if gz is None else gz,
+        gdiag if gos is None else gos, D=d, BLOCK_D=block_d,
+        TRAINING=training, AFFINE=affine is not None,
+        KEEP_CROSS=fold is not None, NUM_ITERS=config.num_iters)
+    d_gate, d_fc1 = new(1), new(hidden, c)
+    d_lnw, d_lnb, d_fc2, grad_var = new(hidden), new(hidden), new(
+        c, hidden), new(n, c)
+    block_h = max(16, triton.next_power_of_2(hidden))
+    _launch(
+        _mlp_grad_kernel, (1, ),
+        gdiag, cache.y, cache.post_relu, cache.hidden, cache.ln_mean,
+        cache.ln_rstd, cache.var,
+        gdiag if cache.raw_var is None else cache.raw_var, cache.lam,
+        cache.scale, lam_part, gdiag if cache.sums is None else cache.sums,
+        params.fc1_weight, params.ln_weight, params.fc2_weight, n, c, hidden,
+        eps, float(max(hw - 1, 1)), d_gate, d_fc1, d_lnw, d_lnb, d_fc2,
+        grad_var, D=d, BLOCK_D=block_d,
+        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_H=block_h,
+        BLOCK_C=max(16, 4096 // block_h),
+        BLOCK_G=triton.next_power_of_2(g), TRAINING=training)
+    m1, m2, shift = new(n, g, d, d), new(n, g, d, d), new(n, g, d, 1)
+    bn_mean, invstd, var_z = fold if fold is not None else (None, ) * 3
+    d_bn_w = new(c) if fold is not None else None
+    d_bn_b = new(c) if fold is not None else None
+    _launch(
+        _grad_maps_kernel, (g, ),
+        a, cache.mean, grad_var, gdiag if grad_cov is None else grad_cov,
+        gdiag if dxs is None else dxs, alpha, beta,
+        gdiag if gz is None else gz, gdiag if gos is None else gos,
+        gdiag if var_z is None else var_z,
+        gdiag if bn_mean is None else bn_mean,
+        gdiag if invstd is None else invstd, n, c, float(hw),
+        float(max(hw - 1, 1)), m1, m2, shift,
+        gdiag if d_bn_w is None else d_bn_w,
+        gdiag if d_bn_b is None else d_bn_b, D=d, BLOCK_D=block_d,
+        TRAINING=training, AFFINE=affine is not None, FOLD=fold is not None)
+    return GradMaps(m1, m2, shift, [d_gate, d_fc1, d_lnw, d_lnb, d_fc2],
+                    d_bn_w, d_bn_b)
 
 
 class TritonPasses:
@@ -484,6 +780,15 @@ class TritonPasses:
     def backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
                       params, config, training: bool, reduce_fn,
                       affine=None, fold=None) -> GradMaps:
+        """Fused kernels (:func:`_fused_backward_maps`) after the fused
+        forward; with SyncCE or float64/half parameters, the cross-product
+        kernel and the torch small graph."""
+        fused_cache = cache.iterates is not None or not training
+        fp32 = all(t.dtype == torch.float32 for t in params) and \
+            cache.var.dtype == torch.float32
+        if reduce_fn is None and fused_cache and fp32:
+            return _fused_backward_maps(grad_out, kept, a, cache, params,
+                                        config, training, affine, fold)
         gz, go_sum = TritonPasses.cross(grad_out, kept, config.group_size)
         hw = kept.shape[2] * kept.shape[3]
         return backward_maps_from_cross(gz, go_sum, a, cache, hw, params,

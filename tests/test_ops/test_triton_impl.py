@@ -217,3 +217,60 @@ def test_fused_small_graph_matches_torch(n, c, h, w, d, reduction, training,
         assert (u is None) == (v is None), name
         if u is not None:
             assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+
+
+@pytest.mark.parametrize('n,c,h,w,d,reduction', [(2, 32, 5, 7, 16, 4),
+                                                 (1, 48, 3, 1, 8, 4),
+                                                 (3, 64, 4, 5, 32, 3),
+                                                 (17, 16, 2, 3, 16, 4)])
+@pytest.mark.parametrize('training,affine,fold', [(True, False, False),
+                                                  (True, True, False),
+                                                  (False, False, False),
+                                                  (False, True, True)])
+def test_fused_backward_maps_match_torch(n, c, h, w, d, reduction, training,
+                                         affine, fold):
+    """The four-launch backward (cross products, per-group, instance
+    branch, per-group maps) against the torch composition on the same
+    forward cache: the input gradient's maps, the CE parameters' and the
+    folded BN's gradients."""
+    from ce_mmdet.models import ChannelEquilibrium
+    from ce_mmdet.ops.torch_impl import (TorchPasses,
+                                         backward_maps_from_cross)
+    from ce_mmdet.ops.triton_impl import TritonPasses, _fused_backward_maps
+    torch.manual_seed(0)
+    ce = ChannelEquilibrium(c, group_size=d, reduction=reduction,
+                            num_iters=3).to(DEVICE)
+    with torch.no_grad():
+        ce.gate.fill_(0.3)
+        ce.norm.weight.uniform_(0.5, 1.5)
+        ce.running_wm.add_(0.05 * torch.randn_like(ce.running_wm))
+    x = torch.randn(n, c, h, w, device=DEVICE) * 1.5 + 0.3
+    go = torch.randn(n, c, h, w, device=DEVICE)
+    result = TritonPasses.forward_map(x, ce.ce_params(), ce.ce_state(),
+                                      ce.config, training, None, None)
+    aff = (torch.rand(c, device=DEVICE) + 0.5,
+           torch.randn(c, device=DEVICE)) if affine else None
+    fold_args = None
+    if fold:
+        fold_args = (torch.randn(c, device=DEVICE),
+                     torch.rand(c, device=DEVICE) + 0.5,
+                     torch.rand(n, c, device=DEVICE))
+    got = _fused_backward_maps(go, x, result.a, result.cache,
+                               ce.ce_params(), ce.config, training, aff,
+                               fold_args)
+    gz, gos = TorchPasses.cross(go, x, d)
+    want = backward_maps_from_cross(gz, gos, result.a, result.cache, h * w,
+                                    ce.ce_params(), ce.config, training,
+                                    None, aff, fold_args)
+    m2 = want.m2 if want.m2.dim() == 4 else torch.diag_embed(want.m2)
+    for name, u, v in (('m1', got.m1, want.m1), ('m2', got.m2, m2),
+                       ('shift', got.shift, want.shift),
+                       ('bn_weight', got.bn_weight, want.bn_weight),
+                       ('bn_bias', got.bn_bias, want.bn_bias)):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert rel_err(u, v) < 1e-4, name
+    # (the gate's gradient sums every entry of dL/dA: fp32 rounding)
+    for name, u, v in zip(('gate', 'fc1', 'ln_w', 'ln_b', 'fc2'), got.params,
+                          want.params):
+        assert rel_err(u.reshape(v.shape), v) < 1e-3, name
