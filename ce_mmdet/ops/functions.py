@@ -96,24 +96,22 @@ def _forward_map(ctx, x: Tensor, params: CEParams, state: CEState,
                                      call.training, call.reduce_fn, affine)
     if call.needs_grad:
         cache = result.cache
-        # in eval the cache's wm may be the running buffer itself: the
-        # backward gets it from save_for_backward (version-checked)
-        ctx.cache = cache._replace(wm=None) if not call.training else cache
-    if not call.training:
-        empty = result.a.new_empty(0)
-        result = result._replace(wm=empty, scale=empty)
+        if not call.training:
+            # in eval the cache's wm may be the running buffer itself, which
+            # a later training call moves: keep a (small) copy
+            cache = cache._replace(wm=cache.wm.clone())
+        ctx.cache = cache
+    if not call.training:  # (two distinct outputs)
+        result = result._replace(wm=result.a.new_empty(0),
+                                 scale=result.a.new_empty(0))
     return result
 
 
 def _backward_maps(ctx, grad_out: Tensor, kept: Tensor, a: Tensor,
-                   params: CEParams, state: CEState, call: OpCall,
-                   need_params, affine=None, fold=None):
-    """``call.passes.backward_maps`` with this call's cache (in eval with
-    the running whitening matrices the forward used)."""
-    cache = ctx.cache
-    if not call.training:
-        cache = cache._replace(wm=state.running_wm.to(a.dtype))
-    maps = call.passes.backward_maps(grad_out, kept, a, cache, params,
+                   params: CEParams, call: OpCall, need_params, affine=None,
+                   fold=None):
+    """``call.passes.backward_maps`` with this call's cache."""
+    maps = call.passes.backward_maps(grad_out, kept, a, ctx.cache, params,
                                      call.config, call.training,
                                      call.reduce_fn, affine, fold)
     return maps._replace(params=[
@@ -142,22 +140,20 @@ class _CEFunction(torch.autograd.Function):
             ctx.mark_dirty(x)
         ctx.mark_non_differentiable(wm, scale)
         if call.needs_grad:
-            # training never reads the running state (which is updated
-            # right after this call): do not save it
-            kept = (None, None) if call.training else tuple(state)
-            ctx.save_for_backward(x, a, *kept, *params)
+            # the running state is not saved: training never reads it (it
+            # is updated right after this call), eval keeps a copy of W
+            ctx.save_for_backward(x, a, *params)
             ctx.call = call
         return out, wm, scale
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
         x, a, *rest = ctx.saved_tensors
-        state = CEState(*rest[:_NUM_STATE])
-        params = CEParams(*rest[_NUM_STATE:])
+        params = CEParams(*rest)
         call = ctx.call
         passes, d = call.passes, call.config.group_size
         grad_out = grad_out.contiguous()
-        maps = _backward_maps(ctx, grad_out, x, a, params, state, call,
+        maps = _backward_maps(ctx, grad_out, x, a, params, call,
                               ctx.needs_input_grad[2:2 + _NUM_PARAMS])
         grad_x = None
         if ctx.needs_input_grad[1]:
@@ -227,12 +223,11 @@ class _BNCEFunction(torch.autograd.Function):
             folded = True
         ctx.mark_non_differentiable(wm, scale)
         if call.needs_grad:
-            kept = (None, None) if call.training else tuple(state)
             # what the BN's backward needs: the batch mean and inverse std,
             # or the running mean and inverse std (small copies)
             ctx.save_for_backward(z, alpha, beta, bn_mean, invstd, bn_var,
                                   bn_weight, var_z if folded else None, a,
-                                  *kept, *params)
+                                  *params)
             ctx.call = call
             ctx.folded = folded
             ctx.bias_dtype = None if bn_bias is None else bn_bias.dtype
@@ -242,8 +237,7 @@ class _BNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
         (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, var_z, a,
          *rest) = ctx.saved_tensors
-        state = CEState(*rest[:_NUM_STATE])
-        params = CEParams(*rest[_NUM_STATE:])
+        params = CEParams(*rest)
         call = ctx.call
         passes, d = call.passes, call.config.group_size
         grad_out = grad_out.contiguous()
@@ -253,7 +247,7 @@ class _BNCEFunction(torch.autograd.Function):
         if ctx.folded:
             # BN in eval: dz = alpha dX, and the BN's parameter gradients
             # from small tensors (see backward_maps)
-            maps = _backward_maps(ctx, grad_out, z, a, params, state, call,
+            maps = _backward_maps(ctx, grad_out, z, a, params, call,
                                   need_params, (alpha, beta),
                                   (bn_mean, invstd, var_z))
             if need_z:
@@ -264,7 +258,7 @@ class _BNCEFunction(torch.autograd.Function):
             if need_b:
                 grad_b = maps.bn_bias.to(ctx.bias_dtype)
         else:
-            maps = _backward_maps(ctx, grad_out, z, a, params, state, call,
+            maps = _backward_maps(ctx, grad_out, z, a, params, call,
                                   need_params, (alpha, beta))
             grad_x = passes.apply2(maps.m1, grad_out, maps.m2, z, maps.shift,
                                    d)

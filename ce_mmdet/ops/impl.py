@@ -16,7 +16,10 @@ to compare implementations without touching a config).
   imports (torch's CUDA wheels ship it; it is never a hard dependency) and
   the kernels pass a one-time self-check on that device (a few small calls
   compared with the torch implementation; a failure warns once and keeps
-  ``'torch'``), ``'torch'`` otherwise.
+  ``'torch'``), ``'torch'`` otherwise, and ``'torch'`` while
+  ``torch.compile`` traces (dynamo traces the torch implementation without
+  graph breaks; the Triton launches are not registered as custom ops yet,
+  so forcing ``'triton'`` under torch.compile is not supported).
 """
 import functools
 import os
@@ -95,11 +98,15 @@ def resolve_impl(impl: str = 'auto',
         impl = check_impl(impl)
     if impl == 'torch':
         return 'torch'
+    if impl == 'auto' and (tensor is None or not tensor.is_cuda
+                           or torch.compiler.is_compiling()):
+        # never the (slow) interpreter unless asked for; under
+        # torch.compile the torch implementation, which dynamo traces
+        # without graph breaks and inductor fuses
+        return 'torch'
     usable, why = _triton_usable(tensor)
     if impl == 'auto':
-        # never the (slow) interpreter unless asked for
-        return 'triton' if usable and tensor is not None and \
-            tensor.is_cuda else 'torch'
+        return 'triton' if usable else 'torch'
     if not usable:
         raise RuntimeError(f"impl='triton' cannot run here: {why}. Use "
                            "impl='auto' or 'torch'.")
