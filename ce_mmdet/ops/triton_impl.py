@@ -480,7 +480,6 @@ def _grad_maps_kernel(A, MEAN, GVAR, GC, DXS, ALPHA, BETA, GZ, GOS, VAR_Z,
         sym = grad_cov + tl.trans(grad_cov)
         dxs = tl.load(DXS + ch, mask=rmask, other=0.)
     if FOLD:
-        var_z = tl.load(VAR_Z + ch, mask=rmask, other=0.)  # row n below
         sum_dx = tl.zeros((BLOCK_D, ), dtype=tl.float32)
         sum_dxz = tl.zeros((BLOCK_D, ), dtype=tl.float32)
     for n in range(N):
@@ -587,6 +586,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     n, c, h, w = x.shape
     d, hw, eps = config.group_size, h * w, config.eps
     g = c // d
+    params = type(params)(*(t.contiguous() for t in params))
     hidden = params.fc1_weight.shape[0]
     block_d = _blocks(d)[0]
     pq, ps, _, split = _partials(x, None, d, full=training)
@@ -633,7 +633,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         scale if sums is None else sums, D=d, BLOCK_D=block_d,
         BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
-        AFFINE=affine is not None)
+        AFFINE=affine is not None, num_warps=8)
     cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, None,
                             post, y, lam, scale, wm, cov, None, iterates)
     return MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
@@ -671,6 +671,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     n, c, h, w = kept.shape
     d, hw, eps = config.group_size, h * w, config.eps
     g = c // d
+    params = type(params)(*(t.contiguous() for t in params))
     hidden = params.fc1_weight.shape[0]
     block_d = _blocks(d)[0]
     gz_p, gos_p, _, split = _partials(grad_out, kept, d, full=True)
@@ -708,7 +709,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         grad_var, D=d, BLOCK_D=block_d,
         BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_H=block_h,
         BLOCK_C=max(16, 4096 // block_h),
-        BLOCK_G=triton.next_power_of_2(g), TRAINING=training)
+        BLOCK_G=triton.next_power_of_2(g), TRAINING=training, num_warps=8)
     m1, m2, shift = new(n, g, d, d), new(n, g, d, d), new(n, g, d, 1)
     bn_mean, invstd, var_z = fold if fold is not None else (None, ) * 3
     d_bn_w = new(c) if fold is not None else None
