@@ -50,6 +50,19 @@ def _update_running_state(state: CEState, wm: Tensor, scale: Tensor,
                                       config.momentum)
 
 
+def _op_call(x: Tensor, config: CEConfig, training: bool, reduce_fn,
+             inplace: bool, impl: str, differentiable,
+             **bn) -> functions.OpCall:
+    return functions.OpCall(
+        config=config,
+        training=bool(training),
+        passes=passes_for(impl, x),
+        reduce_fn=reduce_fn if training else None,
+        inplace=bool(inplace),
+        needs_grad=_needs_grad(x, *differentiable),
+        **bn)
+
+
 def channel_equilibrium(x: Tensor,
                         params: CEParams,
                         state: CEState,
@@ -102,13 +115,7 @@ def channel_equilibrium(x: Tensor,
         torch.Size([2, 32, 5, 5])
     """
     _check_input(x, state, config)
-    call = functions.OpCall(
-        config=config,
-        training=bool(training),
-        passes=passes_for(impl, x),
-        reduce_fn=reduce_fn if training else None,
-        inplace=bool(inplace),
-        needs_grad=_needs_grad(x, *params))
+    call = _op_call(x, config, training, reduce_fn, inplace, impl, params)
     out, wm, scale = functions.channel_equilibrium(x, params, state, call)
     if training:
         _update_running_state(state, wm, scale, config)
@@ -177,16 +184,10 @@ def batchnorm_channel_equilibrium(z: Tensor,
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
-    call = functions.OpCall(
-        config=config,
-        training=bool(training),
-        passes=passes_for(impl, z),
-        reduce_fn=reduce_fn if training else None,
-        inplace=bool(inplace),
-        needs_grad=_needs_grad(z, bn.weight, bn.bias, *params),
-        bn_batch_stats=batch_stats,
-        bn_momentum=float(factor),
-        bn_eps=float(bn.eps))
+    call = _op_call(z, config, training, reduce_fn, inplace, impl,
+                    (bn.weight, bn.bias) + tuple(params),
+                    bn_batch_stats=batch_stats, bn_momentum=float(factor),
+                    bn_eps=float(bn.eps))
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
     out, wm, scale = functions.batchnorm_channel_equilibrium(
         z, bn_tensors, params, state, call)

@@ -262,6 +262,27 @@ def backward_maps_from_cross(gz: Tensor, go_sum: Tensor, a: Tensor, cache,
                     d_params, (sum_dxz - bn_mean * sum_dx) * invstd, sum_dx)
 
 
+def forward_map_by(passes, x: Tensor, params, state, config,
+                   training: bool, reduce_fn, affine) -> MapResult:
+    """``forward_map`` from a pass implementation's ``stats`` and the torch
+    small graph."""
+    hw = x.shape[2] * x.shape[3]
+    mean, second = passes.stats(x, config.group_size, training)
+    return map_from_stats(mean, second, hw, params, state, config, training,
+                          reduce_fn, affine)
+
+
+def backward_maps_by(passes, grad_out: Tensor, kept: Tensor, a: Tensor,
+                     cache, params, config, training: bool, reduce_fn,
+                     affine, fold) -> GradMaps:
+    """``backward_maps`` from a pass implementation's ``cross`` and the
+    torch small graph."""
+    gz, go_sum = passes.cross(grad_out, kept, config.group_size)
+    hw = kept.shape[2] * kept.shape[3]
+    return backward_maps_from_cross(gz, go_sum, a, cache, hw, params, config,
+                                    training, reduce_fn, affine, fold)
+
+
 class TorchPasses:
     """The big passes by PyTorch ops. Every pass takes and returns
     (N, C, H, W) contiguous activations and small (N, G, d, d) / (N, G, d,
@@ -291,9 +312,7 @@ class TorchPasses:
                     reduce_fn, affine=None) -> MapResult:
         """Statistics of ``x`` and the small graph (:func:`map_from_stats`;
         ``affine`` only in eval)."""
-        hw = x.shape[2] * x.shape[3]
-        mean, second = TorchPasses.stats(x, config.group_size, training)
-        return map_from_stats(mean, second, hw, params, state, config,
+        return forward_map_by(TorchPasses, x, params, state, config,
                               training, reduce_fn, affine)
 
     @staticmethod
@@ -325,11 +344,9 @@ class TorchPasses:
                 eval-mode BN folded into the op: the maps give ``dZ`` and
                 the BN's parameter gradients are returned too.
         """
-        gz, go_sum = TorchPasses.cross(grad_out, kept, config.group_size)
-        hw = kept.shape[2] * kept.shape[3]
-        return backward_maps_from_cross(gz, go_sum, a, cache, hw, params,
-                                        config, training, reduce_fn, affine,
-                                        fold)
+        return backward_maps_by(TorchPasses, grad_out, kept, a, cache,
+                                params, config, training, reduce_fn, affine,
+                                fold)
 
     @staticmethod
     def apply(a: Tensor, x: Tensor, group_size: int, inplace: bool,

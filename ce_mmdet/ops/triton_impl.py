@@ -33,8 +33,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .small_graph import SmallGraphCache
-from .torch_impl import (BNAffine, GradMaps, MapResult,
-                         backward_maps_from_cross, map_from_stats)
+from .torch_impl import (BNAffine, GradMaps, MapResult, backward_maps_by,
+                         forward_map_by)
 
 #: Programs to aim for in a statistics launch (a few per SM of a large GPU).
 _TARGET_PROGRAMS = 512
@@ -134,6 +134,18 @@ def _map_kernel(M1, P, M2, Q, B, OUT, HW, D: tl.constexpr,
 
 
 @triton.jit
+def _group_layout(D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Index helpers of a group's d x d tile: rows, their mask, the
+    diagonal, the tile's mask and its row-major offsets."""
+    rows = tl.arange(0, BLOCK_D)
+    rmask = rows < D
+    on_diag = rows[:, None] == rows[None, :]
+    mmask = rmask[:, None] & rmask[None, :]
+    mat = rows[:, None] * D + rows[None, :]
+    return rows, rmask, on_diag, mmask, mat
+
+
+@triton.jit
 def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
                         MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM, ITERS,
@@ -149,11 +161,7 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
     the BN's map, which is written to ALPHA and BETA."""
     g = tl.program_id(0)
     G = C // D
-    rows = tl.arange(0, BLOCK_D)
-    rmask = rows < D
-    on_diag = rows[:, None] == rows[None, :]
-    mmask = rmask[:, None] & rmask[None, :]
-    mat = rows[:, None] * D + rows[None, :]
+    rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     if AFFINE:
         ch = g * D + rows
         alpha = 1. / tl.sqrt(
@@ -273,11 +281,7 @@ def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
     lam = 1. / (1. + tl.exp(-tl.load(GATE)))
     if n == 0:
         tl.store(LAM, lam)
-    rows = tl.arange(0, BLOCK_D)
-    rmask = rows < D
-    on_diag = rows[:, None] == rows[None, :]
-    mmask = rmask[:, None] & rmask[None, :]
-    mat = rows[:, None] * D + rows[None, :]
+    rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     for g in range(G):
         ch = g * D + rows
         w2 = tl.load(W2 + ch[:, None] * H + hs[None, :],
@@ -311,11 +315,7 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
     and dL/d(channel sums)."""
     g = tl.program_id(0)
     G = C // D
-    rows = tl.arange(0, BLOCK_D)
-    rmask = rows < D
-    on_diag = rows[:, None] == rows[None, :]
-    mmask = rmask[:, None] & rmask[None, :]
-    mat = rows[:, None] * D + rows[None, :]
+    rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     ch = g * D + rows
     if AFFINE:
         alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
@@ -466,11 +466,7 @@ def _grad_maps_kernel(A, MEAN, GVAR, GC, DXS, ALPHA, BETA, GZ, GOS, VAR_Z,
     dX`` and the BN's weight and bias gradients."""
     g = tl.program_id(0)
     G = C // D
-    rows = tl.arange(0, BLOCK_D)
-    rmask = rows < D
-    on_diag = rows[:, None] == rows[None, :]
-    mmask = rmask[:, None] & rmask[None, :]
-    mat = rows[:, None] * D + rows[None, :]
+    rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     ch = g * D + rows
     if AFFINE:
         alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
@@ -750,9 +746,7 @@ class TritonPasses:
         if reduce_fn is None and fp32:
             return _fused_forward_map(x, params, state, config, training,
                                       affine)
-        hw = x.shape[2] * x.shape[3]
-        mean, second = TritonPasses.stats(x, config.group_size, training)
-        return map_from_stats(mean, second, hw, params, state, config,
+        return forward_map_by(TritonPasses, x, params, state, config,
                               training, reduce_fn, affine)
 
     @staticmethod
@@ -790,11 +784,9 @@ class TritonPasses:
         if reduce_fn is None and fused_cache and fp32:
             return _fused_backward_maps(grad_out, kept, a, cache, params,
                                         config, training, affine, fold)
-        gz, go_sum = TritonPasses.cross(grad_out, kept, config.group_size)
-        hw = kept.shape[2] * kept.shape[3]
-        return backward_maps_from_cross(gz, go_sum, a, cache, hw, params,
-                                        config, training, reduce_fn, affine,
-                                        fold)
+        return backward_maps_by(TritonPasses, grad_out, kept, a, cache,
+                                params, config, training, reduce_fn, affine,
+                                fold)
 
     @staticmethod
     def apply(a: Tensor, x: Tensor, group_size: int, inplace: bool,
