@@ -31,6 +31,9 @@ $(STAMP): requirements/pinned.txt requirements/runtime.txt requirements/tests.tx
 	  echo 'building mmcv 2.1.0 with ops from source (first time: 20-30 min on 2 cores)'; \
 	  MAX_JOBS=$(NPROC) $(PIP) install -q --no-build-isolation $(PIN) mmcv; }
 	$(PIP) install -q $(PIN) mmdet pycocotools -r requirements/tests.txt
+	@# triton: the Triton kernels' tests run in its interpreter on CPU. Keep the
+	@# one a CUDA torch brought (torch pins it); otherwise the pinned one.
+	@$(PY) -c 'import triton' 2>/dev/null || $(PIP) install -q $(PIN) triton
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@$(PY) -c 'import ce_mmdet, mmcv.ops, mmdet; print("ce_mmdet", ce_mmdet.__version__, "| mmdet", mmdet.__version__, "| mmcv", mmcv.__version__)'
 	@touch $@
