@@ -113,10 +113,54 @@ def resolve_impl(impl: str = 'auto',
     return 'triton'
 
 
+def _op_pairs(device: torch.device, gen: torch.Generator) -> list:
+    """Outputs and gradients of the whole ops (the fused small-graph
+    kernels too) with the Triton and the torch passes: CE in training and
+    eval, and an eval-mode BN folded into CE."""
+    from . import functions
+    from .torch_impl import TorchPasses
+    from .triton_impl import TritonPasses
+    from .types import CEConfig, CEParams, CEState
+    c, d, h = 32, 16, 8
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, device=device, generator=gen) * scale + \
+            shift
+
+    base = (rand(1, scale=0.3), rand(h, c, scale=0.3), rand(h, scale=0.1,
+                                                           shift=1.0),
+            rand(h, scale=0.1), rand(c, h, scale=0.3))
+    x0 = rand(2, c, 5, 6, scale=1.5, shift=0.3)
+    bn = (rand(c, scale=0.2, shift=1.0), rand(c, scale=0.2),
+          rand(c, scale=0.3), rand(c, scale=0.1, shift=1.0).abs())
+    pairs = []
+    for training, with_bn in ((True, False), (False, False), (False, True)):
+        results = []
+        for passes in (TritonPasses, TorchPasses):
+            params = CEParams(*(t.clone().requires_grad_() for t in base))
+            state = CEState(
+                torch.eye(d, device=device).repeat(c // d, 1, 1),
+                torch.ones(1, device=device))
+            x = x0.clone().requires_grad_()
+            call = functions.OpCall(CEConfig(d), training, passes,
+                                    needs_grad=True, bn_eps=1e-5)
+            if with_bn:
+                out = functions.batchnorm_channel_equilibrium(
+                    x, bn, params, state, call)[0]
+            else:
+                out = functions.channel_equilibrium(x, params, state,
+                                                    call)[0]
+            grads = torch.autograd.grad(out.square().sum(), [x, *params])
+            results.append((out.detach(), ) + grads)
+        pairs.append(tuple(results))
+    return pairs
+
+
 @functools.lru_cache(maxsize=None)
 def triton_self_check(device: torch.device) -> bool:
     """Whether the Triton passes agree with the torch passes on ``device``
-    (small float32 inputs, every pass, groups of 8 and 16). Run once per
+    (small float32 inputs, every pass, groups of 8 and 16, and whole ops
+    forward and backward, so every kernel is compiled and run). Run once per
     device by ``impl='auto'``; a failure (a kernel that does not compile on
     this GPU or Triton version, or a wrong result) warns once and makes
     ``'auto'`` keep the torch implementation there."""
@@ -137,6 +181,7 @@ def triton_self_check(device: torch.device) -> bool:
                           (TorchPasses.apply(a, x, d, False, b), )))
             pairs.append(((TritonPasses.apply2(a, y, a, x, b, d), ),
                           (TorchPasses.apply2(a, y, a, x, b, d), )))
+            pairs += _op_pairs(device, gen)
             for got, want in pairs:
                 for u, v in zip(got, want):
                     if not torch.allclose(u, v, rtol=1e-3, atol=1e-3):
