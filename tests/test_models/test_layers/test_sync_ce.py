@@ -59,7 +59,8 @@ def rank_data(rank, splits):
     return x[sl], grad[sl]
 
 
-def worker(rank, world, init_file, splits, result_dir, momentum=0.1):
+def worker(rank, world, init_file, splits, result_dir, momentum=0.1,
+           impl='torch'):
     dist.init_process_group(
         'gloo', init_method=f'file://{init_file}', rank=rank,
         world_size=world)
@@ -68,6 +69,9 @@ def worker(rank, world, init_file, splits, result_dir, momentum=0.1):
         layer.sync = True
         layer.momentum = momentum
         x, grad = rank_data(rank, splits)
+        if impl == 'triton':  # float32 kernels (interpreter on CPU)
+            layer, x, grad = layer.float(), x.float(), grad.float()
+            layer.impl = impl
         xr = x.clone().requires_grad_()
         out = layer(xr)
         out.backward(grad)
@@ -84,11 +88,11 @@ def worker(rank, world, init_file, splits, result_dir, momentum=0.1):
         dist.destroy_process_group()
 
 
-def run_ranks(splits, tmp_path, momentum=0.1):
+def run_ranks(splits, tmp_path, momentum=0.1, impl='torch'):
     init_file = str(tmp_path / 'dist_init')
     ctx = mp.start_processes(
         worker,
-        args=(len(splits), init_file, splits, str(tmp_path), momentum),
+        args=(len(splits), init_file, splits, str(tmp_path), momentum, impl),
         nprocs=len(splits),
         join=False,
         start_method='spawn')
@@ -129,6 +133,29 @@ def test_sync_ce_equals_global_batch(splits, tmp_path):
     alone = make_layer().train()
     x, _ = make_data(sum(splits))
     assert rel(alone(x[:splits[0]]), ranks[0]['out']) > 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_sync_ce_triton_equals_global_batch(tmp_path):
+    """SyncCE with the Triton passes (statistics, cross products and maps
+    by the kernels; the all-reduced sums through the torch small graph):
+    the float64 single-process result to fp32 accuracy."""
+    from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+    if not triton_importable() or not (torch.cuda.is_available()
+                                       or triton_interpreting()):
+        pytest.skip('needs triton (and a GPU or TRITON_INTERPRET=1)')
+    ref = single_process(4)
+    ranks = run_ranks([3, 1], tmp_path, impl='triton')
+    out = torch.cat([r['out'] for r in ranks])
+    assert rel(out.double(), ref['out']) < 1e-3
+    grad_x = torch.cat([r['grad_x'] for r in ranks])
+    assert rel(grad_x.double(), ref['grad_x']) < 1e-3
+    for name, g in ref['grads'].items():
+        total = sum(r['grads'][name] for r in ranks)
+        assert rel(total.double(), g) < 1e-3, name
+    for name, b in ref['buffers'].items():
+        for r in ranks:
+            assert rel(r['buffers'][name].double(), b) < 1e-3, name
 
 
 @pytest.mark.timeout(300)
