@@ -1,10 +1,11 @@
-"""The Triton implementation of CE's big passes over the feature map
-(:class:`TritonPasses`), for the autograd Functions of
-:mod:`ce_mmdet.ops.functions`.
+"""The Triton implementation of CE (:class:`TritonPasses`), for the autograd
+Functions of :mod:`ce_mmdet.ops.functions`.
 
-Two kernels, each one pass over memory, reading activations in their own
-dtype (float32, float16, bfloat16) and accumulating in float32 (``tl.dot``
-with ``input_precision='ieee'``: no TF32):
+Every kernel reads activations in their own dtype (float32, float16,
+bfloat16) and accumulates in float32 (``tl.dot`` with
+``input_precision='ieee'``: no TF32).
+
+The passes over the feature map, one pass over memory each:
 
 * :func:`_stats_kernel`: for each sample ``n`` and group ``g``, over a slice
   of the ``H*W`` positions, the ``d x d`` product ``P Q^T`` (or only its
@@ -13,8 +14,8 @@ with ``input_precision='ieee'``: no TF32):
   diagonal only its eval statistics (sums and sums of squares), with
   ``P = dout, Q = Z`` the backward reductions ``dout Z^T`` and ``dout 1``.
   The positions are split over several programs (enough to fill the GPU
-  when ``N * G`` is small, as in detection's 2 images per GPU); their
-  partial results are summed by one torch reduction.
+  when ``N * G`` is small, as in detection's 2 images per GPU); the small
+  graph's kernels sum the partial results.
 * :func:`_map_kernel`: ``out[n, g] = M1[n, g] P[n, g] (+ M2[n, g] Q[n, g])
   (+ b[n, g])`` over a block of positions per program: CE's apply (``M1 =
   A``, with the BN's affine map folded into ``M1`` and ``b`` after a BN) and
@@ -22,8 +23,24 @@ with ``input_precision='ieee'``: no TF32):
   Each program reads its tile before writing it, so the output may be the
   input itself (in place).
 
-Block sizes follow ``d`` (``tl.dot`` needs tiles of at least 16: groups of 8
-are padded by masking); any ``H*W`` (1 included) and ``N`` work.
+The small graph (tiny arithmetic, so its cost on a GPU is the number of
+launches), two kernels forward and three backward instead of ~200 torch ops
+per layer:
+
+* :func:`_group_stats_kernel` (a program per group): per-sample means and
+  variances, batch sums, covariance and Newton iterations;
+  :func:`_sample_map_kernel` (a program per sample): the IR scale, the
+  LayerNorm MLP and the block maps (with an eval-mode BN's map folded in);
+* :func:`_group_grad_kernel` (per group): dL/dA, the Newton iterations'
+  backward; :func:`_mlp_grad_kernel` (one program): the gate, the MLP, the
+  scale; :func:`_grad_maps_kernel` (per group): the input gradient's maps
+  and a folded BN's gradients.
+
+With SyncCE (the sums are all-reduced between those kernels) or parameters
+that are not float32, the statistics and map kernels run with the torch
+small graph. Block sizes follow ``d`` (``tl.dot`` needs tiles of at least
+16: groups of 8 are padded by masking); any ``H*W`` (1 included) and ``N``
+work.
 """
 from typing import Optional, Tuple
 
