@@ -19,7 +19,9 @@ to compare implementations without touching a config).
   ``'torch'``), ``'torch'`` otherwise, and ``'torch'`` while
   ``torch.compile`` traces (dynamo traces the torch implementation without
   graph breaks; the Triton launches are not registered as custom ops yet,
-  so forcing ``'triton'`` under torch.compile is not supported).
+  so forcing ``'triton'`` under torch.compile is not supported). Under
+  ``torch.jit`` tracing (mmengine's FLOP analyser) every value means
+  ``'torch'``.
 """
 import functools
 import os
@@ -96,7 +98,9 @@ def resolve_impl(impl: str = 'auto',
         impl = check_impl(env, f'the environment variable {ENV_VAR}')
     else:
         impl = check_impl(impl)
-    if impl == 'torch':
+    if impl == 'torch' or torch.jit.is_tracing():
+        # torch.jit tracing (mmengine's FLOP analyser) records sizes as
+        # tensors, which Triton launches cannot take
         return 'torch'
     if impl == 'auto' and (tensor is None or not tensor.is_cuda
                            or torch.compiler.is_compiling()):

@@ -92,3 +92,20 @@ def test_get_flops_counts_ce_layers(tiny_coco, tmp_path):
                           tiny_coco, tmp_path)
     # CE adds a few percent of a ResNet-50's operations
     assert bn < ce < 1.2 * bn
+
+
+def test_tracing_uses_the_torch_implementation(monkeypatch):
+    """torch.jit tracing (the FLOP analyser) records sizes as tensors, which
+    Triton launches cannot take: a layer set to impl='triton' is traced
+    through the torch implementation and counted the same."""
+    from ce_mmdet.ops.impl import triton_importable
+    if not triton_importable():
+        pytest.skip('needs triton')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    x = torch.randn(2, 32, 8, 8)
+    counts = []
+    for impl in ('torch', 'triton'):
+        model = _BNCE(ChannelEquilibrium(32, group_size=16, impl=impl))
+        counts.append(FlopAnalyzer(model.eval(), (x, )).set_op_handle(
+            **ce_flop_handles()).total())
+    assert counts[0] == counts[1] > 0

@@ -65,7 +65,7 @@ def test_benchmark_ce_layer_prints_ratios(capsys):
     assert 'train fwd+bwd' in printed and 'eval fwd' in printed
 
 
-def test_benchmark_backbone_counts_triton_launches(monkeypatch, capsys):
+def test_benchmark_backbone_counts_triton_launches(tmp_path):
     """--counts-only under Triton's interpreter: the Triton launches count,
     the interpreter's own torch ops inside a launch do not."""
     from ce_mmdet.ops.impl import triton_importable, triton_interpreting
@@ -80,11 +80,17 @@ def test_benchmark_backbone_counts_triton_launches(monkeypatch, capsys):
     # statistics, small graph (per group, per sample), apply: four launches
     assert counter.triton_launches == 4
     assert counter.total < 10
-    monkeypatch.setenv('CE_MMDET_IMPL', 'triton')
     results, ratios = load('benchmark_backbone').main([
         '--depth', '18', '--shape', '64', '64', '--batch-size', '1',
-        '--counts-only'
+        '--counts-only', '--impls', 'torch', 'triton', '--json',
+        str(tmp_path / 'counts.json')
     ])
     assert 'train step (s)' not in ratios
-    assert results['ce']['ops per train step'] > results['bn'][
-        'ops per train step']
+    by_model = json.loads((tmp_path / 'counts.json').read_text())[
+        'ratios_by_model']
+    # CE adds ops; the Triton kernels far fewer than the torch small graph
+    ops = 'ops per train step'
+    assert results['bn'][ops] < results['ce-triton'][ops] < results[
+        'ce-torch'][ops]
+    assert by_model['ce-triton'][ops] < by_model['ce-torch'][ops]
+    assert results['ce'][ops] == results['ce-torch'][ops]  # auto on CPU

@@ -4,7 +4,7 @@ Usage:
     python tools/analysis_tools/benchmark_backbone.py [--device cpu|cuda]
         [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
         [--warmup 2] [--norm-eval] [--json OUT.json] [--profile ROWS] [--no-rss]
-        [--counts-only]
+        [--counts-only] [--impls torch triton]
 
 Both backbones are built with the same depth and the CE one gets the BN one's
 weights (the shared tensors). They are timed alternately (A/B within every
@@ -32,6 +32,12 @@ a warm-up) and the medians are reported:
   tools/analysis_tools/benchmark_backbone.py --counts-only --batch-size 1
   --shape 64 64``.
 
+``--impls torch triton`` adds one CE model per named implementation (same
+weights, ``impl`` set on every CE layer) to the same alternating run, so the
+implementations are compared side by side with the paired ratios
+``CE-<impl>/BN``; the plain ``CE`` column is ``impl='auto'`` (or
+``CE_MMDET_IMPL``).
+
 The last column is CE / BN; for times it is the median over repeats of the
 ratio within each repeat (both measured within a second of each other), which
 a shared machine's slow drifts do not bias. ``--profile ROWS`` also prints
@@ -39,6 +45,7 @@ a shared machine's slow drifts do not bias. ``--profile ROWS`` also prints
 training steps and two inference passes of each model: where the time goes.
 """
 import argparse
+import copy
 import json
 import statistics
 
@@ -77,6 +84,16 @@ def profile_table(fn, rows, device):
     key = 'self_device_time_total' if len(activities) > 1 else \
         'self_cpu_time_total'
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def with_impl(model, impl):
+    """A copy of ``model`` whose CE layers all use ``impl``."""
+    from ce_mmdet.models import ChannelEquilibrium
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, ChannelEquilibrium):
+            m.impl = impl
+    return model
 
 
 def count_ops(model, x, phase):
@@ -119,11 +136,16 @@ def main(argv=None):
     parser.add_argument('--counts-only', action='store_true',
                         help='only count ops per step (no timing, memory '
                         'or FLOPs)')
+    parser.add_argument('--impls', nargs='+', default=(),
+                        choices=('torch', 'triton'),
+                        help='also time CE with these implementations')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     h, w = args.shape
     bn, ce = build_backbone_pair(args.depth, device, args.norm_eval)
     models = {'bn': bn, 'ce': ce}
+    for impl in args.impls:
+        models[f'ce-{impl}'] = with_impl(ce, impl)
     torch.manual_seed(1)
     x = torch.randn(args.batch_size, 3, h, w, device=device)
 
@@ -146,8 +168,8 @@ def main(argv=None):
             order.reverse()
         for k in models:
             results[k][name] = statistics.median(samples[k])
-        paired[name] = statistics.median(
-            c / b for b, c in zip(samples['bn'], samples['ce']))
+            paired[k, name] = statistics.median(
+                c / b for b, c in zip(samples['bn'], samples[k]))
         if args.profile:
             for k, m in models.items():
                 print(f'--- {k}, {phase}: torch.profiler, 2 calls')
@@ -165,7 +187,7 @@ def main(argv=None):
         peak = cuda_peak(m, x, device)
         if peak is not None:
             results[k]['CUDA peak, train step (MiB)'] = peak / 2**20
-        elif not args.no_rss:
+        elif not args.no_rss and k in ('bn', 'ce'):
             peak = peak_rss_increase(make_backbone_train_step, k, args.depth,
                                      tuple(x.shape), torch.get_num_threads(),
                                      args.norm_eval)
@@ -180,16 +202,25 @@ def main(argv=None):
           f'batch={args.batch_size}, input={h}x{w}, repeats={args.repeats} '
           f'(median), norm_eval={args.norm_eval}, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads')
-    print(f'{"metric":<30}{"BN":>12}{"CE":>12}{"CE/BN":>8}')
-    ratios = {}
+    ces = [k for k in models if k != 'bn']
+    print(f'{"metric":<30}' + ''.join(f'{k.upper():>12}' for k in models) +
+          ''.join(f'{k.upper() + "/BN":>15}' for k in ces))
+    by_model = {k: {} for k in ces}
     for metric in results['bn']:
-        a, b = results['bn'][metric], results['ce'][metric]
-        ratios[metric] = paired.get(metric, b / a if a else float('nan'))
-        print(f'{metric:<30}{a:>12.4g}{b:>12.4g}{ratios[metric]:>8.3f}')
+        a = results['bn'][metric]
+        row = f'{metric:<30}' + ''.join(
+            f'{results[k].get(metric, float("nan")):>12.4g}' for k in models)
+        for k in ces:
+            b = results[k].get(metric, float('nan'))
+            by_model[k][metric] = paired.get((k, metric),
+                                             b / a if a else float('nan'))
+            row += f'{by_model[k][metric]:>15.3f}'
+        print(row)
+    ratios = by_model['ce']
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(args=vars(args), results=results, ratios=ratios),
-                      f, indent=2)
+            json.dump(dict(args=vars(args), results=results, ratios=ratios,
+                           ratios_by_model=by_model), f, indent=2)
     return results, ratios
 
 
