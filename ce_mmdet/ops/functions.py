@@ -139,6 +139,8 @@ class _CEFunction(torch.autograd.Function):
         if out is x:
             ctx.mark_dirty(x)
         ctx.mark_non_differentiable(wm, scale)
+        # no zero-filled gradients for the statistics outputs
+        ctx.set_materialize_grads(False)
         if call.needs_grad:
             # the running state is not saved: training never reads it (it
             # is updated right after this call), eval keeps a copy of W
@@ -148,6 +150,8 @@ class _CEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
+        if grad_out is None:  # the output did not reach the loss
+            return (None, ) * (2 + _NUM_PARAMS + _NUM_STATE)
         x, a, *rest = ctx.saved_tensors
         params = CEParams(*rest)
         call = ctx.call
@@ -222,6 +226,8 @@ class _BNCEFunction(torch.autograd.Function):
                 ctx.mark_dirty(z)
             folded = True
         ctx.mark_non_differentiable(wm, scale)
+        # no zero-filled gradients for the statistics outputs
+        ctx.set_materialize_grads(False)
         if call.needs_grad:
             # what the BN's backward needs: the batch mean and inverse std,
             # or the running mean and inverse std (small copies)
@@ -235,6 +241,8 @@ class _BNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
+        if grad_out is None:  # the output did not reach the loss
+            return (None, ) * (6 + _NUM_PARAMS + _NUM_STATE)
         (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, var_z, a,
          *rest) = ctx.saved_tensors
         params = CEParams(*rest)

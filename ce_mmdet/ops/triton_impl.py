@@ -36,9 +36,10 @@ per layer:
   scale; :func:`_grad_maps_kernel` (per group): the input gradient's maps
   and a folded BN's gradients.
 
-With SyncCE (the sums are all-reduced between those kernels) or parameters
-that are not float32, the statistics and map kernels run with the torch
-small graph. Block sizes follow ``d`` (``tl.dot`` needs tiles of at least
+With SyncCE the batch sums (forward) and their gradient (backward) are
+all-reduced between those kernels, one collective each way. With parameters
+that are not float32 the statistics and map kernels run with the torch small
+graph. Block sizes follow ``d`` (``tl.dot`` needs tiles of at least
 16: groups of 8 are padded by masking); any ``H*W`` (1 included) and ``N``
 work.
 """
@@ -169,13 +170,15 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
                         D: tl.constexpr, BLOCK_D: tl.constexpr,
                         TRAINING: tl.constexpr, AFFINE: tl.constexpr,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        NUM_ITERS: tl.constexpr):
+                        NEWTON: tl.constexpr, NUM_ITERS: tl.constexpr):
     """Small graph, per group g (one program each): the per-sample means
     and variances of the group's channels from the partial sums of
     :func:`_stats_kernel`, their batch sums, and in training the covariance
     and the Newton iterations (the whitening matrix). With AFFINE (an
     eval-mode BN before CE) the statistics are those of ``alpha x + beta``,
-    the BN's map, which is written to ALPHA and BETA."""
+    the BN's map, which is written to ALPHA and BETA. Without NEWTON (SyncCE)
+    it stops at the batch sums, which are all-reduced before
+    :func:`_global_whiten_kernel`."""
     g = tl.program_id(0)
     G = C // D
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
@@ -229,20 +232,56 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
     if TRAINING:
         tl.store(SUMS + 3 + g * D + rows, xacc, mask=rmask)
         tl.store(SUMS + 3 + C + g * D * D + mat, gacc, mask=mmask)
-        mu = xacc * inv_positions
-        eye = tl.where(on_diag & rmask[:, None], 1., 0.)
-        cov = gacc * inv_positions - mu[:, None] * mu[None, :] + eps * eye
-        tl.store(COV + g * D * D + mat, cov, mask=mmask)
-        trace = tl.sum(tl.sum(tl.where(on_diag, cov, 0.), 1), 0)
-        cov_n = cov / trace
-        p = 1.5 * eye - 0.5 * cov_n
-        for k in tl.static_range(NUM_ITERS - 1):
-            # P_1 ... P_{T-1}, for the backward
-            tl.store(ITERS + (k * G + g) * D * D + mat, p, mask=mmask)
-            p2 = tl.dot(p, p, input_precision='ieee')
-            p3 = tl.dot(p2, p, input_precision='ieee')
-            p = 1.5 * p - 0.5 * tl.dot(p3, cov_n, input_precision='ieee')
-        tl.store(WM + g * D * D + mat, p, mask=mmask)
+        if NEWTON:
+            _whiten_group(g, xacc, gacc, inv_positions, eps, COV, WM, ITERS,
+                          G, D, BLOCK_D, NUM_ITERS)
+
+
+@triton.jit
+def _whiten_group(g, xsum, gram_sum, inv_positions, eps, COV, WM, ITERS, G,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_ITERS: tl.constexpr):
+    """Covariance of group g from the batch sums, and the Newton
+    iterations: writes the covariance, W and P_1 ... P_{T-1} (for the
+    backward)."""
+    rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
+    mu = xsum * inv_positions
+    eye = tl.where(on_diag & rmask[:, None], 1., 0.)
+    cov = gram_sum * inv_positions - mu[:, None] * mu[None, :] + eps * eye
+    tl.store(COV + g * D * D + mat, cov, mask=mmask)
+    trace = tl.sum(tl.sum(tl.where(on_diag, cov, 0.), 1), 0)
+    cov_n = cov / trace
+    p = 1.5 * eye - 0.5 * cov_n
+    for k in tl.static_range(NUM_ITERS - 1):
+        tl.store(ITERS + (k * G + g) * D * D + mat, p, mask=mmask)
+        p2 = tl.dot(p, p, input_precision='ieee')
+        p3 = tl.dot(p2, p, input_precision='ieee')
+        p = 1.5 * p - 0.5 * tl.dot(p3, cov_n, input_precision='ieee')
+    tl.store(WM + g * D * D + mat, p, mask=mmask)
+
+
+@triton.jit
+def _sums_head_kernel(VSUM_G, G, samples, positions, SUMS,
+                      BLOCK_G: tl.constexpr):
+    """SyncCE: the head of the batch sums (sum of variances, samples,
+    positions) before they are all-reduced."""
+    gs = tl.arange(0, BLOCK_G)
+    tl.store(SUMS, tl.sum(tl.load(VSUM_G + gs, mask=gs < G, other=0.), 0))
+    tl.store(SUMS + 1, samples)
+    tl.store(SUMS + 2, positions)
+
+
+@triton.jit
+def _global_whiten_kernel(SUMS, C, eps, COV, WM, ITERS, D: tl.constexpr,
+                          BLOCK_D: tl.constexpr, NUM_ITERS: tl.constexpr):
+    """SyncCE: the covariance and Newton iterations of group g from the
+    all-reduced batch sums."""
+    g = tl.program_id(0)
+    rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
+    xsum = tl.load(SUMS + 3 + g * D + rows, mask=rmask, other=0.)
+    gram_sum = tl.load(SUMS + 3 + C + g * D * D + mat, mask=mmask, other=0.)
+    _whiten_group(g, xsum, gram_sum, 1. / tl.load(SUMS + 2), eps, COV, WM,
+                  ITERS, C // D, D, BLOCK_D, NUM_ITERS)
 
 
 @triton.jit
@@ -252,22 +291,29 @@ def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
                        SCALE, SUMS, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_G: tl.constexpr, TRAINING: tl.constexpr,
-                       AFFINE: tl.constexpr):
+                       AFFINE: tl.constexpr, GLOBAL_SUMS: tl.constexpr):
     """Small graph, per sample n (one program each): the IR scale, the
     LayerNorm MLP on the sample's variances and the block maps
     ``A[n, g] = sig(a) W_g + (1 - sig(a)) diag(y[n, g] / s)`` (with an
-    affine input map also ``A diag(alpha)`` and ``A beta``)."""
+    affine input map also ``A diag(alpha)`` and ``A beta``). With
+    GLOBAL_SUMS (SyncCE) the sum of variances and the sample count come from
+    the all-reduced sums."""
     n = tl.program_id(0)
     G = C // D
-    gs = tl.arange(0, BLOCK_G)
-    vsum = tl.sum(tl.load(VSUM_G + gs, mask=gs < G, other=0.), 0)
     if TRAINING:
-        scale = tl.sqrt(tl.maximum(vsum * inv_nc, eps * eps))
+        if GLOBAL_SUMS:
+            scale = tl.sqrt(tl.maximum(
+                tl.load(SUMS) / (tl.load(SUMS + 1) * C), eps * eps))
+        else:
+            gs = tl.arange(0, BLOCK_G)
+            vsum = tl.sum(tl.load(VSUM_G + gs, mask=gs < G, other=0.), 0)
+            scale = tl.sqrt(tl.maximum(vsum * inv_nc, eps * eps))
         if n == 0:
             tl.store(SCALE, scale)
-            tl.store(SUMS, vsum)
-            tl.store(SUMS + 1, samples)
-            tl.store(SUMS + 2, positions)
+            if not GLOBAL_SUMS:
+                tl.store(SUMS, vsum)
+                tl.store(SUMS + 1, samples)
+                tl.store(SUMS + 2, positions)
     else:
         scale = tl.maximum(tl.load(RSCALE), eps)
         if n == 0:
@@ -320,16 +366,16 @@ def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
 
 @triton.jit
 def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
-                       ITERS, SUMS, inv_positions, GDIAG, LAM_PART, GC, DXS,
-                       GZ_OUT, GOS_OUT, D: tl.constexpr,
+                       ITERS, SUMS, GDIAG, LAM_PART, GRAD_SUMS, GZ_OUT,
+                       GOS_OUT, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, TRAINING: tl.constexpr,
                        AFFINE: tl.constexpr, KEEP_CROSS: tl.constexpr,
                        NUM_ITERS: tl.constexpr):
     """Backward of the small graph, per group g: dL/dA from the partial
     sums of ``dout kept^T`` and ``dout 1`` (with the affine input map),
     its diagonal, the gate's share ``<sum_n dL/dA, W>``, and in training
-    the Newton iterations' backward: dL/dcov (divided by the positions)
-    and dL/d(channel sums)."""
+    the Newton iterations' backward: dL/d(batch sums of the Gram matrices
+    and of the channels), written into GRAD_SUMS (the layout of SUMS)."""
     g = tl.program_id(0)
     G = C // D
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
@@ -360,6 +406,7 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
         gsum += ga
     tl.store(LAM_PART + g, tl.sum(tl.sum(gsum * wm, 1), 0))
     if TRAINING:
+        inv_positions = 1. / tl.load(SUMS + 2)
         cov = tl.load(COV + g * D * D + mat, mask=mmask, other=0.)
         trace = tl.sum(tl.sum(tl.where(on_diag, cov, 0.), 1), 0)
         cov_n = cov / trace
@@ -384,23 +431,26 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
         grad_cov = grad_sn / trace - tl.where(on_diag & rmask[:, None],
                                               inner, 0.)
         # cov = Gram sum / P - mu mu^T + eps I, mu = channel sum / P
-        tl.store(GC + g * D * D + mat, grad_cov * inv_positions, mask=mmask)
+        tl.store(GRAD_SUMS + 3 + C + g * D * D + mat,
+                 grad_cov * inv_positions, mask=mmask)
         mu = tl.load(SUMS + 3 + ch, mask=rmask, other=0.) * inv_positions
         sym = grad_cov + tl.trans(grad_cov)
-        tl.store(DXS + ch, -tl.sum(sym * mu[None, :], 1) * inv_positions,
-                 mask=rmask)
+        tl.store(GRAD_SUMS + 3 + ch,
+                 -tl.sum(sym * mu[None, :], 1) * inv_positions, mask=rmask)
 
 
 @triton.jit
-def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, RAW, LAM,
-                     SCALE, LAM_PART, SUMS, W1, LNW, W2, N, C, H, eps, den,
-                     DGATE, DFC1, DLNW, DLNB, DFC2, GVAR, D: tl.constexpr,
+def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, LAM, SCALE,
+                     LAM_PART, SUMS, W1, LNW, W2, N, C, H, eps, DGATE, DFC1,
+                     DLNW, DLNB, DFC2, GVAR, GRAD_SUMS, D: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_G: tl.constexpr, TRAINING: tl.constexpr):
     """Backward of the small graph's instance branch (one program): the
     gate, the IR MLP (fc2, ReLU, LayerNorm, fc1), the scale, and
-    dL/d(variances), all samples at once."""
+    dL/d(variances) through the MLP (GVAR; the batch-sum share is added by
+    :func:`_grad_maps_kernel`), all samples at once. In training,
+    dL/d(sum of variances) goes to GRAD_SUMS[0]."""
     G = C // D
     lam = tl.load(LAM)
     scale = tl.load(SCALE)
@@ -453,6 +503,9 @@ def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, RAW, LAM,
         unclamped = vsum / (samples * C) >= eps * eps
         grad_vsum = tl.where(unclamped,
                              grad_scale / (2. * scale * samples * C), 0.)
+        tl.store(GRAD_SUMS, grad_vsum)
+        tl.store(GRAD_SUMS + 1, 0.)
+        tl.store(GRAD_SUMS + 2, 0.)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cmask = cs < C
@@ -464,23 +517,20 @@ def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, RAW, LAM,
                  tl.dot(tl.trans(grad_hid), var, input_precision='ieee'),
                  mask=hmask[:, None] & cmask[None, :])
         gv = tl.dot(grad_hid, w1, input_precision='ieee')
-        if TRAINING:
-            raw = tl.load(RAW + ns[:, None] * C + cs[None, :], mask=nc,
-                          other=0.)
-            gv = tl.where(raw >= 0., gv + grad_vsum, 0.) / den
         tl.store(GVAR + ns[:, None] * C + cs[None, :], gv, mask=nc)
 
 
 @triton.jit
-def _grad_maps_kernel(A, MEAN, GVAR, GC, DXS, ALPHA, BETA, GZ, GOS, VAR_Z,
-                      BN_MEAN, INVSTD, N, C, hw, den, M1, M2, SHIFT, DBN_W,
-                      DBN_B, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
+                      VAR_Z, BN_MEAN, INVSTD, N, C, hw, den, M1, M2, SHIFT,
+                      DBN_W, DBN_B, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       TRAINING: tl.constexpr, AFFINE: tl.constexpr,
                       FOLD: tl.constexpr):
     """The input gradient's maps, per group g: ``dX = M1 dout + M2 kept +
     shift`` for every sample, from the block maps and the statistics'
-    gradients; with FOLD (an eval-mode BN folded into the op) ``dZ = alpha
-    dX`` and the BN's weight and bias gradients."""
+    gradients (in training from GRAD_SUMS, all-reduced with SyncCE); with
+    FOLD (an eval-mode BN folded into the op) ``dZ = alpha dX`` and the BN's
+    weight and bias gradients."""
     g = tl.program_id(0)
     G = C // D
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
@@ -489,9 +539,11 @@ def _grad_maps_kernel(A, MEAN, GVAR, GC, DXS, ALPHA, BETA, GZ, GOS, VAR_Z,
         alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
         beta = tl.load(BETA + ch, mask=rmask, other=0.)
     if TRAINING:
-        grad_cov = tl.load(GC + g * D * D + mat, mask=mmask, other=0.)
+        grad_cov = tl.load(GRAD_SUMS + 3 + C + g * D * D + mat, mask=mmask,
+                           other=0.)
         sym = grad_cov + tl.trans(grad_cov)
-        dxs = tl.load(DXS + ch, mask=rmask, other=0.)
+        dxs = tl.load(GRAD_SUMS + 3 + ch, mask=rmask, other=0.)
+        grad_vsum = tl.load(GRAD_SUMS)
     if FOLD:
         sum_dx = tl.zeros((BLOCK_D, ), dtype=tl.float32)
         sum_dxz = tl.zeros((BLOCK_D, ), dtype=tl.float32)
@@ -501,6 +553,10 @@ def _grad_maps_kernel(A, MEAN, GVAR, GC, DXS, ALPHA, BETA, GZ, GOS, VAR_Z,
         gv = tl.load(GVAR + n * C + ch, mask=rmask, other=0.)
         mean = tl.load(MEAN + n * C + ch, mask=rmask, other=0.)
         if TRAINING:
+            # v = max(raw, 0) enters the sum of variances too;
+            # v = (diag(Gram) - hw mean^2) / (hw - 1)
+            raw = tl.load(RAW + n * C + ch, mask=rmask, other=0.)
+            gv = tl.where(raw >= 0., gv + grad_vsum, 0.) / den
             # S = dQ + dQ^T, dQ = diag(gv) + dL/d(sum of Gram matrices)
             s_mat = tl.where(on_diag, 2. * gv[:, None], 0.) + sym
             b = dxs - 2. * mean * gv
@@ -592,10 +648,13 @@ def _statistics(p: Tensor, q: Optional[Tensor], group_size: int,
 
 
 def _fused_forward_map(x: Tensor, params, state, config, training: bool,
-                       affine) -> MapResult:
+                       affine, reduce_fn=None) -> MapResult:
     """Statistics and the whole small graph in three launches: the
     statistics kernel, one program per group (sums, Newton), one per sample
-    (LayerNorm MLP, the block maps)."""
+    (LayerNorm MLP, the block maps). With SyncCE (``reduce_fn``, training)
+    the batch sums are all-reduced between the per-group sums and the
+    Newton iterations (two more launches)."""
+    sync = training and reduce_fn is not None
     n, c, h, w = x.shape
     d, hw, eps = config.group_size, h * w, config.eps
     g = c // d
@@ -627,9 +686,16 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         ps if alpha is None else alpha, ps if beta is None else beta, mean,
         var, var if var_in is None else var_in, var if raw is None else raw,
         vsum_g, ps if sums is None else sums, ps if cov is None else cov, wm,
-        ps if iterates is None else iterates, D=d, BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
+        ps if iterates is None else iterates, D=d, BLOCK_D=block_d,
+        TRAINING=training, AFFINE=affine is not None,
         HAS_W=bn.weight is not None, HAS_B=bn.bias is not None,
-        NUM_ITERS=config.num_iters)
+        NEWTON=not sync, NUM_ITERS=config.num_iters)
+    if sync:
+        _launch(_sums_head_kernel, (1, ), vsum_g, g, float(n), float(n * hw),
+                sums, BLOCK_G=triton.next_power_of_2(g))
+        sums = reduce_fn(sums)  # SyncCE: the global batch statistics
+        _launch(_global_whiten_kernel, (g, ), sums, c, eps, cov, wm,
+                iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters)
     a = new(n, g, d, d)
     a_in = new(n, g, d, d) if affine is not None else a
     bias = new(n, g, d, 1) if affine is not None else None
@@ -646,7 +712,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         scale if sums is None else sums, D=d, BLOCK_D=block_d,
         BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
-        AFFINE=affine is not None, num_warps=8)
+        AFFINE=affine is not None, GLOBAL_SUMS=sync, num_warps=8)
     cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, None,
                             post, y, lam, scale, wm, cov, None, iterates)
     return MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
@@ -674,13 +740,14 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
 
 
 def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
-                         params, config, training: bool, affine,
-                         fold) -> GradMaps:
+                         params, config, training: bool, affine, fold,
+                         reduce_fn=None) -> GradMaps:
     """The backward's small part in four launches: ``dout kept^T`` (the
     statistics kernel), one program per group (dL/dA, the Newton
     iterations' backward), one program for the instance branch (gate, MLP,
     scale), one program per group (the input gradient's maps, the folded
-    BN's gradients)."""
+    BN's gradients). With SyncCE the gradient of the global batch sums is
+    all-reduced before the last one (as SyncBN's)."""
     n, c, h, w = kept.shape
     d, hw, eps = config.group_size, h * w, config.eps
     g = c // d
@@ -692,18 +759,17 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     new = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
     alpha, beta = affine if affine is not None else (gos_p, gos_p)
     gdiag, lam_part = new(n, c), new(g)
-    grad_cov = new(g, d, d) if training else None
-    dxs = new(c) if training else None
+    # dL/d(batch sums), the layout of cache.sums (training)
+    grad_sums = new(3 + c + g * d * d) if training else gdiag
     gz = new(n, g, d, d) if fold is not None else None
     gos = new(n, g, d, 1) if fold is not None else None
+    sums = gdiag if cache.sums is None else cache.sums
     _launch(
         _group_grad_kernel, (g, ),
         gz_p, gos_p, split, n, c, alpha, beta, cache.lam, cache.wm,
         gdiag if cache.cov is None else cache.cov,
-        gdiag if cache.iterates is None else cache.iterates,
-        gdiag if cache.sums is None else cache.sums, 1.0 / (n * hw), gdiag,
-        lam_part, gdiag if grad_cov is None else grad_cov,
-        gdiag if dxs is None else dxs, gdiag if gz is None else gz,
+        gdiag if cache.iterates is None else cache.iterates, sums, gdiag,
+        lam_part, grad_sums, gdiag if gz is None else gz,
         gdiag if gos is None else gos, D=d, BLOCK_D=block_d,
         TRAINING=training, AFFINE=affine is not None,
         KEEP_CROSS=fold is not None, NUM_ITERS=config.num_iters)
@@ -714,24 +780,25 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     _launch(
         _mlp_grad_kernel, (1, ),
         gdiag, cache.y, cache.post_relu, cache.hidden, cache.ln_mean,
-        cache.ln_rstd, cache.var,
-        gdiag if cache.raw_var is None else cache.raw_var, cache.lam,
-        cache.scale, lam_part, gdiag if cache.sums is None else cache.sums,
+        cache.ln_rstd, cache.var, cache.lam, cache.scale, lam_part, sums,
         params.fc1_weight, params.ln_weight, params.fc2_weight, n, c, hidden,
-        eps, float(max(hw - 1, 1)), d_gate, d_fc1, d_lnw, d_lnb, d_fc2,
-        grad_var, D=d, BLOCK_D=block_d,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_H=block_h,
-        BLOCK_C=max(16, 4096 // block_h),
+        eps, d_gate, d_fc1, d_lnw, d_lnb, d_fc2, grad_var, grad_sums, D=d,
+        BLOCK_D=block_d, BLOCK_N=max(16, triton.next_power_of_2(n)),
+        BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training, num_warps=8)
+    if training and reduce_fn is not None:
+        # every process's loss depends on the global sums: their gradients
+        # are summed, as SyncBN's
+        grad_sums = reduce_fn(grad_sums)
     m1, m2, shift = new(n, g, d, d), new(n, g, d, d), new(n, g, d, 1)
     bn_mean, invstd, var_z = fold if fold is not None else (None, ) * 3
     d_bn_w = new(c) if fold is not None else None
     d_bn_b = new(c) if fold is not None else None
     _launch(
         _grad_maps_kernel, (g, ),
-        a, cache.mean, grad_var, gdiag if grad_cov is None else grad_cov,
-        gdiag if dxs is None else dxs, alpha, beta,
-        gdiag if gz is None else gz, gdiag if gos is None else gos,
+        a, cache.mean, grad_var,
+        gdiag if cache.raw_var is None else cache.raw_var, grad_sums, alpha,
+        beta, gdiag if gz is None else gz, gdiag if gos is None else gos,
         gdiag if var_z is None else var_z,
         gdiag if bn_mean is None else bn_mean,
         gdiag if invstd is None else invstd, n, c, float(hw),
@@ -753,16 +820,15 @@ class TritonPasses:
     def forward_map(x: Tensor, params, state, config, training: bool,
                     reduce_fn, affine=None) -> MapResult:
         """Statistics and the small graph: fused kernels
-        (:func:`_fused_forward_map`), or with SyncCE (whose sums are reduced
-        between the two) or non-float32 parameters, the statistics kernel
-        and the torch small graph."""
+        (:func:`_fused_forward_map`), or with parameters that are not
+        float32, the statistics kernel and the torch small graph."""
         tensors = tuple(params) + tuple(state)
         if affine is not None:
             tensors += tuple(t for t in affine[:4] if t is not None)
         fp32 = all(t.dtype == torch.float32 for t in tensors)
-        if reduce_fn is None and fp32:
+        if fp32:
             return _fused_forward_map(x, params, state, config, training,
-                                      affine)
+                                      affine, reduce_fn)
         return forward_map_by(TritonPasses, x, params, state, config,
                               training, reduce_fn, affine)
 
@@ -793,14 +859,15 @@ class TritonPasses:
                       params, config, training: bool, reduce_fn,
                       affine=None, fold=None) -> GradMaps:
         """Fused kernels (:func:`_fused_backward_maps`) after the fused
-        forward; with SyncCE or float64/half parameters, the cross-product
+        forward; with parameters that are not float32, the cross-product
         kernel and the torch small graph."""
         fused_cache = cache.iterates is not None or not training
         fp32 = all(t.dtype == torch.float32 for t in params) and \
             cache.var.dtype == torch.float32
-        if reduce_fn is None and fused_cache and fp32:
+        if fused_cache and fp32:
             return _fused_backward_maps(grad_out, kept, a, cache, params,
-                                        config, training, affine, fold)
+                                        config, training, affine, fold,
+                                        reduce_fn)
         return backward_maps_by(TritonPasses, grad_out, kept, a, cache,
                                 params, config, training, reduce_fn, affine,
                                 fold)

@@ -140,8 +140,9 @@ def test_layer_low_precision(dtype):
 
 
 def test_sync_sums_go_through_the_same_kernels():
-    """SyncCE with the Triton passes equals SyncCE with the torch passes
-    (a reduce function that sums two identical processes)."""
+    """SyncCE with the Triton kernels (sums all-reduced between the
+    small-graph kernels, forward and backward) equals SyncCE with the torch
+    passes (a reduce function that sums two identical processes)."""
     from ce_mmdet.ops import CEConfig, channel_equilibrium
     ce, _ = make_pair(32, 16, True, True, 'triton')
     ref = copy.deepcopy(ce)

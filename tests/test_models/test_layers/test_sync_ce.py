@@ -137,9 +137,9 @@ def test_sync_ce_equals_global_batch(splits, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_sync_ce_triton_equals_global_batch(tmp_path):
-    """SyncCE with the Triton passes (statistics, cross products and maps
-    by the kernels; the all-reduced sums through the torch small graph):
-    the float64 single-process result to fp32 accuracy."""
+    """SyncCE with the Triton kernels (the batch sums and their gradient
+    all-reduced between the small-graph kernels): the float64
+    single-process result to fp32 accuracy."""
     from ce_mmdet.ops.impl import triton_importable, triton_interpreting
     if not triton_importable() or not (torch.cuda.is_available()
                                        or triton_interpreting()):
