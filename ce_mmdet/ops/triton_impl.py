@@ -647,6 +647,21 @@ def _statistics(p: Tensor, q: Optional[Tensor], group_size: int,
     return pq, ps.view(n, c), None if qs is None else qs.view(n, c)
 
 
+def _setup(t: Tensor, params, config):
+    """What both small-graph wrappers start with: sizes (N, C, H*W, G, d),
+    contiguous parameters, the hidden width, the group tile and a float32
+    allocator on ``t``'s device."""
+    n, c, h, w = t.shape
+    d = config.group_size
+    params = type(params)(*(p.contiguous() for p in params))
+
+    def new(*shape):
+        return torch.empty(shape, dtype=torch.float32, device=t.device)
+
+    return (n, c, h * w, c // d, d, params, params.fc1_weight.shape[0],
+            _blocks(d)[0], new)
+
+
 def _fused_forward_map(x: Tensor, params, state, config, training: bool,
                        affine, reduce_fn=None) -> MapResult:
     """Statistics and the whole small graph in three launches: the
@@ -655,15 +670,9 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     the batch sums are all-reduced between the per-group sums and the
     Newton iterations (two more launches)."""
     sync = training and reduce_fn is not None
-    n, c, h, w = x.shape
-    d, hw, eps = config.group_size, h * w, config.eps
-    g = c // d
-    params = type(params)(*(t.contiguous() for t in params))
-    hidden = params.fc1_weight.shape[0]
-    block_d = _blocks(d)[0]
+    n, c, hw, g, d, params, hidden, block_d, new = _setup(x, params, config)
+    eps = config.eps
     pq, ps, _, split = _partials(x, None, d, full=training)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    new = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
     mean, var, vsum_g = new(n, c), new(n, c), new(g)
     var_in = new(n, c) if affine is not None else None
     raw = new(n, c) if training else None
@@ -748,15 +757,10 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     scale), one program per group (the input gradient's maps, the folded
     BN's gradients). With SyncCE the gradient of the global batch sums is
     all-reduced before the last one (as SyncBN's)."""
-    n, c, h, w = kept.shape
-    d, hw, eps = config.group_size, h * w, config.eps
-    g = c // d
-    params = type(params)(*(t.contiguous() for t in params))
-    hidden = params.fc1_weight.shape[0]
-    block_d = _blocks(d)[0]
+    n, c, hw, g, d, params, hidden, block_d, new = _setup(kept, params,
+                                                          config)
+    eps = config.eps
     gz_p, gos_p, _, split = _partials(grad_out, kept, d, full=True)
-    f32 = dict(dtype=torch.float32, device=kept.device)
-    new = lambda *shape: torch.empty(shape, **f32)  # noqa: E731
     alpha, beta = affine if affine is not None else (gos_p, gos_p)
     gdiag, lam_part = new(n, c), new(g)
     # dL/d(batch sums), the layout of cache.sums (training)
