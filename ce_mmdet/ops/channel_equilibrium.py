@@ -51,12 +51,13 @@ def _update_running_state(state: CEState, wm: Tensor, scale: Tensor,
 
 
 def _op_call(x: Tensor, config: CEConfig, training: bool, reduce_fn,
-             inplace: bool, impl: str, differentiable,
+             inplace: bool, impl: str, differentiable, hidden: int,
              **bn) -> functions.OpCall:
     return functions.OpCall(
         config=config,
         training=bool(training),
-        passes=passes_for(impl, x),
+        passes=passes_for(impl, x, (x.shape[1], config.group_size,
+                                    hidden, config.num_iters, x.shape[0])),
         reduce_fn=reduce_fn if training else None,
         inplace=bool(inplace),
         needs_grad=_needs_grad(x, *differentiable),
@@ -115,7 +116,8 @@ def channel_equilibrium(x: Tensor,
         torch.Size([2, 32, 5, 5])
     """
     _check_input(x, state, config)
-    call = _op_call(x, config, training, reduce_fn, inplace, impl, params)
+    call = _op_call(x, config, training, reduce_fn, inplace, impl, params,
+                    params.fc1_weight.shape[0])
     out, wm, scale = functions.channel_equilibrium(x, params, state, call)
     if training:
         _update_running_state(state, wm, scale, config)
@@ -186,6 +188,7 @@ def batchnorm_channel_equilibrium(z: Tensor,
             factor = 1.0 / float(bn.num_batches_tracked)
     call = _op_call(z, config, training, reduce_fn, inplace, impl,
                     (bn.weight, bn.bias) + tuple(params),
+                    params.fc1_weight.shape[0],
                     bn_batch_stats=batch_stats, bn_momentum=float(factor),
                     bn_eps=float(bn.eps))
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)

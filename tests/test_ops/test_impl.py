@@ -60,7 +60,14 @@ def test_triton_self_check(monkeypatch):
     from ce_mmdet.ops import impl, triton_impl
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     impl.triton_self_check.cache_clear()
-    assert impl.triton_self_check(torch.device('cpu'))
+    cpu = torch.device('cpu')
+    assert impl.triton_self_check(cpu)
+    # CE-ResNet-50's own layer configurations: the stem (one group of 64),
+    # stage 3 (hidden 256), a bf16 input (autocast)
+    for layer in ((64, 64, 16, 3, 2, torch.float32),
+                  (1024, 16, 256, 3, 2, torch.float32),
+                  (256, 16, 64, 3, 1, torch.bfloat16)):
+        assert impl.triton_self_check(cpu, layer), layer
     impl.triton_self_check.cache_clear()
 
     def broken(*args, **kwargs):
