@@ -187,7 +187,10 @@ def triton_self_check(device: torch.device,
     implementation for that configuration."""
     tol = 1e-3 if layer[-1] == torch.float32 else 3e-2
     try:
-        for got, want in _check_pairs(device, layer):
+        # the first call may come from inside torch.no_grad / inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            pairs = _check_pairs(device, layer)
+        for got, want in pairs:
             for u, v in zip(got, want):
                 # relative to the largest entry (elementwise checks are
                 # meaningless for bf16-rounded values near zero)
