@@ -10,8 +10,8 @@ passes over the feature map are computed (``call.passes``: PyTorch GEMMs,
     (eval), then the small graph (:mod:`ce_mmdet.ops.small_graph`) gives the
     per-sample block-diagonal map ``A = sig(a) W + (1 - sig(a)) diag(y /
     s)``, and ``out[n, g] = A[n, g] X[n, g]``;
-  - backward: ``dA = dout X^T``, the small graph is re-run under autograd
-    to map ``dA`` onto the statistics and the parameters, then ``dX = A^T
+  - backward: ``dA = dout X^T``, the small graph's hand-derived backward
+    maps ``dA`` onto the statistics and the parameters, then ``dX = A^T
     dout + S X + b`` in one pass. Only the input and small tensors are
     saved.
 
@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .small_graph import compute_dtype
-from .torch_impl import BNAffine
+from .torch_impl import BNAffine, bn_affine
 from .types import CEConfig, CEParams, CEState
 
 #: A function that sums small statistic tensors over processes (SyncCE).
@@ -166,19 +166,6 @@ class _CEFunction(torch.autograd.Function):
         return (None, grad_x, *maps.params) + (None, ) * _NUM_STATE
 
 
-def _bn_affine(weight: Optional[Tensor], bias: Optional[Tensor],
-               mean: Tensor, invstd: Tensor,
-               cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """``(alpha, beta)`` with ``BN(z) = alpha z + beta`` per channel."""
-    alpha = invstd.to(cdt)
-    if weight is not None:
-        alpha = alpha * weight.to(cdt)
-    beta = -mean.to(cdt) * alpha
-    if bias is not None:
-        beta = beta + bias.to(cdt)
-    return alpha, beta
-
-
 class _BNCEFunction(torch.autograd.Function):
     """``CE(BN(z))`` for a plain BatchNorm (see the module doc). Inputs:
     ``call, z, bn_weight, bn_bias, bn_running_mean, bn_running_var, *params,
@@ -205,7 +192,7 @@ class _BNCEFunction(torch.autograd.Function):
                 bn_mean, invstd, bn_var = save_mean, save_invstd, None
             else:
                 invstd = torch.rsqrt(bn_var + call.bn_eps)
-            alpha, beta = _bn_affine(bn_weight, bn_bias, bn_mean, invstd, cdt)
+            alpha, beta = bn_affine(bn_weight, bn_bias, bn_mean, invstd, cdt)
             a, _, _, wm, scale = _forward_map(ctx, x, params, state,
                                               call)[:5]
             # x is this op's own temporary: always free to overwrite

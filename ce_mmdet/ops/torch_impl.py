@@ -105,6 +105,21 @@ def instance_moments(xg: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     return mean, var.clamp_min(0)
 
 
+def bn_affine(weight: Optional[Tensor], bias: Optional[Tensor],
+              mean: Tensor, invstd: Tensor,
+              dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(alpha, beta)`` with ``BN(z) = alpha z + beta`` per channel, in
+    ``dtype``, from the BN's weight and bias (or None), mean and inverse
+    standard deviation."""
+    alpha = invstd.to(dtype)
+    if weight is not None:
+        alpha = alpha * weight.to(dtype)
+    beta = -mean.to(dtype) * alpha
+    if bias is not None:
+        beta = beta + bias.to(dtype)
+    return alpha, beta
+
+
 class BNAffine(NamedTuple):
     """An eval-mode BatchNorm as the affine map ``alpha x + beta`` it
     applies: its weight and bias (or None), running mean and variance (C,)
@@ -117,13 +132,8 @@ class BNAffine(NamedTuple):
 
     def alpha_beta(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """``(alpha, beta)`` in ``dtype``."""
-        alpha = torch.rsqrt(self.var.to(dtype) + self.eps)
-        if self.weight is not None:
-            alpha = alpha * self.weight.to(dtype)
-        beta = -self.mean.to(dtype) * alpha
-        if self.bias is not None:
-            beta = beta + self.bias.to(dtype)
-        return alpha, beta
+        return bn_affine(self.weight, self.bias, self.mean,
+                         torch.rsqrt(self.var.to(dtype) + self.eps), dtype)
 
 
 class MapResult(NamedTuple):
