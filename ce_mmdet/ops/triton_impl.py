@@ -722,8 +722,8 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
         AFFINE=affine is not None, GLOBAL_SUMS=sync, num_warps=8)
-    cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, None,
-                            post, y, lam, scale, wm, cov, None, iterates)
+    cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, post,
+                            y, lam, scale, wm, cov, None, iterates)
     return MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
 
 
