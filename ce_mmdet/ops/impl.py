@@ -93,11 +93,20 @@ def resolve_impl(impl: str = 'auto',
         RuntimeError: for ``'triton'`` where it cannot run (the message
             says why).
     """
+    return _resolve(requested_impl(impl), tensor)
+
+
+def requested_impl(impl: str) -> str:
+    """``impl``, or the environment variable ``CE_MMDET_IMPL`` when it is
+    set and not empty; checked (:func:`check_impl`)."""
     env = os.environ.get(ENV_VAR, '')
     if env:
-        impl = check_impl(env, f'the environment variable {ENV_VAR}')
-    else:
-        impl = check_impl(impl)
+        return check_impl(env, f'the environment variable {ENV_VAR}')
+    return check_impl(impl)
+
+
+def _resolve(impl: str, tensor: Optional[torch.Tensor]) -> str:
+    """:func:`resolve_impl` for an already requested and checked ``impl``."""
     if impl == 'torch' or torch.jit.is_tracing():
         # torch.jit tracing (mmengine's FLOP analyser) records sizes as
         # tensors, which Triton launches cannot take
@@ -214,9 +223,9 @@ def passes_for(impl: str, tensor: torch.Tensor, layer: tuple = None):
     only once :func:`triton_self_check` passed there for ``layer`` (``(C,
     d, hidden, num_iters, N)`` of the calling layer; the dtype is the
     tensor's)."""
-    name = resolve_impl(impl, tensor)
-    auto = (os.environ.get(ENV_VAR, '') or impl) == 'auto'
-    if name == 'triton' and auto and tensor.is_cuda:
+    requested = requested_impl(impl)
+    name = _resolve(requested, tensor)
+    if name == 'triton' and requested == 'auto':  # (on CUDA only)
         key = DEFAULT_LAYER if layer is None else tuple(layer[:4]) + (
             min(max(int(layer[4]), 1), 16), tensor.dtype)
         if not triton_self_check(tensor.device, key):
