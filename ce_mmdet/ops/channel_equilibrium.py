@@ -59,7 +59,9 @@ def _op_call(x: Tensor, config: CEConfig, training: bool, reduce_fn,
         passes=passes_for(impl, x, (x.shape[1], config.group_size,
                                     hidden, config.num_iters, x.shape[0])),
         reduce_fn=reduce_fn if training else None,
-        inplace=bool(inplace),
+        # under torch.compile no writes into the input (dynamo does not trace
+        # an autograd.Function's mark_dirty; inductor plans memory itself)
+        inplace=bool(inplace) and not torch.compiler.is_compiling(),
         needs_grad=_needs_grad(x, *differentiable),
         **bn)
 
@@ -192,8 +194,16 @@ def batchnorm_channel_equilibrium(z: Tensor,
                     bn_batch_stats=batch_stats, bn_momentum=float(factor),
                     bn_eps=float(bn.eps))
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    out, wm, scale = functions.batchnorm_channel_equilibrium(
-        z, bn_tensors, params, state, call)
+    out, wm, scale, batch_mean, batch_var = \
+        functions.batchnorm_channel_equilibrium(z, bn_tensors, params, state,
+                                                call)
+    if batch_mean.numel() and bn.running_mean is not None:
+        # the op computed the BN's batch statistics itself: the running
+        # update of native_batch_norm (r = m x + (1 - m) r)
+        with torch.no_grad():
+            for buf, value in ((bn.running_mean, batch_mean),
+                               (bn.running_var, batch_var)):
+                buf.copy_(factor * value.to(buf.dtype) + (1 - factor) * buf)
     if training:
         _update_running_state(state, wm, scale, config)
     return out

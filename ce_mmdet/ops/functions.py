@@ -20,7 +20,17 @@ passes over the feature map are computed (``call.passes``: PyTorch GEMMs,
   a BN saves anyway), with the BN's per-channel affine map
   ``X = alpha Z + beta``:
 
-  - BN with batch statistics (or CE in training): the BN's pass by
+  - BN with batch statistics and CE in training, with an implementation
+    that folds it (``passes.fuses_batch_bn``: the torch one): no BN pass.
+    One statistics pass over ``Z`` (per-sample means and Gram matrices)
+    gives the BN's batch mean and variance and, through the affine map,
+    CE's statistics of ``X``; the output is ``(A diag(alpha)) Z + A beta``
+    in one pass; backward folds the BN's backward into the maps of ``dZ =
+    M1 dout + M2 Z + c`` (it needs only per-channel sums of ``dX`` and
+    ``dX Z``, which follow from ``dout Z^T``, ``dout 1`` and ``Z``'s
+    statistics): one reduction pass and one pass writing ``dZ``, the passes
+    a BN alone makes;
+  - otherwise, BN with batch statistics (or CE in training): the BN's pass by
     ``torch.native_batch_norm`` (which updates its running statistics as
     ``nn.BatchNorm2d`` does), CE on ``X``, written into ``X`` itself where
     the implementation does that (``X`` is the op's own temporary);
@@ -47,7 +57,8 @@ import torch
 from torch import Tensor
 
 from .small_graph import compute_dtype
-from .torch_impl import BNAffine, bn_affine
+from .torch_impl import (BatchBNStats, BNAffine, batch_bn_backward_maps_by,
+                         batch_bn_map_by, bn_affine)
 from .types import CEConfig, CEParams, CEState
 
 #: A function that sums small statistic tensors over processes (SyncCE).
@@ -94,6 +105,15 @@ def _forward_map(ctx, x: Tensor, params: CEParams, state: CEState,
     own tensors, never an input or output)."""
     result = call.passes.forward_map(x, params, state, call.config,
                                      call.training, call.reduce_fn, affine)
+    _keep_cache(ctx, result, call)
+    if not call.training:  # (two distinct outputs)
+        result = result._replace(wm=result.a.new_empty(0),
+                                 scale=result.a.new_empty(0))
+    return result
+
+
+def _keep_cache(ctx, result, call: OpCall) -> None:
+    """Keeps the small graph's intermediates on ``ctx`` for the backward."""
     if call.needs_grad:
         cache = result.cache
         if not call.training:
@@ -101,10 +121,6 @@ def _forward_map(ctx, x: Tensor, params: CEParams, state: CEState,
             # a later training call moves: keep a (small) copy
             cache = cache._replace(wm=cache.wm.clone())
         ctx.cache = cache
-    if not call.training:  # (two distinct outputs)
-        result = result._replace(wm=result.a.new_empty(0),
-                                 scale=result.a.new_empty(0))
-    return result
 
 
 def _backward_maps(ctx, grad_out: Tensor, kept: Tensor, a: Tensor,
@@ -114,6 +130,12 @@ def _backward_maps(ctx, grad_out: Tensor, kept: Tensor, a: Tensor,
     maps = call.passes.backward_maps(grad_out, kept, a, ctx.cache, params,
                                      call.config, call.training,
                                      call.reduce_fn, affine, fold)
+    return _only_needed(maps, need_params)
+
+
+def _only_needed(maps, need_params):
+    """``maps`` with None for the parameter gradients autograd does not
+    need."""
     return maps._replace(params=[
         grad if need else None for grad, need in zip(maps.params, need_params)
     ])
@@ -169,7 +191,11 @@ class _CEFunction(torch.autograd.Function):
 class _BNCEFunction(torch.autograd.Function):
     """``CE(BN(z))`` for a plain BatchNorm (see the module doc). Inputs:
     ``call, z, bn_weight, bn_bias, bn_running_mean, bn_running_var, *params,
-    *state``; outputs as :class:`_CEFunction`."""
+    *state``; outputs as :class:`_CEFunction`, then the BN's batch mean and
+    unbiased variance where the op computed them itself (the folded
+    batch-statistics BN; empty otherwise, ``native_batch_norm`` updated the
+    running statistics): the caller updates the running statistics, as it
+    updates CE's (a traced graph then shows the update outside the op)."""
 
     @staticmethod
     def forward(ctx, call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
@@ -178,12 +204,31 @@ class _BNCEFunction(torch.autograd.Function):
         params, state = _split(tensors)
         cdt = compute_dtype(z.dtype)
         passes, d = call.passes, call.config.group_size
+        bn_stats = var_z = None
+        # (two distinct outputs: dynamo does not trace one returned twice)
+        batch_mean, batch_var = z.new_empty(0), z.new_empty(0)
         if not call.bn_batch_stats:
             # the running statistics as they are now (copies for the
             # backward: a later training call may move them)
             bn_var = running_var.to(cdt, copy=call.needs_grad)
             bn_mean = running_mean.to(cdt, copy=call.needs_grad)
-        if call.bn_batch_stats or call.training:
+        if call.bn_batch_stats and call.training and passes.fuses_batch_bn:
+            # BN with batch statistics folded: one statistics pass over z
+            # gives the BN's statistics and CE's, and A X is applied to z
+            result, bn_stats = batch_bn_map_by(
+                passes, z, params, state, call.config, call.reduce_fn,
+                bn_weight, bn_bias, call.bn_eps)
+            _keep_cache(ctx, result, call)
+            # for the running statistics (updated by the caller, as CE's)
+            positions = z.shape[0] * z.shape[2] * z.shape[3]
+            batch_mean = bn_stats.mean
+            batch_var = bn_stats.var * (positions / (positions - 1))
+            a, a_z, bias, wm, scale, _, _, alpha, beta = result
+            bn_mean, invstd, bn_var = bn_stats.mean, bn_stats.invstd, None
+            out = passes.apply(a_z, z, d, call.inplace and
+                               not call.needs_grad, bias)
+            mode = 'batch_bn'
+        elif call.bn_batch_stats or call.training:
             # the BN's pass (and its running-statistics update)
             x, save_mean, save_invstd = torch.native_batch_norm(
                 z, bn_weight, bn_bias, running_mean, running_var,
@@ -197,7 +242,7 @@ class _BNCEFunction(torch.autograd.Function):
                                               call)[:5]
             # x is this op's own temporary: always free to overwrite
             out = passes.apply(a, x, d, inplace=True)
-            folded = False
+            mode = 'separate'
         else:
             # BN with running statistics, CE in eval: no BN pass
             result = _forward_map(
@@ -207,31 +252,33 @@ class _BNCEFunction(torch.autograd.Function):
             a, a_z, bias, wm, scale, _, var_z, alpha, beta = result
             invstd = torch.rsqrt(bn_var + call.bn_eps) if call.needs_grad \
                 else None
-            inplace = call.inplace and not call.needs_grad
-            out = passes.apply(a_z, z, d, inplace, bias)
-            if out is z:
-                ctx.mark_dirty(z)
-            folded = True
-        ctx.mark_non_differentiable(wm, scale)
+            out = passes.apply(a_z, z, d, call.inplace and
+                               not call.needs_grad, bias)
+            mode = 'folded'
+        if out is z:
+            ctx.mark_dirty(z)
+        ctx.mark_non_differentiable(wm, scale, batch_mean, batch_var)
         # no zero-filled gradients for the statistics outputs
         ctx.set_materialize_grads(False)
         if call.needs_grad:
             # what the BN's backward needs: the batch mean and inverse std,
-            # or the running mean and inverse std (small copies)
+            # or the running mean and inverse std (small copies), and for a
+            # folded batch-statistics BN the statistics of z
+            extra = (None, None) if bn_stats is None else \
+                (bn_stats.mean_z, bn_stats.gram_z)
             ctx.save_for_backward(z, alpha, beta, bn_mean, invstd, bn_var,
-                                  bn_weight, var_z if folded else None, a,
-                                  *params)
+                                  bn_weight, var_z, *extra, a, *params)
             ctx.call = call
-            ctx.folded = folded
+            ctx.mode = mode
             ctx.bias_dtype = None if bn_bias is None else bn_bias.dtype
-        return out, wm, scale
+        return out, wm, scale, batch_mean, batch_var
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
+    def backward(ctx, grad_out: Tensor, *_grad_statistics):
         if grad_out is None:  # the output did not reach the loss
             return (None, ) * (6 + _NUM_PARAMS + _NUM_STATE)
-        (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, var_z, a,
-         *rest) = ctx.saved_tensors
+        (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, var_z, mean_z,
+         gram_z, a, *rest) = ctx.saved_tensors
         params = CEParams(*rest)
         call = ctx.call
         passes, d = call.passes, call.config.group_size
@@ -239,20 +286,7 @@ class _BNCEFunction(torch.autograd.Function):
         need_z, need_w, need_b = ctx.needs_input_grad[1:4]
         need_params = ctx.needs_input_grad[6:6 + _NUM_PARAMS]
         grad_z = grad_w = grad_b = None
-        if ctx.folded:
-            # BN in eval: dz = alpha dX, and the BN's parameter gradients
-            # from small tensors (see backward_maps)
-            maps = _backward_maps(ctx, grad_out, z, a, params, call,
-                                  need_params, (alpha, beta),
-                                  (bn_mean, invstd, var_z))
-            if need_z:
-                grad_z = passes.apply2(maps.m1, grad_out, maps.m2, z,
-                                       maps.shift, d)
-            if need_w:
-                grad_w = maps.bn_weight.to(bn_weight.dtype)
-            if need_b:
-                grad_b = maps.bn_bias.to(ctx.bias_dtype)
-        else:
+        if ctx.mode == 'separate':
             maps = _backward_maps(ctx, grad_out, z, a, params, call,
                                   need_params, (alpha, beta))
             grad_x = passes.apply2(maps.m1, grad_out, maps.m2, z, maps.shift,
@@ -264,6 +298,27 @@ class _BNCEFunction(torch.autograd.Function):
             grad_z, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 grad_x, z, bn_weight, *stats, call.bn_eps,
                 [need_z, need_w, need_b])
+        else:
+            # the BN folded into the maps: dz in one pass, the BN's
+            # parameter gradients from small tensors
+            if ctx.mode == 'folded':
+                maps = _backward_maps(ctx, grad_out, z, a, params, call,
+                                      need_params, (alpha, beta),
+                                      (bn_mean, invstd, var_z))
+            else:
+                maps = batch_bn_backward_maps_by(
+                    passes, grad_out, z, a, ctx.cache, params, call.config,
+                    call.reduce_fn, alpha, beta,
+                    BatchBNStats(bn_mean, None, invstd, mean_z, gram_z),
+                    bn_weight)
+                maps = _only_needed(maps, need_params)
+            if need_z:
+                grad_z = passes.apply2(maps.m1, grad_out, maps.m2, z,
+                                       maps.shift, d)
+            if need_w:
+                grad_w = maps.bn_weight.to(bn_weight.dtype)
+            if need_b:
+                grad_b = maps.bn_bias.to(ctx.bias_dtype)
         return (None, grad_z if need_z else None, grad_w if need_w else None,
                 grad_b if need_b else None, None, None,
                 *maps.params) + (None, ) * _NUM_STATE
@@ -283,8 +338,10 @@ def channel_equilibrium(x: Tensor, params: CEParams, state: CEState,
 def batchnorm_channel_equilibrium(z: Tensor, bn_tensors: Tuple,
                                   params: CEParams, state: CEState,
                                   call: OpCall
-                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+                                  ) -> Tuple[Tensor, ...]:
     """``CE(BN(z))`` on a contiguous (N, C, H, W) ``z``; ``bn_tensors`` are
     the BN's weight, bias, running mean and running variance (each may be
-    None)."""
+    None). Returns the output, CE's batch whitening matrices and scale, the
+    BN's batch mean and unbiased variance (empty where the op did not
+    compute them itself)."""
     return _BNCEFunction.apply(call, z, *bn_tensors, *params, *state)

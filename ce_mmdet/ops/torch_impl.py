@@ -272,6 +272,114 @@ def backward_maps_from_cross(gz: Tensor, go_sum: Tensor, a: Tensor, cache,
                     d_params, (sum_dxz - bn_mean * sum_dx) * invstd, sum_dx)
 
 
+class BatchBNStats(NamedTuple):
+    """The batch statistics of a BatchNorm in training mode folded into the
+    op (:func:`batch_bn_map_by`), and the statistics of its input ``z`` they
+    came from (all small).
+
+    Attributes:
+        mean (Tensor): (C,) batch mean of ``z``.
+        var (Tensor): (C,) biased batch variance (what the BN divides by).
+        invstd (Tensor): (C,) ``1 / sqrt(var + eps)``.
+        mean_z (Tensor): (N, C) per-sample means of ``z``.
+        gram_z (Tensor): (N, G, d, d) per-sample group Gram matrices of
+            ``z``.
+    """
+    mean: Tensor
+    var: Tensor
+    invstd: Tensor
+    mean_z: Tensor
+    gram_z: Tensor
+
+
+def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
+                    weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float) -> Tuple[MapResult, BatchBNStats]:
+    """``forward_map`` of ``CE(BN(z))`` for a BN with batch statistics and
+    CE in training, from one statistics pass over ``z`` (``passes.stats``):
+    the BN's batch mean and variance are the sample means of ``z``'s
+    per-sample means and Gram diagonals; ``X = alpha z + beta`` is never
+    materialised, its statistics follow from ``z``'s (``X - m_X =
+    diag(alpha) (z - m_z)`` per sample), and the returned ``a_in, bias``
+    apply ``A X`` to ``z``.
+
+    The BN's variance is ``E[z^2] - E[z]^2`` in the compute dtype (float32
+    for half and single inputs): exact in float64, and in float32 accurate
+    while ``|mean| / std`` of a channel stays below ~100 (conv outputs are
+    far inside that).
+    """
+    n, c, h, w = z.shape
+    hw = h * w
+    d = config.group_size
+    g = c // d
+    mean_z, gram_z = passes.stats(z, d, True)
+    positions = n * hw
+    mean = mean_z.mean(0)
+    sumsq = gram_z.diagonal(dim1=-2, dim2=-1).reshape(n, c).sum(0)
+    var = (sumsq / positions - mean * mean).clamp_min(0)
+    invstd = torch.rsqrt(var + eps)
+    alpha, beta = bn_affine(weight, bias, mean, invstd, mean.dtype)
+    mean_x = mean_z * alpha + beta
+    mz = mean_z.reshape(n, g, d, 1)
+    mx = mean_x.reshape(n, g, d, 1)
+    centred = gram_z - hw * (mz @ mz.transpose(-1, -2))
+    gram_x = centred * (alpha.view(1, g, d, 1) * alpha.view(1, g, 1, d)) + \
+        hw * (mx @ mx.transpose(-1, -2))
+    a, wm, scale, cache = small_graph.forward(mean_x, gram_x, hw, params,
+                                              state, config, True, reduce_fn)
+    result = MapResult(a, a * alpha.view(1, g, 1, d),
+                       a @ beta.view(1, g, d, 1), wm, scale, cache, None,
+                       alpha, beta)
+    return result, BatchBNStats(mean, var, invstd, mean_z, gram_z)
+
+
+def batch_bn_backward_maps_by(passes, grad_out: Tensor, z: Tensor,
+                              a: Tensor, cache, params, config, reduce_fn,
+                              alpha: Tensor, beta: Tensor,
+                              bn: BatchBNStats,
+                              weight: Optional[Tensor]) -> GradMaps:
+    """``backward_maps`` of :func:`batch_bn_map_by`: ``dz = m1 dout + m2 z +
+    shift`` and the BN's weight and bias gradients, from one reduction pass
+    over ``(dout, z)`` (``passes.cross``).
+
+    CE's input gradient is ``dX = A^T dout + S X + b`` (as for CE alone);
+    the BN's backward ``dz = gamma invstd (dX - mean(dX) - xhat mean(dX
+    xhat))`` needs only the per-channel sums ``sum dX`` and ``sum dX z``,
+    which follow from ``dout z^T``, ``dout 1`` and ``z``'s statistics: the
+    BN's backward is folded into the maps (no ``dX`` tensor, no BN pass).
+    """
+    gz, go_sum = passes.cross(grad_out, z, config.group_size)
+    n, g, d, _ = a.shape
+    c = g * d
+    hw = z.shape[2] * z.shape[3]
+    positions = n * hw
+    # dL/dA = dout X^T = (dout z^T) diag(alpha) + (dout 1) beta^T
+    grad_a = gz * alpha.view(1, g, 1, d) + go_sum * beta.view(1, g, 1, d)
+    d_mean, d_second, d_params = small_graph.backward(
+        grad_a, cache, hw, params, config, True, reduce_fn)
+    s_mat, b = input_grad_maps(d_mean, d_second, cache.mean, hw, d, True)
+    # per-sample sums over positions: sum dX and sum dX z (diagonal)
+    a_t = a.transpose(-1, -2)
+    xsum = hw * cache.mean.reshape(n, g, d, 1)
+    sum_dx = (a_t @ go_sum + s_mat @ xsum + hw * b).reshape(n, c).sum(0)
+    mz = bn.mean_z.reshape(n, g, d)
+    # sum_hw x_j z_i = alpha_j Gram_z[j, i] + beta_j hw m_z[i]
+    xz = bn.gram_z * alpha.view(1, g, d, 1) + \
+        hw * beta.view(1, g, d, 1) * mz.unsqueeze(-2)
+    sum_dxz = ((a * gz).sum(-2) + (s_mat * xz.transpose(-1, -2)).sum(-1) +
+               hw * b.squeeze(-1) * mz).reshape(n, c).sum(0)
+    sum_dx_xhat = (sum_dxz - bn.mean * sum_dx) * bn.invstd
+    # dz = c1 dX - c1 invstd k z + c1 (invstd mean k - sum dX / P),
+    # c1 = gamma invstd, k = sum(dX xhat) / P
+    c1 = bn.invstd if weight is None else bn.invstd * weight.to(a.dtype)
+    k = sum_dx_xhat / positions
+    m1, m2, shift = grad_maps(a, s_mat, b, alpha, beta, out_scale=c1)
+    m2 = m2 - torch.diag_embed((c1 * bn.invstd * k).view(1, g, d))
+    shift = shift + (c1 * (bn.invstd * bn.mean * k -
+                           sum_dx / positions)).view(1, g, d, 1)
+    return GradMaps(m1, m2, shift, d_params, sum_dx_xhat, sum_dx)
+
+
 def forward_map_by(passes, x: Tensor, params, state, config,
                    training: bool, reduce_fn, affine) -> MapResult:
     """``forward_map`` from a pass implementation's ``stats`` and the torch
@@ -299,6 +407,9 @@ class TorchPasses:
     1) matrices in the compute dtype."""
 
     name = 'torch'
+    #: a BN with batch statistics before CE in training is folded into the
+    #: op (:func:`batch_bn_map_by`): no BN pass forward or backward
+    fuses_batch_bn = True
 
     @staticmethod
     def stats(x: Tensor, group_size: int,

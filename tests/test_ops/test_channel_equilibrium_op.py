@@ -98,3 +98,53 @@ def test_batchnorm_args_follow_the_module():
     bn = torch.nn.BatchNorm2d(8).eval()
     args = BatchNormArgs.from_module(bn)
     assert args.running_var is bn.running_var and not args.uses_batch_stats
+
+
+def _bn_ce_step(dtype, offset, fold, monkeypatch):
+    """One training step of CE(BN(z)) through the op (BN and CE with batch
+    statistics); ``fold`` picks the torch implementation's folded BN or the
+    BN's own pass (``native_batch_norm``, the path the Triton implementation
+    takes)."""
+    from ce_mmdet.ops import torch_impl
+    monkeypatch.setattr(torch_impl.TorchPasses, 'fuses_batch_bn', fold)
+    params, state = make(dtype=torch.float64)
+    params = CEParams(*(p.to(dtype).requires_grad_() for p in params))
+    state = CEState(*(s.to(dtype) for s in state))
+    torch.manual_seed(5)
+    bn = torch.nn.BatchNorm2d(32, momentum=0.3).double()
+    with torch.no_grad():  # (drawn in float64: the same values for all)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.3)
+        bn.running_mean.normal_(0, 0.3)
+    bn = bn.to(dtype)
+    z = torch.randn(3, 32, 5, 7, dtype=torch.float64) * 2 + offset
+    z = z.to(dtype).requires_grad_()
+    out = batchnorm_channel_equilibrium(
+        z, BatchNormArgs.from_module(bn), params, state,
+        config=CEConfig(group_size=16, num_iters=4, momentum=0.3),
+        training=True)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator(
+    ).manual_seed(6)).to(dtype)
+    grads = torch.autograd.grad(out, [z, bn.weight, bn.bias, *params], g)
+    return [out, *grads, bn.running_mean, bn.running_var, *state]
+
+
+@pytest.mark.parametrize('dtype,offset,tol', [
+    (torch.float64, 0.0, 1e-12),
+    (torch.float32, 0.0, 1e-5),
+    # channel means 10x their std: the BN variance from E[z^2] - E[z]^2
+    (torch.float32, 20.0, 1e-3),
+])
+def test_folded_batch_bn_matches_the_bn_pass(dtype, offset, tol, monkeypatch):
+    """The torch implementation folds a batch-statistics BN into the op (its
+    statistics from z's Gram matrices, its backward into the input
+    gradient's maps): output, every gradient and the running buffers equal
+    the computation with the BN's own pass, in float64; float32 stays within
+    ``tol`` of float64."""
+    ref = _bn_ce_step(torch.float64, offset, False, monkeypatch)
+    got = _bn_ce_step(dtype, offset, True, monkeypatch)
+    names = ['out', 'z', 'bn.weight', 'bn.bias', *CEParams._fields,
+             'bn.running_mean', 'bn.running_var', *CEState._fields]
+    for name, a, b in zip(names, got, ref, strict=True):
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err < tol, (name, err)
