@@ -17,11 +17,13 @@ to compare implementations without touching a config).
   the kernels pass a one-time self-check on that device for that layer's
   configuration (tiny calls compared with the torch implementation; a
   failure warns once and keeps ``'torch'`` for it), ``'torch'`` otherwise, and ``'torch'`` while
-  ``torch.compile`` traces (dynamo traces the torch implementation without
-  graph breaks; the Triton launches are not registered as custom ops yet,
-  so forcing ``'triton'`` under torch.compile is not supported). Under
-  ``torch.jit`` tracing (mmengine's FLOP analyser) every value means
-  ``'torch'``.
+  ``torch.compile`` traces (the self-check cannot run inside a trace).
+  Under torch.compile both implementations trace without graph breaks:
+  every Triton launch is one call of the custom op
+  ``torch.ops.ce_mmdet.triton_launch`` (its outputs declared mutated), so
+  a compiled GPU model uses the kernels with ``impl='triton'`` set
+  explicitly (``ce_cfg=dict(impl='triton')``). Under ``torch.jit`` tracing
+  (mmengine's FLOP analyser) every value means ``'torch'``.
 """
 import functools
 import os
@@ -114,8 +116,8 @@ def _resolve(impl: str, tensor: Optional[torch.Tensor]) -> str:
     if impl == 'auto' and (tensor is None or not tensor.is_cuda
                            or torch.compiler.is_compiling()):
         # never the (slow) interpreter unless asked for; under
-        # torch.compile the torch implementation, which dynamo traces
-        # without graph breaks and inductor fuses
+        # torch.compile the torch implementation (the self-check that
+        # 'auto' needs cannot run inside a trace)
         return 'torch'
     usable, why = _triton_usable(tensor)
     if impl == 'auto':

@@ -43,7 +43,8 @@ graph. Block sizes follow ``d`` (``tl.dot`` needs tiles of at least
 16: groups of 8 are padded by masking); any ``H*W`` (1 included) and ``N``
 work.
 """
-from typing import Optional, Tuple
+import inspect
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -66,13 +67,118 @@ class LaunchStats:
     running = False
 
 
-def _launch(kernel, grid, *args, **kwargs) -> None:
+class _Kernel:
+    """A Triton kernel and what its custom-op launch needs (plain Python
+    attributes, which dynamo reads as constants).
+
+    Attributes:
+        fn: the ``triton.jit`` function.
+        name (str): its name (the key of :data:`_KERNELS`).
+        args (tuple): its runtime (not ``tl.constexpr``) parameter names.
+        writes (frozenset): the parameters it stores to (checked against the
+            kernel's source by the tests).
+    """
+
+    def __init__(self, fn, writes: Tuple[str, ...]):
+        self.fn = fn
+        self.name = fn.fn.__name__
+        self.args = tuple(
+            name for name, par in inspect.signature(fn.fn).parameters.items()
+            if par.annotation is not tl.constexpr)
+        self.writes = frozenset(writes)
+        if not self.writes <= set(self.args):
+            raise ValueError(f'{self.name}: {sorted(self.writes)} are not '
+                             f'all among its parameters {self.args}')
+        _KERNELS[self.name] = self
+
+
+#: every kernel of this module by name (for :func:`_launch_op`)
+_KERNELS = {}
+
+
+def _run(kernel: _Kernel, grid, args, kwargs) -> None:
     LaunchStats.launches += 1
     LaunchStats.running = True
     try:
-        kernel[grid](*args, **kwargs)
+        kernel.fn[tuple(grid)](*args, **kwargs)
     finally:
         LaunchStats.running = False
+
+
+@torch.library.custom_op('ce_mmdet::triton_launch', mutates_args=('outputs', ))
+def _launch_op(kernel: str, grid: List[int], inputs: List[Optional[Tensor]],
+               outputs: List[Tensor], ints: List[int], floats: List[float],
+               order: List[int], constexpr_names: str,
+               constexpr_ints: List[int], bool_names: str,
+               bool_values: List[bool]) -> None:
+    """One launch of a kernel of this module, as a torch custom op (what
+    ``torch.compile`` sees: an opaque node that writes ``outputs``).
+
+    The kernel's runtime arguments are rebuilt from ``order``: entry ``i``
+    is ``4 * k + kind``, argument ``i`` being ``inputs[k]`` (kind 0; None
+    for a pointer the kernel does not read, replaced by any tensor),
+    ``outputs[k]`` (1), ``ints[k]`` (2) or ``floats[k]`` (3). Tensors the
+    kernel only reads are inputs, the ones it writes outputs (declared
+    mutated; an argument passed twice, as the output of an in-place map,
+    is one output). Keyword arguments (constexprs, ``num_warps``): names
+    separated by spaces, values in the same order.
+    """
+    pools = (inputs, outputs, ints, floats)
+    spare = outputs[0]
+    args = []
+    for code in order:
+        value = pools[code % 4][code // 4]
+        args.append(spare if value is None else value)
+    kwargs = dict(zip(constexpr_names.split(), constexpr_ints))
+    kwargs.update(zip(bool_names.split(), bool_values))
+    _run(_KERNELS[kernel], grid, args, kwargs)
+
+
+@_launch_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+def _launch(kernel: _Kernel, grid, *args, **kwargs) -> None:
+    """``kernel.fn[grid](*args, **kwargs)``, counted in
+    :class:`LaunchStats`. While ``torch.compile`` traces, through the custom
+    op ``torch.ops.ce_mmdet.triton_launch`` (:func:`_launch_op`), with the
+    tensors the kernel writes declared as mutated; in eager mode directly
+    (a custom op's dispatch would add host time to every launch, which is
+    what a small-batch GPU step is bound by)."""
+    if not torch.compiler.is_compiling():
+        _run(kernel, grid, args, kwargs)
+        return
+    inputs, outputs, ints, floats, order = [], [], [], [], []
+    for name, value in zip(kernel.args, args):
+        if isinstance(value, Tensor) or value is None:
+            # one entry per distinct tensor object among the outputs
+            index = next((i for i, t in enumerate(outputs) if t is value),
+                         None)
+            if index is None and name in kernel.writes and value is not None:
+                outputs.append(value)
+                index = len(outputs) - 1
+            if index is not None:
+                order.append(4 * index + 1)
+            else:
+                inputs.append(value)
+                order.append(4 * (len(inputs) - 1))
+        elif isinstance(value, bool) or not isinstance(
+                value, (int, float, torch.SymInt, torch.SymFloat)):
+            raise TypeError(f'{kernel.name}: argument {name} is '
+                            f'{type(value).__name__}')
+        elif isinstance(value, (int, torch.SymInt)):
+            ints.append(value)
+            order.append(4 * (len(ints) - 1) + 2)
+        else:
+            floats.append(value)
+            order.append(4 * (len(floats) - 1) + 3)
+    bools = {k: v for k, v in kwargs.items() if isinstance(v, bool)}
+    others = {k: v for k, v in kwargs.items() if not isinstance(v, bool)}
+    torch.ops.ce_mmdet.triton_launch(kernel.name, list(grid), inputs,
+                                     outputs, ints, floats, order,
+                                     ' '.join(others), list(others.values()),
+                                     ' '.join(bools), list(bools.values()))
 
 
 @triton.jit
@@ -588,6 +694,24 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
         tl.store(DBN_B + ch, sum_dx, mask=rmask)
 
 
+_STATS = _Kernel(_stats_kernel, ('OUT_PQ', 'OUT_PS', 'OUT_QS'))
+_MAP = _Kernel(_map_kernel, ('OUT', ))
+_GROUP_STATS = _Kernel(_group_stats_kernel,
+                       ('ALPHA', 'BETA', 'MEAN', 'VAR', 'VAR_IN', 'RAW',
+                        'VSUM_G', 'SUMS', 'COV', 'WM', 'ITERS'))
+_SUMS_HEAD = _Kernel(_sums_head_kernel, ('SUMS', ))
+_GLOBAL_WHITEN = _Kernel(_global_whiten_kernel, ('COV', 'WM', 'ITERS'))
+_SAMPLE_MAP = _Kernel(_sample_map_kernel,
+                      ('A', 'A_IN', 'BIAS', 'HID', 'LN_MEAN', 'LN_RSTD',
+                       'POST', 'Y', 'LAM', 'SCALE', 'SUMS'))
+_GROUP_GRAD = _Kernel(_group_grad_kernel, ('GDIAG', 'LAM_PART', 'GRAD_SUMS',
+                                           'GZ_OUT', 'GOS_OUT'))
+_MLP_GRAD = _Kernel(_mlp_grad_kernel, ('DGATE', 'DFC1', 'DLNW', 'DLNB',
+                                       'DFC2', 'GVAR', 'GRAD_SUMS'))
+_GRAD_MAPS = _Kernel(_grad_maps_kernel, ('M1', 'M2', 'SHIFT', 'DBN_W',
+                                         'DBN_B'))
+
+
 def _blocks(d: int) -> Tuple[int, int]:
     """(BLOCK_D, BLOCK_HW): ``d`` padded to a power of two >= 16, and a
     position block that keeps a tile at about 2K elements."""
@@ -623,7 +747,7 @@ def _partials(p: Tensor, q: Optional[Tensor], group_size: int, full: bool):
     ps = torch.empty((n * g, split, d), **f32)
     qs = torch.empty((n * g, split, d), **f32) if cross else None
     _launch(
-        _stats_kernel, (n * g, split),
+        _STATS, (n * g, split),
         p, q if cross else p, pq, ps, ps if qs is None else qs, hw, chunk,
         split, D=d, BLOCK_D=block_d, BLOCK_HW=block_hw, CROSS=cross,
         FULL=full)
@@ -688,7 +812,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     else:  # unused pointers
         bn = BNAffine(None, None, ps, ps, 0.0)
     _launch(
-        _group_stats_kernel, (g, ),
+        _GROUP_STATS, (g, ),
         pq, ps, split, n, c, hw, float(max(hw - 1, 1)), 1.0 / (n * hw), eps,
         ps if bn.weight is None else bn.weight,
         ps if bn.bias is None else bn.bias, bn.mean, bn.var, float(bn.eps),
@@ -700,10 +824,10 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         HAS_W=bn.weight is not None, HAS_B=bn.bias is not None,
         NEWTON=not sync, NUM_ITERS=config.num_iters)
     if sync:
-        _launch(_sums_head_kernel, (1, ), vsum_g, g, float(n), float(n * hw),
+        _launch(_SUMS_HEAD, (1, ), vsum_g, g, float(n), float(n * hw),
                 sums, BLOCK_G=triton.next_power_of_2(g))
         sums = reduce_fn(sums)  # SyncCE: the global batch statistics
-        _launch(_global_whiten_kernel, (g, ), sums, c, eps, cov, wm,
+        _launch(_GLOBAL_WHITEN, (g, ), sums, c, eps, cov, wm,
                 iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters)
     a = new(n, g, d, d)
     a_in = new(n, g, d, d) if affine is not None else a
@@ -712,7 +836,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     ln_mean, ln_rstd, lam, scale = new(n, 1), new(n, 1), new(1), new(1)
     block_h = triton.next_power_of_2(hidden)
     _launch(
-        _sample_map_kernel, (n, ),
+        _SAMPLE_MAP, (n, ),
         var, vsum_g, c, hidden, 1.0 / (n * c), float(n), float(n * hw), eps,
         params.gate, params.fc1_weight, params.ln_weight, params.ln_bias,
         params.fc2_weight, wm, state.running_scale, a if alpha is None else
@@ -741,7 +865,7 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
         _check(q, 'Q')
     grid = (n * (c // d), triton.cdiv(hw, block_hw))
     _launch(
-        _map_kernel, grid,
+        _MAP, grid,
         m1, p, m1 if m2 is None else m2, p if q is None else q,
         m1 if b is None else b, out, hw, D=d, BLOCK_D=block_d,
         BLOCK_HW=block_hw, HAS_Q=q is not None, HAS_B=b is not None)
@@ -769,7 +893,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     gos = new(n, g, d, 1) if fold is not None else None
     sums = gdiag if cache.sums is None else cache.sums
     _launch(
-        _group_grad_kernel, (g, ),
+        _GROUP_GRAD, (g, ),
         gz_p, gos_p, split, n, c, alpha, beta, cache.lam, cache.wm,
         gdiag if cache.cov is None else cache.cov,
         gdiag if cache.iterates is None else cache.iterates, sums, gdiag,
@@ -782,7 +906,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         c, hidden), new(n, c)
     block_h = max(16, triton.next_power_of_2(hidden))
     _launch(
-        _mlp_grad_kernel, (1, ),
+        _MLP_GRAD, (1, ),
         gdiag, cache.y, cache.post_relu, cache.hidden, cache.ln_mean,
         cache.ln_rstd, cache.var, cache.lam, cache.scale, lam_part, sums,
         params.fc1_weight, params.ln_weight, params.fc2_weight, n, c, hidden,
@@ -799,7 +923,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     d_bn_w = new(c) if fold is not None else None
     d_bn_b = new(c) if fold is not None else None
     _launch(
-        _grad_maps_kernel, (g, ),
+        _GRAD_MAPS, (g, ),
         a, cache.mean, grad_var,
         gdiag if cache.raw_var is None else cache.raw_var, grad_sums, alpha,
         beta, gdiag if gz is None else gz, gdiag if gos is None else gos,
@@ -819,6 +943,9 @@ class TritonPasses:
     :class:`~ce_mmdet.ops.torch_impl.TorchPasses`; compute dtype float32)."""
 
     name = 'triton'
+    #: a BN with batch statistics runs as its own pass before CE: the fused
+    #: small-graph kernels do not (yet) take the BN's batch statistics
+    fuses_batch_bn = False
 
     @staticmethod
     def forward_map(x: Tensor, params, state, config, training: bool,

@@ -1,11 +1,27 @@
-"""torch.compile: dynamo traces the CE ops without graph breaks, and the
-compiled model computes what the eager one does."""
+"""torch.compile: dynamo traces the CE ops without graph breaks (the torch
+implementation, and the Triton one through its custom op
+``ce_mmdet::triton_launch``), and the compiled model computes what the eager
+one does."""
 import copy
 
 import pytest
 import torch
 
 from ce_mmdet.models import CEResNet, ChannelEquilibrium
+from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+
+needs_triton = pytest.mark.skipif(
+    not triton_importable() or not (torch.cuda.is_available()
+                                    or triton_interpreting()),
+    reason='needs triton (and a GPU or TRITON_INTERPRET=1)')
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def with_impl(model, impl):
+    for m in model.modules():
+        if isinstance(m, ChannelEquilibrium):
+            m.impl = impl
+    return model
 
 
 def rel_err(a, b):
@@ -48,9 +64,11 @@ def test_compiled_training_step_matches_eager():
             assert rel_err(b, c) < 1e-5, name
 
 
-def test_inductor_compiles_bn_ce():
+@pytest.mark.parametrize('impl', [
+    'torch', pytest.param('triton', marks=needs_triton)])
+def test_inductor_compiles_bn_ce(impl):
     """Inductor (C++ on this CPU) on one BN + CE op, forward and backward,
-    in a few seconds."""
+    in a few seconds (the Triton launches stay custom-op calls)."""
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -60,7 +78,7 @@ def test_inductor_compiles_bn_ce():
         def __init__(self):
             super().__init__()
             self.bn = torch.nn.BatchNorm2d(32)
-            self.ce = ChannelEquilibrium(32)
+            self.ce = ChannelEquilibrium(32, impl=impl)
 
         def forward(self, x):
             return self.ce(x, bn=self.bn)
@@ -75,3 +93,60 @@ def test_inductor_compiles_bn_ce():
     ref.square().sum().backward()
     assert rel_err(x.grad, x2.grad) < 1e-4
     assert rel_err(model.ce.fc1.weight.grad, eager.ce.fc1.weight.grad) < 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize('mode', ['train', 'norm_eval', 'inference'])
+def test_dynamo_traces_triton_kernels_without_graph_breaks(mode):
+    """Every Triton launch is one custom-op node: no graph break inside CE
+    (in inference the op would write into its input; under compile it does
+    not)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = with_impl(
+        CEResNet(18, base_channels=16, norm_eval=mode == 'norm_eval'),
+        'triton').to(DEVICE)
+    model.train(mode != 'inference')
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.set_grad_enabled(mode != 'inference'):
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@needs_triton
+def test_compiled_triton_training_step_matches_eager():
+    """AOTAutograd through the Triton path: the forward and backward graphs
+    call the kernels as ``ce_mmdet.triton_launch`` nodes, and the compiled
+    step gives the eager step's outputs and gradients."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    model = with_impl(CEResNet(18, base_channels=16), 'triton').to(DEVICE)
+    model.train()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(
+        model, fullgraph=True,
+        backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    outs, ref = compiled(x), eager(x)
+    for o, r in zip(outs, ref):
+        assert rel_err(o, r) < 1e-5
+    sum(o.sum() for o in outs).backward()
+    sum(r.sum() for r in ref).backward()
+    assert len(graphs) == 2
+    assert all('ce_mmdet.triton_launch' in code for code in graphs)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            assert rel_err(p.grad, q.grad) < 1e-4, name
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        if b.is_floating_point():
+            assert rel_err(b, c) < 1e-5, name

@@ -275,3 +275,81 @@ def test_fused_backward_maps_match_torch(n, c, h, w, d, reduction, training,
     for name, u, v in zip(('gate', 'fc1', 'ln_w', 'ln_b', 'fc2'), got.params,
                           want.params):
         assert rel_err(u.reshape(v.shape), v) < 1e-3, name
+
+
+def test_kernel_write_sets_match_their_source():
+    """The parameters each kernel stores to (read from its source, through
+    the helpers it calls) are the ones its custom-op launch declares
+    mutated: a missing one would let torch.compile reorder or drop a
+    write."""
+    import inspect
+    import re
+
+    from ce_mmdet.ops import triton_impl
+    src = inspect.getsource(triton_impl)
+    bodies = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r'def (_\w+)\((?:.|\n)*?(?=\n\n\n)', src)
+    }
+
+    def stores(name):
+        body = bodies[name]
+        found = set(re.findall(r'tl\.store\((\w+)', body))
+        for helper in re.findall(r'\b(_\w+)\(', body):
+            if helper != name and helper in bodies and \
+                    'tl.store' in bodies[helper]:
+                found |= stores(helper)  # same parameter names
+        return found
+
+    assert len(triton_impl._KERNELS) == 9
+    for name, kernel in triton_impl._KERNELS.items():
+        assert stores(name) == kernel.writes, name
+
+
+class OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op dispatched."""
+
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('bn_training,ce_training', [(True, True),
+                                                     (False, False)])
+def test_launch_through_the_custom_op_equals_direct(monkeypatch, bn_training,
+                                                    ce_training):
+    """The launch op (what torch.compile records) rebuilds each kernel's
+    arguments exactly: a BN + CE step through it equals the direct
+    launches bit for bit."""
+    from ce_mmdet.models import ChannelEquilibrium
+    from ce_mmdet.ops import triton_impl
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(32).to(DEVICE).train(bn_training)
+    layer = ChannelEquilibrium(32, impl='triton').to(DEVICE).train(
+        ce_training)
+    z = torch.randn(2, 32, 5, 7, device=DEVICE)
+
+    def step(via_op):
+        monkeypatch.setattr(triton_impl.torch.compiler, 'is_compiling',
+                            lambda: via_op)
+        b, c = copy.deepcopy(bn), copy.deepcopy(layer)
+        zz = z.clone().requires_grad_()
+        launches = triton_impl.LaunchStats.launches
+        with OpNames() as ops:
+            out = c(zz, bn=b)
+            out.square().sum().backward()
+        launches = triton_impl.LaunchStats.launches - launches
+        assert ops.names.count('ce_mmdet.triton_launch.default') == (
+            launches if via_op else 0)
+        return (launches, out, zz.grad,
+                b.weight.grad, c.fc1.weight.grad, c.gate.grad,
+                *c.buffers(), *b.buffers())
+
+    direct, via_op = step(False), step(True)
+    assert direct[0] == via_op[0] > 0
+    for a, b in zip(direct[1:], via_op[1:]):
+        assert torch.equal(a, b)
