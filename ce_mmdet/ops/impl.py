@@ -60,6 +60,17 @@ def triton_interpreting() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
+def triton_device() -> Optional[str]:
+    """Where Triton kernels can run in this process: ``'cuda'`` with a GPU,
+    ``'cpu'`` under the interpreter, None without triton (for tests and
+    benchmarks)."""
+    if not triton_importable():
+        return None
+    if torch.cuda.is_available():
+        return 'cuda'
+    return 'cpu' if triton_interpreting() else None
+
+
 def _triton_usable(tensor: Optional[torch.Tensor]) -> Tuple[bool, str]:
     if not triton_importable():
         return False, ('triton is not installed (pip install triton; '

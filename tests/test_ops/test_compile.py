@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from ce_mmdet.models import CEResNet, ChannelEquilibrium
-from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+from ce_mmdet.ops.impl import triton_device
 
 needs_triton = pytest.mark.skipif(
-    not triton_importable() or not (torch.cuda.is_available()
-                                    or triton_interpreting()),
+    triton_device() is None,
     reason='needs triton (and a GPU or TRITON_INTERPRET=1)')
-DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+DEVICE = triton_device() or 'cpu'
 
 
 def with_impl(model, impl):
@@ -28,40 +27,24 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize('impl', [
+    'torch', pytest.param('triton', marks=needs_triton)])
 @pytest.mark.parametrize('mode', ['train', 'norm_eval', 'inference'])
-def test_dynamo_traces_ce_resnet_without_graph_breaks(mode):
+def test_dynamo_traces_ce_resnet_without_graph_breaks(mode, impl):
+    """No graph break inside CE: the torch implementation, and the Triton
+    one with every launch one custom-op node (in inference the op would
+    write into its input; under compile it does not)."""
     import torch._dynamo
     torch._dynamo.reset()
-    model = CEResNet(18, base_channels=16, norm_eval=mode == 'norm_eval')
+    model = with_impl(
+        CEResNet(18, base_channels=16, norm_eval=mode == 'norm_eval'),
+        impl).to(DEVICE)
     model.train(mode != 'inference')
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.set_grad_enabled(mode != 'inference'):
         explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
-
-
-def test_compiled_training_step_matches_eager():
-    """aot_eager: dynamo + AOTAutograd through the CE ops' forward and
-    hand-written backward, no code generation (fast)."""
-    import torch._dynamo
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = CEResNet(18, base_channels=16, norm_eval=False).train()
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend='aot_eager')
-    x = torch.randn(2, 3, 64, 64)
-    outs, ref = compiled(x), eager(x)
-    for o, r in zip(outs, ref):
-        assert rel_err(o, r) < 1e-5
-    sum(o.sum() for o in outs).backward()
-    sum(r.sum() for r in ref).backward()
-    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        if q.grad is not None:
-            assert rel_err(p.grad, q.grad) < 1e-4, name
-    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
-        if b.is_floating_point():
-            assert rel_err(b, c) < 1e-5, name
 
 
 @pytest.mark.parametrize('impl', [
@@ -95,30 +78,13 @@ def test_inductor_compiles_bn_ce(impl):
     assert rel_err(model.ce.fc1.weight.grad, eager.ce.fc1.weight.grad) < 1e-4
 
 
-@needs_triton
-@pytest.mark.parametrize('mode', ['train', 'norm_eval', 'inference'])
-def test_dynamo_traces_triton_kernels_without_graph_breaks(mode):
-    """Every Triton launch is one custom-op node: no graph break inside CE
-    (in inference the op would write into its input; under compile it does
-    not)."""
-    import torch._dynamo
-    torch._dynamo.reset()
-    model = with_impl(
-        CEResNet(18, base_channels=16, norm_eval=mode == 'norm_eval'),
-        'triton').to(DEVICE)
-    model.train(mode != 'inference')
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
-    with torch.set_grad_enabled(mode != 'inference'):
-        explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-
-
-@needs_triton
-def test_compiled_triton_training_step_matches_eager():
-    """AOTAutograd through the Triton path: the forward and backward graphs
-    call the kernels as ``ce_mmdet.triton_launch`` nodes, and the compiled
-    step gives the eager step's outputs and gradients."""
+@pytest.mark.parametrize('impl', [
+    'torch', pytest.param('triton', marks=needs_triton)])
+def test_compiled_training_step_matches_eager(impl):
+    """AOTAutograd (no code generation, fast) through the CE ops' forward
+    and hand-written backward: the compiled step gives the eager step's
+    outputs, gradients and buffers; with ``impl='triton'`` the forward and
+    backward graphs call the kernels as ``ce_mmdet.triton_launch`` nodes."""
     import torch._dynamo
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -130,7 +96,7 @@ def test_compiled_triton_training_step_matches_eager():
         return make_boxed_func(gm.forward)
 
     torch.manual_seed(0)
-    model = with_impl(CEResNet(18, base_channels=16), 'triton').to(DEVICE)
+    model = with_impl(CEResNet(18, base_channels=16), impl).to(DEVICE)
     model.train()
     eager = copy.deepcopy(model)
     compiled = torch.compile(
@@ -143,7 +109,8 @@ def test_compiled_triton_training_step_matches_eager():
     sum(o.sum() for o in outs).backward()
     sum(r.sum() for r in ref).backward()
     assert len(graphs) == 2
-    assert all('ce_mmdet.triton_launch' in code for code in graphs)
+    assert [('ce_mmdet.triton_launch' in code) for code in graphs] == [
+        impl == 'triton'] * 2
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         if q.grad is not None:
             assert rel_err(p.grad, q.grad) < 1e-4, name

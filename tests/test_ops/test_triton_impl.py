@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from ce_mmdet.ops import resolve_impl
-from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+from ce_mmdet.ops.impl import triton_device
 
 pytestmark = pytest.mark.skipif(
-    not triton_importable() or not (torch.cuda.is_available()
-                                    or triton_interpreting()),
+    triton_device() is None,
     reason='needs triton (and a GPU or TRITON_INTERPRET=1)')
-
-DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+DEVICE = triton_device() or 'cpu'
 
 
 def rel_err(a, b):
