@@ -199,11 +199,13 @@ def batchnorm_channel_equilibrium(z: Tensor,
                                                 call)
     if batch_mean.numel() and bn.running_mean is not None:
         # the op computed the BN's batch statistics itself: the running
-        # update of native_batch_norm (r = m x + (1 - m) r)
+        # update of native_batch_norm (r + m (x - r), one launch)
         with torch.no_grad():
-            for buf, value in ((bn.running_mean, batch_mean),
-                               (bn.running_var, batch_var)):
-                buf.copy_(factor * value.to(buf.dtype) + (1 - factor) * buf)
+            running = [bn.running_mean, bn.running_var]
+            torch._foreach_lerp_(running, [
+                batch_mean.to(running[0].dtype),
+                batch_var.to(running[1].dtype)
+            ], factor)
     if training:
         _update_running_state(state, wm, scale, config)
     return out

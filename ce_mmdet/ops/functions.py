@@ -21,7 +21,7 @@ passes over the feature map are computed (``call.passes``: PyTorch GEMMs,
   ``X = alpha Z + beta``:
 
   - BN with batch statistics and CE in training, with an implementation
-    that folds it (``passes.fuses_batch_bn``: the torch one): no BN pass.
+    that folds it (``passes.fuses_batch_bn``: both do): no BN pass.
     One statistics pass over ``Z`` (per-sample means and Gram matrices)
     gives the BN's batch mean and variance and, through the affine map,
     CE's statistics of ``X``; the output is ``(A diag(alpha)) Z + A beta``
@@ -57,8 +57,7 @@ import torch
 from torch import Tensor
 
 from .small_graph import compute_dtype
-from .torch_impl import (BatchBNStats, BNAffine, batch_bn_backward_maps_by,
-                         batch_bn_map_by, bn_affine)
+from .torch_impl import BatchBNStats, BNAffine, bn_affine
 from .types import CEConfig, CEParams, CEState
 
 #: A function that sums small statistic tensors over processes (SyncCE).
@@ -215,14 +214,12 @@ class _BNCEFunction(torch.autograd.Function):
         if call.bn_batch_stats and call.training and passes.fuses_batch_bn:
             # BN with batch statistics folded: one statistics pass over z
             # gives the BN's statistics and CE's, and A X is applied to z
-            result, bn_stats = batch_bn_map_by(
-                passes, z, params, state, call.config, call.reduce_fn,
-                bn_weight, bn_bias, call.bn_eps)
+            result, bn_stats = passes.batch_bn_map(
+                z, params, state, call.config, call.reduce_fn, bn_weight,
+                bn_bias, call.bn_eps)
             _keep_cache(ctx, result, call)
             # for the running statistics (updated by the caller, as CE's)
-            positions = z.shape[0] * z.shape[2] * z.shape[3]
-            batch_mean = bn_stats.mean
-            batch_var = bn_stats.var * (positions / (positions - 1))
+            batch_mean, batch_var = bn_stats.mean, bn_stats.unbiased_var
             a, a_z, bias, wm, scale, _, _, alpha, beta = result
             bn_mean, invstd, bn_var = bn_stats.mean, bn_stats.invstd, None
             out = passes.apply(a_z, z, d, call.inplace and
@@ -306,8 +303,8 @@ class _BNCEFunction(torch.autograd.Function):
                                       need_params, (alpha, beta),
                                       (bn_mean, invstd, var_z))
             else:
-                maps = batch_bn_backward_maps_by(
-                    passes, grad_out, z, a, ctx.cache, params, call.config,
+                maps = passes.batch_bn_backward_maps(
+                    grad_out, z, a, ctx.cache, params, call.config,
                     call.reduce_fn, alpha, beta,
                     BatchBNStats(bn_mean, None, invstd, mean_z, gram_z),
                     bn_weight)

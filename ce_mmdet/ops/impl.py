@@ -173,7 +173,10 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
             rand(c, h, scale=0.3))
     bn = (rand(c, scale=0.2, shift=1.0), rand(c, scale=0.2),
           rand(c, scale=0.3), rand(c, scale=0.1, shift=1.0).abs())
-    for training, with_bn in ((True, False), (False, False), (False, True)):
+    # CE alone (training, eval), eval BN + eval CE (folded), batch-statistics
+    # BN + CE in training (folded)
+    for training, with_bn in ((True, False), (False, False), (False, True),
+                              (True, True)):
         results = []
         for impl in passes:
             params = CEParams(*(t.clone().requires_grad_() for t in base))
@@ -182,7 +185,9 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
                 torch.ones(1, device=device))
             x = x0.clone().requires_grad_()
             call = functions.OpCall(CEConfig(d, num_iters), training, impl,
-                                    needs_grad=True, bn_eps=1e-5)
+                                    needs_grad=True,
+                                    bn_batch_stats=with_bn and training,
+                                    bn_eps=1e-5)
             if with_bn:
                 out = functions.batchnorm_channel_equilibrium(
                     x, bn, params, state, call)[0]

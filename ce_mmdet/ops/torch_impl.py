@@ -279,14 +279,15 @@ class BatchBNStats(NamedTuple):
 
     Attributes:
         mean (Tensor): (C,) batch mean of ``z``.
-        var (Tensor): (C,) biased batch variance (what the BN divides by).
-        invstd (Tensor): (C,) ``1 / sqrt(var + eps)``.
+        unbiased_var (Tensor): (C,) unbiased batch variance (for the running
+            variance; the BN divides by the biased one).
+        invstd (Tensor): (C,) ``1 / sqrt(biased variance + eps)``.
         mean_z (Tensor): (N, C) per-sample means of ``z``.
         gram_z (Tensor): (N, G, d, d) per-sample group Gram matrices of
             ``z``.
     """
     mean: Tensor
-    var: Tensor
+    unbiased_var: Tensor
     invstd: Tensor
     mean_z: Tensor
     gram_z: Tensor
@@ -330,7 +331,8 @@ def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
     result = MapResult(a, a * alpha.view(1, g, 1, d),
                        a @ beta.view(1, g, d, 1), wm, scale, cache, None,
                        alpha, beta)
-    return result, BatchBNStats(mean, var, invstd, mean_z, gram_z)
+    return result, BatchBNStats(mean, var * (positions / (positions - 1)),
+                                invstd, mean_z, gram_z)
 
 
 def batch_bn_backward_maps_by(passes, grad_out: Tensor, z: Tensor,
@@ -410,6 +412,27 @@ class TorchPasses:
     #: a BN with batch statistics before CE in training is folded into the
     #: op (:func:`batch_bn_map_by`): no BN pass forward or backward
     fuses_batch_bn = True
+
+    @staticmethod
+    def batch_bn_map(z: Tensor, params, state, config, reduce_fn,
+                     weight: Optional[Tensor], bias: Optional[Tensor],
+                     eps: float) -> Tuple[MapResult, BatchBNStats]:
+        """``forward_map`` with a batch-statistics BN folded in
+        (:func:`batch_bn_map_by`)."""
+        return batch_bn_map_by(TorchPasses, z, params, state, config,
+                               reduce_fn, weight, bias, eps)
+
+    @staticmethod
+    def batch_bn_backward_maps(grad_out: Tensor, z: Tensor, a: Tensor,
+                               cache, params, config, reduce_fn,
+                               alpha: Tensor, beta: Tensor,
+                               bn: BatchBNStats,
+                               weight: Optional[Tensor]) -> GradMaps:
+        """``backward_maps`` of :meth:`batch_bn_map`
+        (:func:`batch_bn_backward_maps_by`)."""
+        return batch_bn_backward_maps_by(TorchPasses, grad_out, z, a, cache,
+                                         params, config, reduce_fn, alpha,
+                                         beta, bn, weight)
 
     @staticmethod
     def stats(x: Tensor, group_size: int,

@@ -28,13 +28,16 @@ launches), two kernels forward and three backward instead of ~200 torch ops
 per layer:
 
 * :func:`_group_stats_kernel` (a program per group): per-sample means and
-  variances, batch sums, covariance and Newton iterations;
+  variances, batch sums, covariance and Newton iterations (with a
+  batch-statistics BN folded in, first the BN's batch statistics of the
+  group's channels from the same partial sums of its input);
   :func:`_sample_map_kernel` (a program per sample): the IR scale, the
   LayerNorm MLP and the block maps (with an eval-mode BN's map folded in);
 * :func:`_group_grad_kernel` (per group): dL/dA, the Newton iterations'
   backward; :func:`_mlp_grad_kernel` (one program): the gate, the MLP, the
   scale; :func:`_grad_maps_kernel` (per group): the input gradient's maps
-  and a folded BN's gradients.
+  and a folded BN's gradients (a batch-statistics BN's backward folded into
+  the maps).
 
 With SyncCE the batch sums (forward) and their gradient (backward) are
 all-reduced between those kernels, one collective each way. With parameters
@@ -52,8 +55,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .small_graph import SmallGraphCache
-from .torch_impl import (BNAffine, GradMaps, MapResult, backward_maps_by,
-                         forward_map_by)
+from .torch_impl import (BatchBNStats, BNAffine, GradMaps, MapResult,
+                         backward_maps_by, batch_bn_backward_maps_by,
+                         batch_bn_map_by, forward_map_by)
 
 #: Programs to aim for in a statistics launch (a few per SM of a large GPU).
 _TARGET_PROGRAMS = 512
@@ -273,21 +277,55 @@ def _group_layout(D: tl.constexpr, BLOCK_D: tl.constexpr):
 def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
                         MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM, ITERS,
+                        BATCH_MEAN, BATCH_VAR, BATCH_INVSTD, MEAN_Z, GRAM_Z,
                         D: tl.constexpr, BLOCK_D: tl.constexpr,
                         TRAINING: tl.constexpr, AFFINE: tl.constexpr,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        NEWTON: tl.constexpr, NUM_ITERS: tl.constexpr):
+                        NEWTON: tl.constexpr, NUM_ITERS: tl.constexpr,
+                        BATCH_BN: tl.constexpr):
     """Small graph, per group g (one program each): the per-sample means
     and variances of the group's channels from the partial sums of
     :func:`_stats_kernel`, their batch sums, and in training the covariance
     and the Newton iterations (the whitening matrix). With AFFINE (an
     eval-mode BN before CE) the statistics are those of ``alpha x + beta``,
-    the BN's map, which is written to ALPHA and BETA. Without NEWTON (SyncCE)
-    it stops at the batch sums, which are all-reduced before
+    the BN's map, which is written to ALPHA and BETA. With BATCH_BN (a BN
+    with batch statistics before CE in training; the partial sums are of the
+    BN's input z) a first pass gives the BN's batch mean, biased variance and
+    inverse std of the group's channels (BATCH_*; the variance unbiased, for
+    the running statistics) and its map (ALPHA, BETA),
+    z's per-sample means and Gram matrices are kept (MEAN_Z, GRAM_Z), and
+    the statistics are those of ``X = alpha z + beta`` (``X - m_X =
+    diag(alpha) (z - m_z)`` per sample). Without NEWTON (SyncCE) it stops at
+    the batch sums, which are all-reduced before
     :func:`_global_whiten_kernel`."""
     g = tl.program_id(0)
     G = C // D
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
+    if BATCH_BN:
+        ch = g * D + rows
+        zsum = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+        zsq = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+        for n in range(N):
+            for s in range(NSPLIT):
+                slot = ((n * G + g) * NSPLIT + s).to(tl.int64)
+                zsum += tl.load(PS + slot * D + rows, mask=rmask, other=0.)
+                zsq += tl.load(PQ + slot * D * D + rows * (D + 1),
+                               mask=rmask, other=0.)
+        bmean = zsum * inv_positions
+        bvar = tl.maximum(zsq * inv_positions - bmean * bmean, 0.)
+        invstd = 1. / tl.sqrt(bvar + bn_eps)
+        alpha = invstd
+        if HAS_W:
+            alpha = alpha * tl.load(BN_W + ch, mask=rmask, other=0.)
+        beta = -bmean * alpha
+        if HAS_B:
+            beta = beta + tl.load(BN_B + ch, mask=rmask, other=0.)
+        tl.store(ALPHA + ch, alpha, mask=rmask)
+        tl.store(BETA + ch, beta, mask=rmask)
+        tl.store(BATCH_MEAN + ch, bmean, mask=rmask)
+        # unbiased, for the running variance
+        tl.store(BATCH_VAR + ch, bvar / (1. - inv_positions), mask=rmask)
+        tl.store(BATCH_INVSTD + ch, invstd, mask=rmask)
     if AFFINE:
         ch = g * D + rows
         alpha = 1. / tl.sqrt(
@@ -315,6 +353,15 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
                 q += tl.load(PQ + slot * D * D + mat, mask=mmask, other=0.)
             else:
                 q += tl.load(PQ + slot * D + rows, mask=rmask, other=0.)
+        if BATCH_BN:  # z's statistics -> X's
+            mz = psum / hw
+            tl.store(MEAN_Z + n * C + g * D + rows, mz, mask=rmask)
+            zslot = (n * G + g).to(tl.int64) * D * D
+            tl.store(GRAM_Z + zslot + mat, q, mask=mmask)
+            mx = alpha * mz + beta
+            q = (q - hw * mz[:, None] * mz[None, :]) * (
+                alpha[:, None] * alpha[None, :]) + hw * mx[:, None] * mx[None, :]
+            psum = hw * mx
         mean = psum / hw
         if TRAINING:
             sumsq = tl.sum(tl.where(on_diag, q, 0.), 1)
@@ -627,20 +674,64 @@ def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, LAM, SCALE,
 
 
 @triton.jit
+def _sample_grad_maps(n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta,
+                      sym, dxs, grad_vsum, rows, rmask, on_diag, mmask, mat,
+                      D: tl.constexpr, TRAINING: tl.constexpr,
+                      AFFINE: tl.constexpr):
+    """Sample n, group g: ``(A, A^T, S, b, coef)`` with ``dX = A^T dout + S
+    kept + b`` (with AFFINE, ``kept = z`` and ``X = alpha z + beta``);
+    ``coef`` is the eval diagonal of S before the affine map."""
+    G = C // D
+    ch = g * D + rows
+    ng = (n * G + g).to(tl.int64)
+    a = tl.load(A + ng * D * D + mat, mask=mmask, other=0.)
+    gv = tl.load(GVAR + n * C + ch, mask=rmask, other=0.)
+    mean = tl.load(MEAN + n * C + ch, mask=rmask, other=0.)
+    if TRAINING:
+        # v = max(raw, 0) enters the sum of variances too;
+        # v = (diag(Gram) - hw mean^2) / (hw - 1)
+        raw = tl.load(RAW + n * C + ch, mask=rmask, other=0.)
+        gv = tl.where(raw >= 0., gv + grad_vsum, 0.) / den
+        # S = dQ + dQ^T, dQ = diag(gv) + dL/d(sum of Gram matrices)
+        s_mat = tl.where(on_diag, 2. * gv[:, None], 0.) + sym
+        b = dxs - 2. * mean * gv
+        coef = gv
+    else:
+        coef = 2. * gv / den
+        s_mat = tl.where(on_diag, coef[:, None], 0.)
+        b = -coef * mean
+    if AFFINE:  # S X = (S diag(alpha)) z + S beta
+        b = b + tl.sum(s_mat * beta[None, :], 1)
+        s_mat = s_mat * alpha[None, :]
+    return a, tl.trans(a), s_mat, b, coef
+
+
+@triton.jit
 def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
-                      VAR_Z, BN_MEAN, INVSTD, N, C, hw, den, M1, M2, SHIFT,
-                      DBN_W, DBN_B, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      TRAINING: tl.constexpr, AFFINE: tl.constexpr,
-                      FOLD: tl.constexpr):
+                      VAR_Z, BN_MEAN, INVSTD, MEAN_Z, GRAM_Z, N, C, hw, den,
+                      M1, M2, SHIFT, DBN_W, DBN_B, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr, TRAINING: tl.constexpr,
+                      AFFINE: tl.constexpr, FOLD: tl.constexpr,
+                      BATCH_BN: tl.constexpr):
     """The input gradient's maps, per group g: ``dX = M1 dout + M2 kept +
     shift`` for every sample, from the block maps and the statistics'
     gradients (in training from GRAD_SUMS, all-reduced with SyncCE); with
     FOLD (an eval-mode BN folded into the op) ``dZ = alpha dX`` and the BN's
-    weight and bias gradients."""
+    weight and bias gradients. With BATCH_BN (a BN with batch statistics
+    folded, training) ``dZ = alpha (dX - mean(dX) - xhat mean(dX xhat))``:
+    a first loop over the samples sums ``dX`` and ``dX z`` per channel (from
+    ``dout z^T``, ``dout 1`` and z's means and Gram matrices), the second
+    writes the maps with the BN's terms (see
+    :func:`~ce_mmdet.ops.torch_impl.batch_bn_backward_maps_by`)."""
     g = tl.program_id(0)
     G = C // D
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     ch = g * D + rows
+    alpha = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    beta = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    sym = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    dxs = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    grad_vsum = 0.
     if AFFINE:
         alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
         beta = tl.load(BETA + ch, mask=rmask, other=0.)
@@ -650,55 +741,64 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
         sym = grad_cov + tl.trans(grad_cov)
         dxs = tl.load(GRAD_SUMS + 3 + ch, mask=rmask, other=0.)
         grad_vsum = tl.load(GRAD_SUMS)
-    if FOLD:
+    corr_diag = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    corr_shift = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    if FOLD or BATCH_BN:
         sum_dx = tl.zeros((BLOCK_D, ), dtype=tl.float32)
         sum_dxz = tl.zeros((BLOCK_D, ), dtype=tl.float32)
-    for n in range(N):
-        ng = (n * G + g).to(tl.int64)
-        a = tl.load(A + ng * D * D + mat, mask=mmask, other=0.)
-        gv = tl.load(GVAR + n * C + ch, mask=rmask, other=0.)
-        mean = tl.load(MEAN + n * C + ch, mask=rmask, other=0.)
-        if TRAINING:
-            # v = max(raw, 0) enters the sum of variances too;
-            # v = (diag(Gram) - hw mean^2) / (hw - 1)
-            raw = tl.load(RAW + n * C + ch, mask=rmask, other=0.)
-            gv = tl.where(raw >= 0., gv + grad_vsum, 0.) / den
-            # S = dQ + dQ^T, dQ = diag(gv) + dL/d(sum of Gram matrices)
-            s_mat = tl.where(on_diag, 2. * gv[:, None], 0.) + sym
-            b = dxs - 2. * mean * gv
-        else:
-            coef = 2. * gv / den
-            s_mat = tl.where(on_diag, coef[:, None], 0.)
-            b = -coef * mean
-        if AFFINE:  # S X = (S diag(alpha)) z + S beta
-            b = b + tl.sum(s_mat * beta[None, :], 1)
-            s_mat = s_mat * alpha[None, :]
-        a_t = tl.trans(a)
-        if FOLD:
-            a_t = a_t * alpha[:, None]
-            s_mat = s_mat * alpha[:, None]
-            b = b * alpha
+        for n in range(N):
+            ng = (n * G + g).to(tl.int64)
+            a, a_t, s_mat, b, coef = _sample_grad_maps(
+                n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta, sym, dxs,
+                grad_vsum, rows, rmask, on_diag, mmask, mat, D, TRAINING,
+                AFFINE)
             gz = tl.load(GZ + ng * D * D + mat, mask=mmask, other=0.)
             gos = tl.load(GOS + ng * D + rows, mask=rmask, other=0.)
-            var_z = tl.load(VAR_Z + n * C + ch, mask=rmask, other=0.)
             sum_dx += tl.sum(a * gos[:, None], 0)
-            sum_dxz += tl.sum(a * gz, 0) + coef * alpha * (hw - 1.) * var_z
+            sum_dxz += tl.sum(a * gz, 0)
+            if BATCH_BN:
+                # sum_hw (S z + b)_i and (S z + b)_i z_i with z's sums and
+                # (symmetric) Gram matrix
+                mz = tl.load(MEAN_Z + n * C + ch, mask=rmask, other=0.)
+                gram = tl.load(GRAM_Z + ng * D * D + mat, mask=mmask,
+                               other=0.)
+                sum_dx += hw * (tl.sum(s_mat * mz[None, :], 1) + b)
+                sum_dxz += tl.sum(s_mat * gram, 1) + hw * b * mz
+            else:  # eval: the variance term sums to zero
+                var_z = tl.load(VAR_Z + n * C + ch, mask=rmask, other=0.)
+                sum_dxz += coef * alpha * (hw - 1.) * var_z
+        bn_mean = tl.load(BN_MEAN + ch, mask=rmask, other=0.)
+        invstd = tl.load(INVSTD + ch, mask=rmask, other=0.)
+        sum_dx_xhat = (sum_dxz - bn_mean * sum_dx) * invstd
+        tl.store(DBN_W + ch, sum_dx_xhat, mask=rmask)
+        tl.store(DBN_B + ch, sum_dx, mask=rmask)
+        if BATCH_BN:
+            # dz = alpha dX - alpha invstd k z + alpha (invstd mean k -
+            # sum dX / P), k = sum(dX xhat) / P
+            k = sum_dx_xhat / (N * hw)
+            corr_diag = -alpha * invstd * k
+            corr_shift = alpha * (invstd * bn_mean * k - sum_dx / (N * hw))
+    for n in range(N):
+        ng = (n * G + g).to(tl.int64)
+        a, a_t, s_mat, b, coef = _sample_grad_maps(
+            n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta, sym, dxs,
+            grad_vsum, rows, rmask, on_diag, mmask, mat, D, TRAINING, AFFINE)
+        if FOLD or BATCH_BN:
+            a_t = a_t * alpha[:, None]
+            s_mat = s_mat * alpha[:, None] + tl.where(
+                on_diag, corr_diag[:, None], 0.)
+            b = b * alpha + corr_shift
         tl.store(M1 + ng * D * D + mat, a_t, mask=mmask)
         tl.store(M2 + ng * D * D + mat, s_mat, mask=mmask)
         tl.store(SHIFT + ng * D + rows, b, mask=rmask)
-    if FOLD:
-        bn_mean = tl.load(BN_MEAN + ch, mask=rmask, other=0.)
-        invstd = tl.load(INVSTD + ch, mask=rmask, other=0.)
-        tl.store(DBN_W + ch, (sum_dxz - bn_mean * sum_dx) * invstd,
-                 mask=rmask)
-        tl.store(DBN_B + ch, sum_dx, mask=rmask)
 
 
 _STATS = _Kernel(_stats_kernel, ('OUT_PQ', 'OUT_PS', 'OUT_QS'))
 _MAP = _Kernel(_map_kernel, ('OUT', ))
 _GROUP_STATS = _Kernel(_group_stats_kernel,
                        ('ALPHA', 'BETA', 'MEAN', 'VAR', 'VAR_IN', 'RAW',
-                        'VSUM_G', 'SUMS', 'COV', 'WM', 'ITERS'))
+                        'VSUM_G', 'SUMS', 'COV', 'WM', 'ITERS', 'BATCH_MEAN',
+                        'BATCH_VAR', 'BATCH_INVSTD', 'MEAN_Z', 'GRAM_Z'))
 _SUMS_HEAD = _Kernel(_sums_head_kernel, ('SUMS', ))
 _GLOBAL_WHITEN = _Kernel(_global_whiten_kernel, ('COV', 'WM', 'ITERS'))
 _SAMPLE_MAP = _Kernel(_sample_map_kernel,
@@ -787,12 +887,17 @@ def _setup(t: Tensor, params, config):
 
 
 def _fused_forward_map(x: Tensor, params, state, config, training: bool,
-                       affine, reduce_fn=None) -> MapResult:
+                       affine, reduce_fn=None, batch_bn=None):
     """Statistics and the whole small graph in three launches: the
     statistics kernel, one program per group (sums, Newton), one per sample
     (LayerNorm MLP, the block maps). With SyncCE (``reduce_fn``, training)
     the batch sums are all-reduced between the per-group sums and the
-    Newton iterations (two more launches)."""
+    Newton iterations (two more launches).
+
+    ``batch_bn`` (``(weight, bias, eps)`` of a BN with batch statistics,
+    training only): ``x`` is the BN's input and the BN is folded in (see
+    :func:`~ce_mmdet.ops.torch_impl.batch_bn_map_by`); returns ``(MapResult,
+    BatchBNStats)`` then, else the MapResult."""
     sync = training and reduce_fn is not None
     n, c, hw, g, d, params, hidden, block_d, new = _setup(x, params, config)
     eps = config.eps
@@ -805,11 +910,15 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     wm = new(g, d, d) if training else state.running_wm
     iterates = new(max(config.num_iters - 1, 1), g, d, d) if training \
         else None
-    alpha = beta = None
+    alpha = beta = bn_stats = None
     bn = affine
-    if affine is not None:
+    if affine is not None or batch_bn is not None:
         alpha, beta = new(c), new(c)
-    else:  # unused pointers
+    if batch_bn is not None:
+        bn = BNAffine(batch_bn[0], batch_bn[1], ps, ps, batch_bn[2])
+        bn_stats = BatchBNStats(new(c), new(c), new(c), new(n, c),
+                                new(n, g, d, d))
+    elif affine is None:  # unused pointers
         bn = BNAffine(None, None, ps, ps, 0.0)
     _launch(
         _GROUP_STATS, (g, ),
@@ -819,19 +928,22 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         ps if alpha is None else alpha, ps if beta is None else beta, mean,
         var, var if var_in is None else var_in, var if raw is None else raw,
         vsum_g, ps if sums is None else sums, ps if cov is None else cov, wm,
-        ps if iterates is None else iterates, D=d, BLOCK_D=block_d,
-        TRAINING=training, AFFINE=affine is not None,
+        ps if iterates is None else iterates,
+        *((ps, ) * 5 if bn_stats is None else bn_stats), D=d,
+        BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
         HAS_W=bn.weight is not None, HAS_B=bn.bias is not None,
-        NEWTON=not sync, NUM_ITERS=config.num_iters)
+        NEWTON=not sync, NUM_ITERS=config.num_iters,
+        BATCH_BN=bn_stats is not None)
     if sync:
         _launch(_SUMS_HEAD, (1, ), vsum_g, g, float(n), float(n * hw),
                 sums, BLOCK_G=triton.next_power_of_2(g))
         sums = reduce_fn(sums)  # SyncCE: the global batch statistics
         _launch(_GLOBAL_WHITEN, (g, ), sums, c, eps, cov, wm,
                 iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters)
+    folds = affine is not None or batch_bn is not None
     a = new(n, g, d, d)
-    a_in = new(n, g, d, d) if affine is not None else a
-    bias = new(n, g, d, 1) if affine is not None else None
+    a_in = new(n, g, d, d) if folds else a
+    bias = new(n, g, d, 1) if folds else None
     hid, post, y = new(n, hidden), new(n, hidden), new(n, c)
     ln_mean, ln_rstd, lam, scale = new(n, 1), new(n, 1), new(1), new(1)
     block_h = triton.next_power_of_2(hidden)
@@ -845,10 +957,11 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         scale if sums is None else sums, D=d, BLOCK_D=block_d,
         BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
-        AFFINE=affine is not None, GLOBAL_SUMS=sync, num_warps=8)
+        AFFINE=folds, GLOBAL_SUMS=sync, num_warps=8)
     cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, post,
                             y, lam, scale, wm, cov, None, iterates)
-    return MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
+    result = MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
+    return result if bn_stats is None else (result, bn_stats)
 
 
 def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
@@ -874,13 +987,16 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
 
 def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
                          params, config, training: bool, affine, fold,
-                         reduce_fn=None) -> GradMaps:
+                         reduce_fn=None, batch_bn=None) -> GradMaps:
     """The backward's small part in four launches: ``dout kept^T`` (the
     statistics kernel), one program per group (dL/dA, the Newton
     iterations' backward), one program for the instance branch (gate, MLP,
     scale), one program per group (the input gradient's maps, the folded
     BN's gradients). With SyncCE the gradient of the global batch sums is
-    all-reduced before the last one (as SyncBN's)."""
+    all-reduced before the last one (as SyncBN's). ``fold``: an eval-mode
+    BN folded in; ``batch_bn`` (:class:`BatchBNStats`): a BN with batch
+    statistics folded in (``affine`` is its map)."""
+    keep_cross = fold is not None or batch_bn is not None
     n, c, hw, g, d, params, hidden, block_d, new = _setup(kept, params,
                                                           config)
     eps = config.eps
@@ -889,8 +1005,8 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     gdiag, lam_part = new(n, c), new(g)
     # dL/d(batch sums), the layout of cache.sums (training)
     grad_sums = new(3 + c + g * d * d) if training else gdiag
-    gz = new(n, g, d, d) if fold is not None else None
-    gos = new(n, g, d, 1) if fold is not None else None
+    gz = new(n, g, d, d) if keep_cross else None
+    gos = new(n, g, d, 1) if keep_cross else None
     sums = gdiag if cache.sums is None else cache.sums
     _launch(
         _GROUP_GRAD, (g, ),
@@ -900,7 +1016,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         lam_part, grad_sums, gdiag if gz is None else gz,
         gdiag if gos is None else gos, D=d, BLOCK_D=block_d,
         TRAINING=training, AFFINE=affine is not None,
-        KEEP_CROSS=fold is not None, NUM_ITERS=config.num_iters)
+        KEEP_CROSS=keep_cross, NUM_ITERS=config.num_iters)
     d_gate, d_fc1 = new(1), new(hidden, c)
     d_lnw, d_lnb, d_fc2, grad_var = new(hidden), new(hidden), new(
         c, hidden), new(n, c)
@@ -920,8 +1036,12 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         grad_sums = reduce_fn(grad_sums)
     m1, m2, shift = new(n, g, d, d), new(n, g, d, d), new(n, g, d, 1)
     bn_mean, invstd, var_z = fold if fold is not None else (None, ) * 3
-    d_bn_w = new(c) if fold is not None else None
-    d_bn_b = new(c) if fold is not None else None
+    mean_z = gram_z = None
+    if batch_bn is not None:
+        bn_mean, invstd = batch_bn.mean, batch_bn.invstd
+        mean_z, gram_z = batch_bn.mean_z, batch_bn.gram_z
+    d_bn_w = new(c) if keep_cross else None
+    d_bn_b = new(c) if keep_cross else None
     _launch(
         _GRAD_MAPS, (g, ),
         a, cache.mean, grad_var,
@@ -929,11 +1049,14 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         beta, gdiag if gz is None else gz, gdiag if gos is None else gos,
         gdiag if var_z is None else var_z,
         gdiag if bn_mean is None else bn_mean,
-        gdiag if invstd is None else invstd, n, c, float(hw),
+        gdiag if invstd is None else invstd,
+        gdiag if mean_z is None else mean_z,
+        gdiag if gram_z is None else gram_z, n, c, float(hw),
         float(max(hw - 1, 1)), m1, m2, shift,
         gdiag if d_bn_w is None else d_bn_w,
         gdiag if d_bn_b is None else d_bn_b, D=d, BLOCK_D=block_d,
-        TRAINING=training, AFFINE=affine is not None, FOLD=fold is not None)
+        TRAINING=training, AFFINE=affine is not None, FOLD=fold is not None,
+        BATCH_BN=batch_bn is not None)
     return GradMaps(m1, m2, shift, [d_gate, d_fc1, d_lnw, d_lnb, d_fc2],
                     d_bn_w, d_bn_b)
 
@@ -943,9 +1066,41 @@ class TritonPasses:
     :class:`~ce_mmdet.ops.torch_impl.TorchPasses`; compute dtype float32)."""
 
     name = 'triton'
-    #: a BN with batch statistics runs as its own pass before CE: the fused
-    #: small-graph kernels do not (yet) take the BN's batch statistics
-    fuses_batch_bn = False
+    #: a BN with batch statistics before CE in training is folded into the
+    #: op (the group kernels compute its statistics and its backward)
+    fuses_batch_bn = True
+
+    @staticmethod
+    def batch_bn_map(z: Tensor, params, state, config, reduce_fn,
+                     weight: Optional[Tensor], bias: Optional[Tensor],
+                     eps: float) -> Tuple[MapResult, BatchBNStats]:
+        """``forward_map`` with a batch-statistics BN folded in (see
+        :func:`~ce_mmdet.ops.torch_impl.batch_bn_map_by`): fused kernels,
+        or with tensors that are not float32, the statistics kernel and
+        the torch small graph."""
+        tensors = tuple(params) + tuple(state) + tuple(
+            t for t in (weight, bias) if t is not None)
+        if all(t.dtype == torch.float32 for t in tensors):
+            return _fused_forward_map(z, params, state, config, True, None,
+                                      reduce_fn, (weight, bias, eps))
+        return batch_bn_map_by(TritonPasses, z, params, state, config,
+                               reduce_fn, weight, bias, eps)
+
+    @staticmethod
+    def batch_bn_backward_maps(grad_out: Tensor, z: Tensor, a: Tensor,
+                               cache, params, config, reduce_fn,
+                               alpha: Tensor, beta: Tensor,
+                               bn: BatchBNStats,
+                               weight: Optional[Tensor]) -> GradMaps:
+        """``backward_maps`` of :meth:`batch_bn_map`."""
+        if cache.iterates is not None and cache.var.dtype == torch.float32 \
+                and all(t.dtype == torch.float32 for t in params):
+            return _fused_backward_maps(grad_out, z, a, cache, params, config,
+                                        True, (alpha, beta), None, reduce_fn,
+                                        bn)
+        return batch_bn_backward_maps_by(TritonPasses, grad_out, z, a, cache,
+                                         params, config, reduce_fn, alpha,
+                                         beta, bn, weight)
 
     @staticmethod
     def forward_map(x: Tensor, params, state, config, training: bool,

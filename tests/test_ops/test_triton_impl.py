@@ -218,10 +218,25 @@ def test_fused_small_graph_matches_torch(n, c, h, w, d, reduction, training,
             assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
 
 
-@pytest.mark.parametrize('n,c,h,w,d,reduction', [(2, 32, 5, 7, 16, 4),
-                                                 (1, 48, 3, 1, 8, 4),
-                                                 (3, 64, 4, 5, 32, 3),
-                                                 (17, 16, 2, 3, 16, 4)])
+# n, c, h, w, d, IR reduction: N = 1 and 17, H*W = 3, d 8..32
+BACKWARD_SHAPES = [(2, 32, 5, 7, 16, 4), (1, 48, 3, 1, 8, 4),
+                   (3, 64, 4, 5, 32, 3), (17, 16, 2, 3, 16, 4)]
+
+
+def make_ce(c, d, reduction):
+    """A CE layer with a non-trivial gate, LayerNorm and running W."""
+    from ce_mmdet.models import ChannelEquilibrium
+    torch.manual_seed(0)
+    ce = ChannelEquilibrium(c, group_size=d, reduction=reduction,
+                            num_iters=3).to(DEVICE)
+    with torch.no_grad():
+        ce.gate.fill_(0.3)
+        ce.norm.weight.uniform_(0.5, 1.5)
+        ce.running_wm.add_(0.05 * torch.randn_like(ce.running_wm))
+    return ce
+
+
+@pytest.mark.parametrize('n,c,h,w,d,reduction', BACKWARD_SHAPES)
 @pytest.mark.parametrize('training,affine,fold', [(True, False, False),
                                                   (True, True, False),
                                                   (False, False, False),
@@ -232,17 +247,10 @@ def test_fused_backward_maps_match_torch(n, c, h, w, d, reduction, training,
     branch, per-group maps) against the torch composition on the same
     forward cache: the input gradient's maps, the CE parameters' and the
     folded BN's gradients."""
-    from ce_mmdet.models import ChannelEquilibrium
     from ce_mmdet.ops.torch_impl import (TorchPasses,
                                          backward_maps_from_cross)
     from ce_mmdet.ops.triton_impl import TritonPasses, _fused_backward_maps
-    torch.manual_seed(0)
-    ce = ChannelEquilibrium(c, group_size=d, reduction=reduction,
-                            num_iters=3).to(DEVICE)
-    with torch.no_grad():
-        ce.gate.fill_(0.3)
-        ce.norm.weight.uniform_(0.5, 1.5)
-        ce.running_wm.add_(0.05 * torch.randn_like(ce.running_wm))
+    ce = make_ce(c, d, reduction)
     x = torch.randn(n, c, h, w, device=DEVICE) * 1.5 + 0.3
     go = torch.randn(n, c, h, w, device=DEVICE)
     result = TritonPasses.forward_map(x, ce.ce_params(), ce.ce_state(),
@@ -351,3 +359,42 @@ def test_launch_through_the_custom_op_equals_direct(monkeypatch, bn_training,
     assert direct[0] == via_op[0] > 0
     for a, b in zip(direct[1:], via_op[1:]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('n,c,h,w,d,reduction', BACKWARD_SHAPES)
+@pytest.mark.parametrize('sync', [False, True])
+@pytest.mark.parametrize('affine_bn', [True, False])
+def test_fused_batch_bn_matches_torch(n, c, h, w, d, reduction, sync,
+                                      affine_bn):
+    """A batch-statistics BN folded into the kernels (BATCH_BN in the
+    per-group statistics and maps kernels) against the torch composition
+    (:func:`batch_bn_map_by` / :func:`batch_bn_backward_maps_by`): the maps,
+    the BN's statistics, z's kept statistics, the input gradient's maps and
+    every gradient; with SyncCE sums (a reduction that doubles them, as two
+    processes with the same data) and without the BN's affine."""
+    from ce_mmdet.ops.torch_impl import TorchPasses
+    from ce_mmdet.ops.triton_impl import TritonPasses
+    ce = make_ce(c, d, reduction)
+    weight = torch.rand(c, device=DEVICE) + 0.5 if affine_bn else None
+    bias = torch.randn(c, device=DEVICE) if affine_bn else None
+    z = torch.randn(n, c, h, w, device=DEVICE) * 1.5 + 0.7
+    go = torch.randn(n, c, h, w, device=DEVICE)
+    reduce_fn = (lambda t: 2 * t) if sync else None
+    args = (z, ce.ce_params(), ce.ce_state(), ce.config, reduce_fn, weight,
+            bias, 1e-5)
+    (got, got_bn), (want, want_bn) = (TritonPasses.batch_bn_map(*args),
+                                      TorchPasses.batch_bn_map(*args))
+    for name in ('a', 'a_in', 'bias', 'wm', 'scale', 'alpha', 'beta'):
+        u, v = getattr(got, name), getattr(want, name)
+        assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+    for name, u, v in zip(got_bn._fields, got_bn, want_bn):
+        assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+    back = (go, z, got.a, got.cache, ce.ce_params(), ce.config, reduce_fn,
+            got.alpha, got.beta, got_bn, weight)
+    g, t = (TritonPasses.batch_bn_backward_maps(*back),
+            TorchPasses.batch_bn_backward_maps(*back))
+    for name in ('m1', 'm2', 'shift', 'bn_weight', 'bn_bias'):
+        assert rel_err(getattr(g, name), getattr(t, name)) < 1e-4, name
+    for name, u, v in zip(('gate', 'fc1', 'ln_w', 'ln_b', 'fc2'), g.params,
+                          t.params):
+        assert rel_err(u.reshape(v.shape), v) < 1e-3, name
