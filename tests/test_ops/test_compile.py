@@ -117,3 +117,29 @@ def test_compiled_training_step_matches_eager(impl):
     for (name, b), c in zip(model.named_buffers(), eager.buffers()):
         if b.is_floating_point():
             assert rel_err(b, c) < 1e-5, name
+
+
+@needs_triton
+def test_triton_custom_op_with_dynamic_shapes():
+    """Detection inputs change size: with ``dynamic=True`` the launches take
+    symbolic sizes (grids, position counts) and one compiled graph serves
+    two spatial sizes, equal to eager."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(32).to(DEVICE)
+    ce = ChannelEquilibrium(32, impl='triton').to(DEVICE)
+
+    def fn(z):
+        return ce(z, bn=bn)
+
+    compiled = torch.compile(fn, backend='aot_eager', dynamic=True,
+                             fullgraph=True)
+    for h, w in ((5, 7), (9, 4)):
+        z = torch.randn(2, 32, h, w, device=DEVICE, requires_grad=True)
+        z2 = z.detach().clone().requires_grad_()
+        out, ref = compiled(z), fn(z2)
+        assert rel_err(out, ref) < 1e-5
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert rel_err(z.grad, z2.grad) < 1e-4
