@@ -707,6 +707,33 @@ def _sample_grad_maps(n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta,
 
 
 @triton.jit
+def _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ, GOS, VAR_Z, MEAN_Z,
+                  GRAM_Z, C, hw, rows, rmask, mmask, mat, D: tl.constexpr,
+                  BATCH_BN: tl.constexpr):
+    """Sample n's share of a folded BN's per-channel sums ``sum dX`` and
+    ``sum dX z`` over the positions, from ``dout z^T`` and ``dout 1`` (GZ,
+    GOS) and, with BATCH_BN (S dense), z's means and (symmetric) Gram
+    matrix; in eval the variance term of ``sum dX`` is zero and that of
+    ``sum dX z`` follows from z's variances."""
+    G = C // D
+    ng = (n * G + g).to(tl.int64)
+    ch = g * D + rows
+    gz = tl.load(GZ + ng * D * D + mat, mask=mmask, other=0.)
+    gos = tl.load(GOS + ng * D + rows, mask=rmask, other=0.)
+    dx = tl.sum(a * gos[:, None], 0)
+    dxz = tl.sum(a * gz, 0)
+    if BATCH_BN:  # sum_hw (S z + b)_i and (S z + b)_i z_i
+        mz = tl.load(MEAN_Z + n * C + ch, mask=rmask, other=0.)
+        gram = tl.load(GRAM_Z + ng * D * D + mat, mask=mmask, other=0.)
+        dx += hw * (tl.sum(s_mat * mz[None, :], 1) + b)
+        dxz += tl.sum(s_mat * gram, 1) + hw * b * mz
+    else:
+        var_z = tl.load(VAR_Z + n * C + ch, mask=rmask, other=0.)
+        dxz += coef * alpha * (hw - 1.) * var_z
+    return dx, dxz
+
+
+@triton.jit
 def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
                       VAR_Z, BN_MEAN, INVSTD, MEAN_Z, GRAM_Z, N, C, hw, den,
                       M1, M2, SHIFT, DBN_W, DBN_B, D: tl.constexpr,
@@ -743,46 +770,38 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
         grad_vsum = tl.load(GRAD_SUMS)
     corr_diag = tl.zeros((BLOCK_D, ), dtype=tl.float32)
     corr_shift = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    sum_dx = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    sum_dxz = tl.zeros((BLOCK_D, ), dtype=tl.float32)
     if FOLD or BATCH_BN:
-        sum_dx = tl.zeros((BLOCK_D, ), dtype=tl.float32)
-        sum_dxz = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+        bn_mean = tl.load(BN_MEAN + ch, mask=rmask, other=0.)
+        invstd = tl.load(INVSTD + ch, mask=rmask, other=0.)
+    if BATCH_BN:  # its terms in the maps need every sample's sums first
         for n in range(N):
-            ng = (n * G + g).to(tl.int64)
             a, a_t, s_mat, b, coef = _sample_grad_maps(
                 n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta, sym, dxs,
                 grad_vsum, rows, rmask, on_diag, mmask, mat, D, TRAINING,
                 AFFINE)
-            gz = tl.load(GZ + ng * D * D + mat, mask=mmask, other=0.)
-            gos = tl.load(GOS + ng * D + rows, mask=rmask, other=0.)
-            sum_dx += tl.sum(a * gos[:, None], 0)
-            sum_dxz += tl.sum(a * gz, 0)
-            if BATCH_BN:
-                # sum_hw (S z + b)_i and (S z + b)_i z_i with z's sums and
-                # (symmetric) Gram matrix
-                mz = tl.load(MEAN_Z + n * C + ch, mask=rmask, other=0.)
-                gram = tl.load(GRAM_Z + ng * D * D + mat, mask=mmask,
-                               other=0.)
-                sum_dx += hw * (tl.sum(s_mat * mz[None, :], 1) + b)
-                sum_dxz += tl.sum(s_mat * gram, 1) + hw * b * mz
-            else:  # eval: the variance term sums to zero
-                var_z = tl.load(VAR_Z + n * C + ch, mask=rmask, other=0.)
-                sum_dxz += coef * alpha * (hw - 1.) * var_z
-        bn_mean = tl.load(BN_MEAN + ch, mask=rmask, other=0.)
-        invstd = tl.load(INVSTD + ch, mask=rmask, other=0.)
-        sum_dx_xhat = (sum_dxz - bn_mean * sum_dx) * invstd
-        tl.store(DBN_W + ch, sum_dx_xhat, mask=rmask)
-        tl.store(DBN_B + ch, sum_dx, mask=rmask)
-        if BATCH_BN:
-            # dz = alpha dX - alpha invstd k z + alpha (invstd mean k -
-            # sum dX / P), k = sum(dX xhat) / P
-            k = sum_dx_xhat / (N * hw)
-            corr_diag = -alpha * invstd * k
-            corr_shift = alpha * (invstd * bn_mean * k - sum_dx / (N * hw))
+            dx, dxz = _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ, GOS,
+                                    VAR_Z, MEAN_Z, GRAM_Z, C, hw, rows, rmask,
+                                    mmask, mat, D, BATCH_BN)
+            sum_dx += dx
+            sum_dxz += dxz
+        # dz = alpha dX - alpha invstd k z + alpha (invstd mean k - sum dX /
+        # P), k = sum(dX xhat) / P
+        k = (sum_dxz - bn_mean * sum_dx) * invstd / (N * hw)
+        corr_diag = -alpha * invstd * k
+        corr_shift = alpha * (invstd * bn_mean * k - sum_dx / (N * hw))
     for n in range(N):
         ng = (n * G + g).to(tl.int64)
         a, a_t, s_mat, b, coef = _sample_grad_maps(
             n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta, sym, dxs,
             grad_vsum, rows, rmask, on_diag, mmask, mat, D, TRAINING, AFFINE)
+        if FOLD:  # (BATCH_BN summed above)
+            dx, dxz = _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ, GOS,
+                                    VAR_Z, MEAN_Z, GRAM_Z, C, hw, rows, rmask,
+                                    mmask, mat, D, BATCH_BN)
+            sum_dx += dx
+            sum_dxz += dxz
         if FOLD or BATCH_BN:
             a_t = a_t * alpha[:, None]
             s_mat = s_mat * alpha[:, None] + tl.where(
@@ -791,6 +810,10 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
         tl.store(M1 + ng * D * D + mat, a_t, mask=mmask)
         tl.store(M2 + ng * D * D + mat, s_mat, mask=mmask)
         tl.store(SHIFT + ng * D + rows, b, mask=rmask)
+    if FOLD or BATCH_BN:  # the BN's weight and bias gradients
+        tl.store(DBN_W + ch, (sum_dxz - bn_mean * sum_dx) * invstd,
+                 mask=rmask)
+        tl.store(DBN_B + ch, sum_dx, mask=rmask)
 
 
 _STATS = _Kernel(_stats_kernel, ('OUT_PQ', 'OUT_PS', 'OUT_QS'))
@@ -1061,6 +1084,20 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
                     d_bn_w, d_bn_b)
 
 
+def _all_float32(*tensors: Optional[Tensor]) -> bool:
+    """Whether the fused small-graph kernels (float32 only) can take these
+    (None ignored)."""
+    return all(t.dtype == torch.float32 for t in tensors if t is not None)
+
+
+def _fused_cache(cache, params, training: bool) -> bool:
+    """Whether the backward kernels can run on this forward cache: written
+    by the fused forward (training keeps the Newton iterates there) from
+    float32 parameters."""
+    return (cache.iterates is not None or not training) and \
+        _all_float32(cache.var, *params)
+
+
 class TritonPasses:
     """The big passes by Triton kernels (same contract as
     :class:`~ce_mmdet.ops.torch_impl.TorchPasses`; compute dtype float32)."""
@@ -1078,9 +1115,7 @@ class TritonPasses:
         :func:`~ce_mmdet.ops.torch_impl.batch_bn_map_by`): fused kernels,
         or with tensors that are not float32, the statistics kernel and
         the torch small graph."""
-        tensors = tuple(params) + tuple(state) + tuple(
-            t for t in (weight, bias) if t is not None)
-        if all(t.dtype == torch.float32 for t in tensors):
+        if _all_float32(*params, *state, weight, bias):
             return _fused_forward_map(z, params, state, config, True, None,
                                       reduce_fn, (weight, bias, eps))
         return batch_bn_map_by(TritonPasses, z, params, state, config,
@@ -1093,8 +1128,7 @@ class TritonPasses:
                                bn: BatchBNStats,
                                weight: Optional[Tensor]) -> GradMaps:
         """``backward_maps`` of :meth:`batch_bn_map`."""
-        if cache.iterates is not None and cache.var.dtype == torch.float32 \
-                and all(t.dtype == torch.float32 for t in params):
+        if _fused_cache(cache, params, True):
             return _fused_backward_maps(grad_out, z, a, cache, params, config,
                                         True, (alpha, beta), None, reduce_fn,
                                         bn)
@@ -1108,11 +1142,7 @@ class TritonPasses:
         """Statistics and the small graph: fused kernels
         (:func:`_fused_forward_map`), or with parameters that are not
         float32, the statistics kernel and the torch small graph."""
-        tensors = tuple(params) + tuple(state)
-        if affine is not None:
-            tensors += tuple(t for t in affine[:4] if t is not None)
-        fp32 = all(t.dtype == torch.float32 for t in tensors)
-        if fp32:
+        if _all_float32(*params, *state, *(affine or ())[:4]):
             return _fused_forward_map(x, params, state, config, training,
                                       affine, reduce_fn)
         return forward_map_by(TritonPasses, x, params, state, config,
@@ -1147,10 +1177,7 @@ class TritonPasses:
         """Fused kernels (:func:`_fused_backward_maps`) after the fused
         forward; with parameters that are not float32, the cross-product
         kernel and the torch small graph."""
-        fused_cache = cache.iterates is not None or not training
-        fp32 = all(t.dtype == torch.float32 for t in params) and \
-            cache.var.dtype == torch.float32
-        if fused_cache and fp32:
+        if _fused_cache(cache, params, training):
             return _fused_backward_maps(grad_out, kept, a, cache, params,
                                         config, training, affine, fold,
                                         reduce_fn)
