@@ -43,7 +43,10 @@ With SyncCE the batch sums (forward) and their gradient (backward) are
 all-reduced between those kernels, one collective each way. With parameters
 that are not float32 the statistics and map kernels run with the torch small
 graph. Block sizes follow ``d`` (``tl.dot`` needs tiles of at least
-16: groups of 8 are padded by masking); any ``H*W`` (1 included) and ``N``
+16: groups of 8 are padded by masking) and so do the warps of a program
+(:func:`_warps`), so that no pass over the feature map spills registers on
+sm_90 (``tools/analysis_tools/triton_aot_check.py`` compiles every kernel
+for it on a machine without a GPU); any ``H*W`` (1 included) and ``N``
 work.
 """
 import inspect
@@ -66,9 +69,15 @@ _TARGET_PROGRAMS = 512
 class LaunchStats:
     """How many kernels this module launched, and whether one is running
     (read by :class:`ce_mmdet.analysis.launches.LaunchCounter`, which must
-    not count the torch ops Triton's interpreter runs inside a launch)."""
+    not count the torch ops Triton's interpreter runs inside a launch).
+
+    ``recorder``: None, or a callable ``recorder(name, grid, args, kwargs)``
+    called before every launch with the kernel's name and exactly what it
+    is launched with (set by
+    :func:`ce_mmdet.analysis.triton_aot.record_launches`)."""
     launches = 0
     running = False
+    recorder = None
 
 
 class _Kernel:
@@ -101,6 +110,8 @@ _KERNELS = {}
 
 
 def _run(kernel: _Kernel, grid, args, kwargs) -> None:
+    if LaunchStats.recorder is not None:
+        LaunchStats.recorder(kernel.name, tuple(grid), args, kwargs)
     LaunchStats.launches += 1
     LaunchStats.running = True
     try:
@@ -405,7 +416,8 @@ def _whiten_group(g, xsum, gram_sum, inv_positions, eps, COV, WM, ITERS, G,
     trace = tl.sum(tl.sum(tl.where(on_diag, cov, 0.), 1), 0)
     cov_n = cov / trace
     p = 1.5 * eye - 0.5 * cov_n
-    for k in tl.static_range(NUM_ITERS - 1):
+    # a loop, not unrolled: fewer live tiles (unrolled, d = 64 spills)
+    for k in range(NUM_ITERS - 1):
         tl.store(ITERS + (k * G + g) * D * D + mat, p, mask=mmask)
         p2 = tl.dot(p, p, input_precision='ieee')
         p3 = tl.dot(p2, p, input_precision='ieee')
@@ -565,7 +577,7 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
         cov_n = cov / trace
         grad = lam * gsum  # dL/dW
         grad_sn = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        for j in tl.static_range(NUM_ITERS - 1):
+        for j in range(NUM_ITERS - 1):  # not unrolled: see _whiten_group
             # P_{k+1} = 1.5 P_k - 0.5 P_k^3 S_N, backwards
             p = tl.load(ITERS + ((NUM_ITERS - 2 - j) * G + g) * D * D + mat,
                         mask=mmask, other=0.)
@@ -842,6 +854,14 @@ def _blocks(d: int) -> Tuple[int, int]:
     return block_d, max(16, 2048 // block_d)
 
 
+def _warps(block_d: int) -> int:
+    """Warps of a program whose products contract over ``block_d`` (the
+    map, the per-group kernels): 4, 8 and 16 for 16, 32 and 64. With 4
+    warps a float32 ``tl.dot`` of 32 or 64 rows spills registers on sm_90
+    (``tools/analysis_tools/triton_aot_check.py``)."""
+    return max(4, block_d // 4)
+
+
 def _check(x: Tensor, name: str) -> None:
     if not x.is_contiguous():
         raise ValueError(f'{name} must be contiguous')
@@ -856,6 +876,10 @@ def _partials(p: Tensor, q: Optional[Tensor], group_size: int, full: bool):
     d, hw = group_size, h * w
     g = c // d
     block_d, block_hw = _blocks(d)
+    # the d x d product: half the tile, 8 warps (a 2K tile spills on
+    # sm_90 for float32 rows of H*W not a multiple of 16)
+    warps = 8 if full else 4
+    block_hw = block_hw // 2 if full else block_hw
     _check(p, 'P')
     cross = q is not None
     if cross:
@@ -873,7 +897,7 @@ def _partials(p: Tensor, q: Optional[Tensor], group_size: int, full: bool):
         _STATS, (n * g, split),
         p, q if cross else p, pq, ps, ps if qs is None else qs, hw, chunk,
         split, D=d, BLOCK_D=block_d, BLOCK_HW=block_hw, CROSS=cross,
-        FULL=full)
+        FULL=full, num_warps=warps)
     return pq, ps, qs, split
 
 
@@ -956,13 +980,14 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
         HAS_W=bn.weight is not None, HAS_B=bn.bias is not None,
         NEWTON=not sync, NUM_ITERS=config.num_iters,
-        BATCH_BN=bn_stats is not None)
+        BATCH_BN=bn_stats is not None, num_warps=_warps(block_d))
     if sync:
         _launch(_SUMS_HEAD, (1, ), vsum_g, g, float(n), float(n * hw),
                 sums, BLOCK_G=triton.next_power_of_2(g))
         sums = reduce_fn(sums)  # SyncCE: the global batch statistics
         _launch(_GLOBAL_WHITEN, (g, ), sums, c, eps, cov, wm,
-                iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters)
+                iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters,
+                num_warps=_warps(block_d))
     folds = affine is not None or batch_bn is not None
     a = new(n, g, d, d)
     a_in = new(n, g, d, d) if folds else a
@@ -1004,7 +1029,8 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
         _MAP, grid,
         m1, p, m1 if m2 is None else m2, p if q is None else q,
         m1 if b is None else b, out, hw, D=d, BLOCK_D=block_d,
-        BLOCK_HW=block_hw, HAS_Q=q is not None, HAS_B=b is not None)
+        BLOCK_HW=block_hw, HAS_Q=q is not None, HAS_B=b is not None,
+        num_warps=_warps(block_d))
     return out
 
 
@@ -1039,7 +1065,8 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         lam_part, grad_sums, gdiag if gz is None else gz,
         gdiag if gos is None else gos, D=d, BLOCK_D=block_d,
         TRAINING=training, AFFINE=affine is not None,
-        KEEP_CROSS=keep_cross, NUM_ITERS=config.num_iters)
+        KEEP_CROSS=keep_cross, NUM_ITERS=config.num_iters,
+        num_warps=_warps(block_d))
     d_gate, d_fc1 = new(1), new(hidden, c)
     d_lnw, d_lnb, d_fc2, grad_var = new(hidden), new(hidden), new(
         c, hidden), new(n, c)
@@ -1079,7 +1106,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         gdiag if d_bn_w is None else d_bn_w,
         gdiag if d_bn_b is None else d_bn_b, D=d, BLOCK_D=block_d,
         TRAINING=training, AFFINE=affine is not None, FOLD=fold is not None,
-        BATCH_BN=batch_bn is not None)
+        BATCH_BN=batch_bn is not None, num_warps=_warps(block_d))
     return GradMaps(m1, m2, shift, [d_gate, d_fc1, d_lnw, d_lnb, d_fc2],
                     d_bn_w, d_bn_b)
 
