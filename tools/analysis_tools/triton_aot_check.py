@@ -1,0 +1,165 @@
+"""Compile CE's Triton kernels for an NVIDIA GPU, without a GPU.
+
+Usage:
+    python tools/analysis_tools/triton_aot_check.py [--arch 90]
+        [--depth 50] [--group-size 16] [--layers C:d ...] [--batches 2 16]
+        [--dtypes float32 bfloat16] [--modes train norm_eval ...]
+        [--json OUT.json] [--allow-spills]
+
+Runs CE-ResNet's CE layers (or ``--layers``) in every mode, batch size and
+dtype given with ``impl='triton'`` under Triton's interpreter, records
+every distinct launch (kernel, constexprs, argument specialisation), then
+compiles each with Triton's compiler and ``ptxas`` for ``sm_<arch>`` (90:
+H100/H200, 80: A100) and reads the cubin's resource usage
+(:mod:`ce_mmdet.analysis.triton_aot`). Prints one row per compiled kernel:
+registers per thread, local memory (spills), shared memory per program,
+warps, compile time, and the problems found. Exits with status 1 when a
+kernel does not compile, needs more shared memory than a program may have
+on that GPU, or spills (unless ``--allow-spills``).
+
+The two steps run in child processes: the interpreter is chosen when the
+kernels are defined, so recording (``TRITON_INTERPRET=1``) and compiling
+(no interpreter) cannot share one. Needs the ``triton`` wheel (its NVIDIA
+backend ships ``ptxas`` and ``cuobjdump``), no GPU and no CUDA install.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+#: constexprs shown in the table (the rest are in the JSON)
+_SHOWN = ('D', 'BLOCK_D', 'BLOCK_HW', 'BLOCK_N', 'BLOCK_H', 'BLOCK_G',
+          'TRAINING', 'AFFINE', 'BATCH_BN', 'FOLD', 'FULL', 'CROSS', 'HAS_Q')
+
+
+def parse_args(argv=None):
+    from ce_mmdet.analysis.triton_aot import MODES
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--arch', type=int, default=90,
+                        help='compute capability x 10 (90: H100/H200)')
+    parser.add_argument('--depth', type=int, default=50)
+    parser.add_argument('--group-size', type=int, default=16)
+    parser.add_argument('--layers', nargs='+', metavar='C:d',
+                        help='CE layers as channels:group_size (instead of '
+                        'CE-ResNet-<depth>\'s)')
+    parser.add_argument('--batches', type=int, nargs='+', default=[2, 16])
+    parser.add_argument('--dtypes', nargs='+',
+                        default=['float32', 'bfloat16'],
+                        choices=['float32', 'float16', 'bfloat16'])
+    parser.add_argument('--modes', nargs='+', default=list(MODES),
+                        choices=list(MODES))
+    parser.add_argument('--json', help='write every report here')
+    parser.add_argument('--allow-spills', action='store_true',
+                        help='report spills without failing')
+    parser.add_argument('--stage', choices=['record', 'compile'],
+                        help=argparse.SUPPRESS)
+    parser.add_argument('--io', nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.layers:
+        try:
+            args.layers = [tuple(int(v) for v in layer.split(':'))
+                           for layer in args.layers]
+        except ValueError:
+            parser.error(f'--layers takes channels:group_size pairs, got '
+                         f'{args.layers}')
+        if any(len(layer) != 2 for layer in args.layers):
+            parser.error(f'--layers takes channels:group_size pairs, got '
+                         f'{args.layers}')
+    return args
+
+
+def stage_record(args, out_path):
+    from ce_mmdet.analysis import triton_aot
+    layers = args.layers or triton_aot.resnet_layers(args.depth,
+                                                     args.group_size)
+    records = triton_aot.record_scenarios(
+        triton_aot.scenarios(layers, args.batches, args.dtypes, args.modes))
+    with open(out_path, 'w') as f:
+        json.dump([r.to_json() for r in records], f)
+
+
+def stage_compile(args, in_path, out_path):
+    from ce_mmdet.analysis import triton_aot
+    with open(in_path) as f:
+        records = [triton_aot.LaunchRecord.from_json(o) for o in json.load(f)]
+    reports = [triton_aot.compile_launch(r, args.arch) for r in records]
+    with open(out_path, 'w') as f:
+        json.dump([r.to_json() for r in reports], f)
+
+
+def child(argv, stage, paths, interpret):
+    env = dict(os.environ)
+    env.pop('TRITON_INTERPRET', None)
+    if interpret:
+        env['TRITON_INTERPRET'] = '1'
+    subprocess.run([sys.executable, __file__, *argv, '--stage', stage,
+                    '--io', *paths], env=env, check=True)
+
+
+def table(reports, allow_spills):
+    from ce_mmdet.analysis.triton_aot import problems
+    rows, failed = [], 0
+    for rep in reports:
+        kwargs = dict(rep['record']['kwargs'])
+        shown = ' '.join(f'{k}={int(v) if isinstance(v, bool) else v}'
+                         for k, v in kwargs.items() if k in _SHOWN)
+        report = _report(rep)
+        found = problems(report)
+        if allow_spills:
+            found = [p for p in found if 'spill' not in p]
+        failed += bool(found)
+        rows.append((rep['record']['kernel'], shown, rep['registers'],
+                     rep['local_bytes'], rep['shared_bytes'],
+                     rep['num_warps'], rep['seconds'], '; '.join(found)
+                     or 'ok'))
+    print(f'{"kernel":22s} {"regs":>4s} {"local":>5s} {"shared":>7s} '
+          f'{"warps":>5s} {"s":>5s}  constexprs / problems')
+    for kernel, shown, reg, local, shared, warps, sec, found in rows:
+        print(f'{kernel:22s} {reg:4d} {local:5d} {shared:7d} {warps:5d} '
+              f'{sec:5.1f}  {shown}  [{found}]')
+    per_kernel = defaultdict(list)
+    for rep in reports:
+        per_kernel[rep['record']['kernel']].append(rep)
+    print('\nper kernel: variants, max registers, max shared memory (bytes)')
+    for kernel, reps in sorted(per_kernel.items()):
+        print(f'  {kernel:22s} {len(reps):3d} '
+              f'{max(r["registers"] for r in reps):4d} '
+              f'{max(r["shared_bytes"] for r in reps):7d}')
+    return failed
+
+
+def _report(obj):
+    from ce_mmdet.analysis.triton_aot import KernelReport, LaunchRecord
+    fields = dict(obj)
+    fields['record'] = LaunchRecord.from_json(fields['record'])
+    return KernelReport(**fields)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.stage == 'record':
+        return stage_record(args, args.io[0])
+    if args.stage == 'compile':
+        return stage_compile(args, *args.io)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = os.path.join(tmp, 'records.json')
+        reports = os.path.join(tmp, 'reports.json')
+        child(argv, 'record', [records, records], interpret=True)
+        child(argv, 'compile', [records, reports], interpret=False)
+        with open(reports) as f:
+            reports = json.load(f)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(reports, f, indent=1)
+    failed = table(reports, args.allow_spills)
+    print(f'\n{len(reports)} kernel variants compiled for sm_{args.arch}; '
+          f'{failed} with problems')
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
