@@ -109,7 +109,14 @@ class _Kernel:
 _KERNELS = {}
 
 
+#: Compile options of every launch: FMA contraction on, as Triton did by
+#: default up to 3.9 (3.10 turns it off): the same code on every version,
+#: and no warning that the default changes.
+_OPTIONS = dict(enable_fp_fusion=True)
+
+
 def _run(kernel: _Kernel, grid, args, kwargs) -> None:
+    kwargs = {**kwargs, **_OPTIONS}
     if LaunchStats.recorder is not None:
         LaunchStats.recorder(kernel.name, tuple(grid), args, kwargs)
     LaunchStats.launches += 1
@@ -1079,7 +1086,8 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         eps, d_gate, d_fc1, d_lnw, d_lnb, d_fc2, grad_var, grad_sums, D=d,
         BLOCK_D=block_d, BLOCK_N=max(16, triton.next_power_of_2(n)),
         BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
-        BLOCK_G=triton.next_power_of_2(g), TRAINING=training, num_warps=8)
+        BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
+        num_warps=16)  # one program: with 8 warps C=1024 spills on sm_90
     if training and reduce_fn is not None:
         # every process's loss depends on the global sums: their gradients
         # are summed, as SyncBN's
