@@ -44,6 +44,13 @@ from torch import Tensor
 #: Shared memory a program may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
+#: Per streaming multiprocessor: shared memory (bytes), 32-bit registers,
+#: resident warps and programs (CUDA occupancy tables, sm_80 and sm_90).
+SM_RESOURCES = {
+    80: dict(shared=167936, registers=65536, warps=64, programs=32),
+    90: dict(shared=233472, registers=65536, warps=64, programs=32),
+}
+
 #: What the ``mode`` of a :class:`Scenario` runs.
 MODES = {
     'train': 'BN (batch statistics) + CE in training, forward and backward',
@@ -286,6 +293,22 @@ class KernelReport:
         out = dataclasses.asdict(self)
         out['record'] = self.record.to_json()
         return out
+
+
+def occupancy(report: KernelReport) -> Optional[float]:
+    """Resident warps per SM over the SM's maximum, as the CUDA occupancy
+    calculator gives it from registers (allocated per warp in units of
+    256), shared memory (1 KiB reserved per program) and warps; None for
+    an architecture not in :data:`SM_RESOURCES` or a failed compile."""
+    sm = SM_RESOURCES.get(report.arch)
+    if sm is None or report.error or report.num_warps <= 0:
+        return None
+    per_warp = -(-report.registers * 32 // 256) * 256
+    programs = min(
+        sm['programs'], sm['warps'] // report.num_warps,
+        sm['registers'] // (per_warp * report.num_warps),
+        sm['shared'] // (report.shared_bytes + 1024))
+    return programs * report.num_warps / sm['warps']
 
 
 def problems(report: KernelReport) -> List[str]:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from ce_mmdet.analysis.triton_aot import (SHARED_MEMORY_LIMIT, KernelReport,
-                                          LaunchRecord, problems)
+                                          LaunchRecord, occupancy, problems)
 from ce_mmdet.ops.impl import triton_importable
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -76,6 +76,20 @@ def test_problems_name_what_would_fail_on_the_gpu():
         'does not compile: CompilationError: at 3:4: ... arange\'s range '
         'must be a power of 2'
     ]
+
+
+def test_occupancy_follows_the_cuda_occupancy_tables():
+    def occ(registers, warps, shared, arch=90):
+        return occupancy(KernelReport(record(), arch, registers=registers,
+                                      local_bytes=0, shared_bytes=shared,
+                                      num_warps=warps))
+
+    assert occ(32, 4, 0) == 1.0  # 16 programs of 4 warps: all 64 warps
+    assert occ(128, 8, 0) == 0.25  # 2 programs by registers
+    assert occ(33, 4, 0) == 0.75  # 40 registers allocated: 12 programs
+    assert occ(32, 4, 100 * 1024) == 0.125  # 2 programs by shared memory
+    assert occ(32, 4, 100 * 1024, arch=80) == 0.0625
+    assert occ(32, 4, 0, arch=75) is None
 
 
 def _run_tool(args, tmp_path):

@@ -13,7 +13,8 @@ compiles each with Triton's compiler and ``ptxas`` for ``sm_<arch>`` (90:
 H100/H200, 80: A100) and reads the cubin's resource usage
 (:mod:`ce_mmdet.analysis.triton_aot`). Prints one row per compiled kernel:
 registers per thread, local memory (spills), shared memory per program,
-warps, compile time, and the problems found. Exits with status 1 when a
+warps, the occupancy they allow (resident warps per SM over the maximum),
+and the problems found. Exits with status 1 when a
 kernel does not compile, needs more shared memory than a program may have
 on that GPU, or spills (unless ``--allow-spills``).
 
@@ -100,7 +101,7 @@ def child(argv, stage, paths, interpret):
 
 
 def table(reports, allow_spills):
-    from ce_mmdet.analysis.triton_aot import problems
+    from ce_mmdet.analysis.triton_aot import occupancy, problems
     rows, failed = [], 0
     for rep in reports:
         kwargs = dict(rep['record']['kwargs'])
@@ -111,23 +112,28 @@ def table(reports, allow_spills):
         if allow_spills:
             found = [p for p in found if 'spill' not in p]
         failed += bool(found)
+        occ = occupancy(report)
         rows.append((rep['record']['kernel'], shown, rep['registers'],
                      rep['local_bytes'], rep['shared_bytes'],
-                     rep['num_warps'], rep['seconds'], '; '.join(found)
-                     or 'ok'))
+                     rep['num_warps'], '   -' if occ is None else
+                     f'{occ:4.0%}', '; '.join(found) or 'ok'))
     print(f'{"kernel":22s} {"regs":>4s} {"local":>5s} {"shared":>7s} '
-          f'{"warps":>5s} {"s":>5s}  constexprs / problems')
-    for kernel, shown, reg, local, shared, warps, sec, found in rows:
+          f'{"warps":>5s} {"occ":>4s}  constexprs / problems')
+    for kernel, shown, reg, local, shared, warps, occ, found in rows:
         print(f'{kernel:22s} {reg:4d} {local:5d} {shared:7d} {warps:5d} '
-              f'{sec:5.1f}  {shown}  [{found}]')
+              f'{occ}  {shown}  [{found}]')
     per_kernel = defaultdict(list)
     for rep in reports:
         per_kernel[rep['record']['kernel']].append(rep)
-    print('\nper kernel: variants, max registers, max shared memory (bytes)')
+    print('\nper kernel: variants, max registers, max shared memory (bytes), '
+          'min occupancy')
     for kernel, reps in sorted(per_kernel.items()):
+        occ = [occupancy(_report(r)) for r in reps]
+        occ = [o for o in occ if o is not None]
         print(f'  {kernel:22s} {len(reps):3d} '
               f'{max(r["registers"] for r in reps):4d} '
-              f'{max(r["shared_bytes"] for r in reps):7d}')
+              f'{max(r["shared_bytes"] for r in reps):7d} '
+              + (f'{min(occ):5.0%}' if occ else '    -'))
     return failed
 
 
