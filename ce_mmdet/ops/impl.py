@@ -25,6 +25,7 @@ to compare implementations without touching a config).
   explicitly (``ce_cfg=dict(impl='triton')``). Under ``torch.jit`` tracing
   (mmengine's FLOP analyser) every value means ``'torch'``.
 """
+import contextlib
 import functools
 import os
 import warnings
@@ -201,6 +202,23 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
     return pairs
 
 
+@contextlib.contextmanager
+def _ieee_cuda_matmuls():
+    """CUDA float32 matmuls without TF32 while active (the process's
+    setting restored after): the self-check's torch side must be float32
+    to its tolerance, and TF32 (10-bit mantissa, which
+    ``torch.set_float32_matmul_precision('high')`` turns on) is not."""
+    matmul = torch.backends.cuda.matmul
+    name, value = (('fp32_precision', 'ieee') if hasattr(
+        matmul, 'fp32_precision') else ('allow_tf32', False))
+    saved = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, saved)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_self_check(device: torch.device,
                       layer: tuple = DEFAULT_LAYER) -> bool:
@@ -211,11 +229,15 @@ def triton_self_check(device: torch.device,
     device and configuration before it uses Triton there; a failure (a
     kernel that does not compile on this GPU or Triton version, runs out
     of resources, or a wrong result) warns once and keeps the torch
-    implementation for that configuration."""
+    implementation for that configuration. Both sides run with float32
+    CUDA matmuls (no TF32) whatever the process allows."""
     tol = 1e-3 if layer[-1] == torch.float32 else 3e-2
     try:
         # the first call may come from inside torch.no_grad / inference_mode
-        with torch.inference_mode(False), torch.enable_grad():
+        # or a process that allows TF32 matmuls (the torch side would then
+        # be the inaccurate one, and 'auto' would fall back for nothing)
+        with torch.inference_mode(False), torch.enable_grad(), \
+                _ieee_cuda_matmuls():
             pairs = _check_pairs(device, layer)
         for got, want in pairs:
             for u, v in zip(got, want):

@@ -79,3 +79,36 @@ def test_triton_self_check(monkeypatch):
     with pytest.warns(RuntimeWarning, match='failed their self-check'):
         assert not impl.triton_self_check(torch.device('cpu'))
     impl.triton_self_check.cache_clear()
+
+
+def test_self_check_runs_without_tf32_and_restores_the_setting(monkeypatch):
+    """A process that allows TF32 matmuls (set_float32_matmul_precision(
+    'high')) would make the self-check's torch side the inaccurate one and
+    'auto' fall back to torch on every GPU: the check runs with float32
+    CUDA matmuls and gives the process its setting back, also on failure."""
+    from ce_mmdet.ops import impl
+    matmul = torch.backends.cuda.matmul
+    name = 'fp32_precision' if hasattr(matmul, 'fp32_precision') else \
+        'allow_tf32'
+    ieee, tf32 = ('ieee', 'tf32') if name == 'fp32_precision' else (False,
+                                                                     True)
+    seen = []
+
+    def pairs(device, layer):
+        seen.append(getattr(matmul, name))
+        if len(seen) == 2:
+            raise RuntimeError('a kernel failed')
+        return []
+
+    monkeypatch.setattr(impl, '_check_pairs', pairs)
+    saved = getattr(matmul, name)
+    try:
+        setattr(matmul, name, tf32)
+        assert impl.triton_self_check.__wrapped__(torch.device('cpu'))
+        with pytest.warns(RuntimeWarning, match='failed their self-check'):
+            assert not impl.triton_self_check.__wrapped__(
+                torch.device('cpu'))
+        assert seen == [ieee, ieee]
+        assert getattr(matmul, name) == tf32
+    finally:
+        setattr(matmul, name, saved)
