@@ -243,8 +243,9 @@ def _name(s: Scenario) -> str:
 def resnet_layers(depth: int = 50,
                   group_size: int = 16) -> List[Tuple[int, int]]:
     """``(channels, group size)`` of CE-ResNet's CE layers: the stem's one
-    group of 64 channels, then the stages' widths in groups of
-    ``group_size``."""
+    group of 64 channels, then every stage's width in groups of
+    ``group_size`` (the last stage has CE only with ``ce_stages`` set
+    so; it is checked too)."""
     widths = (64, 128, 256, 512) if depth in (18, 34) else \
         (256, 512, 1024, 2048)
     return [(64, 64)] + [(c, group_size) for c in widths]
