@@ -42,13 +42,17 @@ import torch
 from torch import Tensor
 
 #: Shared memory a program may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_MEMORY_LIMIT = {
+    80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448
+}
 
 #: Per streaming multiprocessor: shared memory (bytes), 32-bit registers,
-#: resident warps and programs (CUDA occupancy tables, sm_80 and sm_90).
+#: resident warps and programs (CUDA occupancy tables: A100, H100/H200,
+#: B200).
 SM_RESOURCES = {
     80: dict(shared=167936, registers=65536, warps=64, programs=32),
     90: dict(shared=233472, registers=65536, warps=64, programs=32),
+    100: dict(shared=233472, registers=65536, warps=64, programs=32),
 }
 
 #: What the ``mode`` of a :class:`Scenario` runs.

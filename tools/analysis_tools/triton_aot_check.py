@@ -10,7 +10,7 @@ Runs CE-ResNet's CE layers (or ``--layers``) in every mode, batch size and
 dtype given with ``impl='triton'`` under Triton's interpreter, records
 every distinct launch (kernel, constexprs, argument specialisation), then
 compiles each with Triton's compiler and ``ptxas`` for ``sm_<arch>`` (90:
-H100/H200, 80: A100) and reads the cubin's resource usage
+H100/H200, 80: A100, 100: B200) and reads the cubin's resource usage
 (:mod:`ce_mmdet.analysis.triton_aot`). Prints one row per compiled kernel:
 registers per thread, local memory (spills), shared memory per program,
 warps, the occupancy they allow (resident warps per SM over the maximum),
@@ -40,7 +40,8 @@ def parse_args(argv=None):
     from ce_mmdet.analysis.triton_aot import MODES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--arch', type=int, default=90,
-                        help='compute capability x 10 (90: H100/H200)')
+                        help='compute capability x 10 (90: H100/H200, '
+                        '80: A100, 100: B200)')
     parser.add_argument('--depth', type=int, default=50)
     parser.add_argument('--group-size', type=int, default=16)
     parser.add_argument('--layers', nargs='+', metavar='C:d',
