@@ -284,6 +284,7 @@ class KernelReport:
         shared_bytes (int): shared memory per program.
         num_warps (int): warps per program.
         error (str): the compiler's error, if it failed.
+        triton (str): the version of Triton that compiled it.
     """
     record: LaunchRecord
     arch: int
@@ -293,6 +294,7 @@ class KernelReport:
     shared_bytes: int = -1
     num_warps: int = -1
     error: str = ''
+    triton: str = ''
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -384,7 +386,7 @@ def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
     if not isinstance(fn, JITFunction):
         raise RuntimeError('compiling needs Triton\'s compiler: unset '
                            'TRITON_INTERPRET in this process')
-    report = KernelReport(record, arch)
+    report = KernelReport(record, arch, triton=triton.__version__)
     target = GPUTarget('cuda', arch, 32)
     backend = make_backend(target)
     kwargs = dict(record.kwargs)

@@ -121,6 +121,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # every kernel of the module, in every constexpr branch CE uses
     assert {r['record']['kernel'] for r in reports} == set(
         triton_impl._KERNELS)
+    import triton
+    assert {r['triton'] for r in reports} == {triton.__version__}
     for flag in ('TRAINING', 'AFFINE', 'BATCH_BN', 'FOLD', 'GLOBAL_SUMS',
                  'CROSS', 'FULL', 'HAS_Q'):
         values = {

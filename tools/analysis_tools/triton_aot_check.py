@@ -4,7 +4,7 @@ Usage:
     python tools/analysis_tools/triton_aot_check.py [--arch 90]
         [--depth 50] [--group-size 16] [--layers C:d ...] [--batches 2 16]
         [--dtypes float32 bfloat16] [--modes train norm_eval ...]
-        [--json OUT.json] [--allow-spills]
+        [--json OUT.json] [--allow-spills] [--triton-path DIR]
 
 Runs CE-ResNet's CE layers (or ``--layers``) in every mode, batch size and
 dtype given with ``impl='triton'`` under Triton's interpreter, records
@@ -22,6 +22,9 @@ The two steps run in child processes: the interpreter is chosen when the
 kernels are defined, so recording (``TRITON_INTERPRET=1``) and compiling
 (no interpreter) cannot share one. Needs the ``triton`` wheel (its NVIDIA
 backend ships ``ptxas`` and ``cuobjdump``), no GPU and no CUDA install.
+``--triton-path DIR`` compiles with another Triton, installed there with
+``pip install --no-deps --target DIR triton==X`` (the one a cluster's
+torch pins, e.g. 3.6.0 for torch 2.11); recording keeps this environment's.
 """
 import argparse
 import json
@@ -56,6 +59,9 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='write every report here')
     parser.add_argument('--allow-spills', action='store_true',
                         help='report spills without failing')
+    parser.add_argument('--triton-path', metavar='DIR',
+                        help='compile with the triton installed in DIR '
+                        '(pip install --target DIR)')
     parser.add_argument('--stage', choices=['record', 'compile'],
                         help=argparse.SUPPRESS)
     parser.add_argument('--io', nargs=2, help=argparse.SUPPRESS)
@@ -92,11 +98,15 @@ def stage_compile(args, in_path, out_path):
         json.dump([r.to_json() for r in reports], f)
 
 
-def child(argv, stage, paths, interpret):
+def child(argv, stage, paths, interpret, triton_path=None):
     env = dict(os.environ)
     env.pop('TRITON_INTERPRET', None)
     if interpret:
         env['TRITON_INTERPRET'] = '1'
+    if triton_path:
+        env['PYTHONPATH'] = os.pathsep.join(
+            [os.path.abspath(triton_path)] +
+            [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
     subprocess.run([sys.executable, __file__, *argv, '--stage', stage,
                     '--io', *paths], env=env, check=True)
 
@@ -156,15 +166,17 @@ def main(argv=None):
         records = os.path.join(tmp, 'records.json')
         reports = os.path.join(tmp, 'reports.json')
         child(argv, 'record', [records, records], interpret=True)
-        child(argv, 'compile', [records, reports], interpret=False)
+        child(argv, 'compile', [records, reports], interpret=False,
+              triton_path=args.triton_path)
         with open(reports) as f:
             reports = json.load(f)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(reports, f, indent=1)
     failed = table(reports, args.allow_spills)
-    print(f'\n{len(reports)} kernel variants compiled for sm_{args.arch}; '
-          f'{failed} with problems')
+    versions = sorted({r.get('triton', '') for r in reports})
+    print(f'\n{len(reports)} kernel variants compiled for sm_{args.arch} '
+          f'by triton {", ".join(versions)}; {failed} with problems')
     return 1 if failed else 0
 
 
