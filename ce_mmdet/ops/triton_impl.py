@@ -409,6 +409,34 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
 
 
 @triton.jit
+def _k_halves(a, b, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    """``a`` (M, K) and ``b`` (K, N) cut along K: ``a[:, :K/2]``,
+    ``a[:, K/2:]``, ``b[:K/2]``, ``b[K/2:]``."""
+    a0, a1 = tl.split(tl.permute(tl.reshape(a, (M, 2, K // 2)), (0, 2, 1)))
+    b0, b1 = tl.split(tl.permute(tl.reshape(b, (2, K // 2, N)), (1, 2, 0)))
+    return a0, a1, b0, b1
+
+
+@triton.jit
+def _mm(a, b, BLOCK: tl.constexpr):
+    """``a @ b`` of two (BLOCK, BLOCK) float32 tiles (IEEE). From BLOCK 64
+    on, as four products over quarters of K accumulated in turn: one K=64
+    product holds whole rows and columns per thread and spills on sm_90 (in
+    the Newton backward 3-6.7 KB per thread, 0.7 KB so;
+    ``tools/analysis_tools/triton_aot_check.py``)."""
+    if BLOCK >= 64:
+        a0, a1, b0, b1 = _k_halves(a, b, BLOCK, BLOCK, BLOCK)
+        a00, a01, b00, b01 = _k_halves(a0, b0, BLOCK, BLOCK // 2, BLOCK)
+        a10, a11, b10, b11 = _k_halves(a1, b1, BLOCK, BLOCK // 2, BLOCK)
+        acc = tl.dot(a00, b00, input_precision='ieee')
+        acc = tl.dot(a01, b01, acc, input_precision='ieee')
+        acc = tl.dot(a10, b10, acc, input_precision='ieee')
+        return tl.dot(a11, b11, acc, input_precision='ieee')
+    else:
+        return tl.dot(a, b, input_precision='ieee')
+
+
+@triton.jit
 def _whiten_group(g, xsum, gram_sum, inv_positions, eps, COV, WM, ITERS, G,
                   D: tl.constexpr, BLOCK_D: tl.constexpr,
                   NUM_ITERS: tl.constexpr):
@@ -588,16 +616,16 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
             # P_{k+1} = 1.5 P_k - 0.5 P_k^3 S_N, backwards
             p = tl.load(ITERS + ((NUM_ITERS - 2 - j) * G + g) * D * D + mat,
                         mask=mmask, other=0.)
-            p2 = tl.dot(p, p, input_precision='ieee')
-            p3 = tl.dot(p2, p, input_precision='ieee')
+            p2 = _mm(p, p, BLOCK=BLOCK_D)
+            p3 = _mm(p2, p, BLOCK=BLOCK_D)
             h = -0.5 * grad
-            grad_sn += tl.dot(tl.trans(p3), h, input_precision='ieee')
-            g3 = tl.dot(h, tl.trans(cov_n), input_precision='ieee')
-            g2 = tl.dot(g3, tl.trans(p), input_precision='ieee')
-            grad = 1.5 * grad + tl.dot(
-                tl.trans(p2), g3, input_precision='ieee') + tl.dot(
-                    g2, tl.trans(p), input_precision='ieee') + tl.dot(
-                        tl.trans(p), g2, input_precision='ieee')
+            grad_sn += _mm(tl.trans(p3), h, BLOCK=BLOCK_D)
+            g3 = _mm(h, tl.trans(cov_n), BLOCK=BLOCK_D)
+            g2 = _mm(g3, tl.trans(p), BLOCK=BLOCK_D)
+            grad = 1.5 * grad + _mm(
+                tl.trans(p2), g3, BLOCK=BLOCK_D) + _mm(
+                    g2, tl.trans(p), BLOCK=BLOCK_D) + _mm(
+                        tl.trans(p), g2, BLOCK=BLOCK_D)
         grad_sn += -0.5 * grad  # P_1 = 1.5 I - 0.5 S_N
         inner = tl.sum(tl.sum(grad_sn * cov, 1), 0) / (trace * trace)
         grad_cov = grad_sn / trace - tl.where(on_diag & rmask[:, None],

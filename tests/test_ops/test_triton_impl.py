@@ -219,8 +219,10 @@ def test_fused_small_graph_matches_torch(n, c, h, w, d, reduction, training,
 
 
 # n, c, h, w, d, IR reduction: N = 1 and 17, H*W = 3, d 8..32
+# (the last: one group of 64, as CE-ResNet's stem)
 BACKWARD_SHAPES = [(2, 32, 5, 7, 16, 4), (1, 48, 3, 1, 8, 4),
-                   (3, 64, 4, 5, 32, 3), (17, 16, 2, 3, 16, 4)]
+                   (3, 64, 4, 5, 32, 3), (17, 16, 2, 3, 16, 4),
+                   (2, 64, 3, 4, 64, 4)]
 
 
 def make_ce(c, d, reduction):
