@@ -27,7 +27,7 @@ layers and prints one row per compiled kernel.
 
 The compile step mirrors ``triton.runtime.jit.JITFunction.run`` (its binder
 and ``_pack_args``) for a target given instead of the current device's;
-written against Triton 3.9 (``requirements/pinned.txt``).
+written against Triton 3.9 (``requirements/pinned.txt``), used with 3.6 too.
 """
 import dataclasses
 import os
@@ -248,8 +248,8 @@ def resnet_layers(depth: int = 50,
                   group_size: int = 16) -> List[Tuple[int, int]]:
     """``(channels, group size)`` of CE-ResNet's CE layers: the stem's one
     group of 64 channels, then every stage's width in groups of
-    ``group_size`` (the last stage has CE only with ``ce_stages`` set
-    so; it is checked too)."""
+    ``group_size`` (the last stage included: it has CE only when
+    ``ce_stages`` says so)."""
     widths = (64, 128, 256, 512) if depth in (18, 34) else \
         (256, 512, 1024, 2048)
     return [(64, 64)] + [(c, group_size) for c in widths]
@@ -353,7 +353,7 @@ _RESOURCE = re.compile(r'REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+'
                        r'LOCAL:(\d+)')
 
 
-def _resource_usage(cubin: bytes, arch: int) -> Tuple[int, int]:
+def _resource_usage(cubin: bytes) -> Tuple[int, int]:
     """(registers, local bytes) per thread of the kernel in ``cubin``, by
     ``cuobjdump --dump-resource-usage`` (the tool ships with triton)."""
     from triton import knobs
@@ -410,6 +410,6 @@ def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
     report.shared_bytes = int(kernel.metadata.shared)
     report.num_warps = int(kernel.metadata.num_warps)
     report.registers, report.local_bytes = _resource_usage(
-        kernel.asm['cubin'], arch)
+        kernel.asm['cubin'])
     return report
 

@@ -421,9 +421,9 @@ def _k_halves(a, b, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
 def _mm(a, b, BLOCK: tl.constexpr):
     """``a @ b`` of two (BLOCK, BLOCK) float32 tiles (IEEE). From BLOCK 64
     on, as four products over quarters of K accumulated in turn: one K=64
-    product holds whole rows and columns per thread and spills on sm_90 (in
-    the Newton backward 3-6.7 KB per thread, 0.7 KB so;
-    ``tools/analysis_tools/triton_aot_check.py``)."""
+    product holds whole rows and columns per thread and spills on sm_90
+    (the Newton backward: 3-6.7 KB per thread with one product, 0.66 KB
+    with four; ``tools/analysis_tools/triton_aot_check.py``)."""
     if BLOCK >= 64:
         a0, a1, b0, b1 = _k_halves(a, b, BLOCK, BLOCK, BLOCK)
         a00, a01, b00, b01 = _k_halves(a0, b0, BLOCK, BLOCK // 2, BLOCK)
