@@ -60,7 +60,7 @@ def rank_data(rank, splits):
 
 
 def worker(rank, world, init_file, splits, result_dir, momentum=0.1,
-           impl='torch'):
+           impl='torch', compiled=False):
     dist.init_process_group(
         'gloo', init_method=f'file://{init_file}', rank=rank,
         world_size=world)
@@ -72,8 +72,12 @@ def worker(rank, world, init_file, splits, result_dir, momentum=0.1,
         if impl == 'triton':  # float32 kernels (interpreter on CPU)
             layer, x, grad = layer.float(), x.float(), grad.float()
             layer.impl = impl
+        forward = layer
+        if compiled:  # mmengine's compile=True; the all-reduce in the graph
+            forward = torch.compile(layer, backend='aot_eager',
+                                    fullgraph=True)
         xr = x.clone().requires_grad_()
-        out = layer(xr)
+        out = forward(xr)
         out.backward(grad)
         torch.save(
             dict(
@@ -88,11 +92,12 @@ def worker(rank, world, init_file, splits, result_dir, momentum=0.1,
         dist.destroy_process_group()
 
 
-def run_ranks(splits, tmp_path, momentum=0.1, impl='torch'):
+def run_ranks(splits, tmp_path, momentum=0.1, impl='torch', compiled=False):
     init_file = str(tmp_path / 'dist_init')
     ctx = mp.start_processes(
         worker,
-        args=(len(splits), init_file, splits, str(tmp_path), momentum, impl),
+        args=(len(splits), init_file, splits, str(tmp_path), momentum, impl,
+              compiled),
         nprocs=len(splits),
         join=False,
         start_method='spawn')
@@ -114,10 +119,14 @@ def rel(a, b):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize('splits', [(2, 2), (3, 1)])
-def test_sync_ce_equals_global_batch(splits, tmp_path):
+@pytest.mark.parametrize('splits,compiled', [((2, 2), False),
+                                             ((3, 1), False),
+                                             ((3, 1), True)])
+def test_sync_ce_equals_global_batch(splits, compiled, tmp_path):
+    """Also under torch.compile (fullgraph: dynamo traces the all-reduce
+    of the batch sums, forward and backward, without a graph break)."""
     ref = single_process(sum(splits))
-    ranks = run_ranks(list(splits), tmp_path)
+    ranks = run_ranks(list(splits), tmp_path, compiled=compiled)
     out = torch.cat([r['out'] for r in ranks])
     grad_x = torch.cat([r['grad_x'] for r in ranks])
     assert rel(out, ref['out']) < TOL
