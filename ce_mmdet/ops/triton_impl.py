@@ -64,6 +64,8 @@ from .torch_impl import (BatchBNStats, BNAffine, GradMaps, MapResult,
 
 #: Programs to aim for in a statistics launch (a few per SM of a large GPU).
 _TARGET_PROGRAMS = 512
+#: Programs to aim for in the per-sample small-graph launch.
+_SAMPLE_PROGRAMS = 64
 
 
 class LaunchStats:
@@ -296,11 +298,12 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
                         MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM, ITERS,
                         BATCH_MEAN, BATCH_VAR, BATCH_INVSTD, MEAN_Z, GRAM_Z,
-                        D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        TRAINING: tl.constexpr, AFFINE: tl.constexpr,
-                        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        NEWTON: tl.constexpr, NUM_ITERS: tl.constexpr,
-                        BATCH_BN: tl.constexpr):
+                        W1, HID_PART, H, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr, TRAINING: tl.constexpr,
+                        AFFINE: tl.constexpr, HAS_W: tl.constexpr,
+                        HAS_B: tl.constexpr, NEWTON: tl.constexpr,
+                        NUM_ITERS: tl.constexpr, BATCH_BN: tl.constexpr,
+                        BLOCK_HC: tl.constexpr):
     """Small graph, per group g (one program each): the per-sample means
     and variances of the group's channels from the partial sums of
     :func:`_stats_kernel`, their batch sums, and in training the covariance
@@ -315,7 +318,10 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
     the statistics are those of ``X = alpha z + beta`` (``X - m_X =
     diag(alpha) (z - m_z)`` per sample). Without NEWTON (SyncCE) it stops at
     the batch sums, which are all-reduced before
-    :func:`_global_whiten_kernel`."""
+    :func:`_global_whiten_kernel`. Also the group's share of the IR MLP's
+    first layer for every sample, ``fc1[:, group] v[n, group]`` (HID_PART,
+    (G, N, H)): :func:`_sample_map_kernel` sums the shares instead of
+    reading all of fc1 in each of its programs."""
     g = tl.program_id(0)
     G = C // D
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
@@ -395,6 +401,13 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
         tl.store(MEAN + out, mean, mask=rmask)
         tl.store(VAR + out, var, mask=rmask)
         vacc += tl.where(rmask, var, 0.)
+        for h0 in range(0, H, BLOCK_HC):  # fc1[:, group] v[n, group]
+            hs = h0 + tl.arange(0, BLOCK_HC)
+            hmask = hs < H
+            w1 = tl.load(W1 + hs[:, None] * C + (g * D + rows)[None, :],
+                         mask=hmask[:, None] & rmask[None, :], other=0.)
+            tl.store(HID_PART + (g * N + n).to(tl.int64) * H + hs,
+                     tl.sum(w1 * var[None, :], 1), mask=hmask)
         if TRAINING:
             tl.store(RAW + out, raw, mask=rmask)
             xacc += psum
@@ -485,20 +498,24 @@ def _global_whiten_kernel(SUMS, C, eps, COV, WM, ITERS, D: tl.constexpr,
 
 
 @triton.jit
-def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
-                       GATE, W1, LNW, LNB, W2, WM, RSCALE, ALPHA, BETA, A,
-                       A_IN, BIAS, HID, LN_MEAN, LN_RSTD, POST, Y, LAM,
-                       SCALE, SUMS, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_G: tl.constexpr, TRAINING: tl.constexpr,
-                       AFFINE: tl.constexpr, GLOBAL_SUMS: tl.constexpr):
-    """Small graph, per sample n (one program each): the IR scale, the
-    LayerNorm MLP on the sample's variances and the block maps
-    ``A[n, g] = sig(a) W_g + (1 - sig(a)) diag(y[n, g] / s)`` (with an
-    affine input map also ``A diag(alpha)`` and ``A beta``). With
+def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, inv_nc, samples,
+                       positions, eps, GATE, LNW, LNB, W2, WM, RSCALE, ALPHA,
+                       BETA, A, A_IN, BIAS, HID, LN_MEAN, LN_RSTD, POST, Y,
+                       LAM, SCALE, SUMS, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_GH: tl.constexpr, BLOCK_G: tl.constexpr,
+                       TRAINING: tl.constexpr, AFFINE: tl.constexpr,
+                       GLOBAL_SUMS: tl.constexpr):
+    """Small graph, program (n, s): sample n, groups ``s*GPP ...
+    (s+1)*GPP - 1``. The IR scale, the LayerNorm MLP on the sample's
+    variances (its first layer from the groups' shares, HID_PART) and the
+    block maps ``A[n, g] = sig(a) W_g + (1 - sig(a)) diag(y[n, g] / s)``
+    of those groups (with an affine input map also ``A diag(alpha)`` and
+    ``A beta``); the per-sample values are written by program (n, 0). With
     GLOBAL_SUMS (SyncCE) the sum of variances and the sample count come from
     the all-reduced sums."""
     n = tl.program_id(0)
+    s = tl.program_id(1)
     G = C // D
     if TRAINING:
         if GLOBAL_SUMS:
@@ -508,7 +525,7 @@ def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
             gs = tl.arange(0, BLOCK_G)
             vsum = tl.sum(tl.load(VSUM_G + gs, mask=gs < G, other=0.), 0)
             scale = tl.sqrt(tl.maximum(vsum * inv_nc, eps * eps))
-        if n == 0:
+        if n + s == 0:
             tl.store(SCALE, scale)
             if not GLOBAL_SUMS:
                 tl.store(SUMS, vsum)
@@ -516,36 +533,36 @@ def _sample_map_kernel(VAR, VSUM_G, C, H, inv_nc, samples, positions, eps,
                 tl.store(SUMS + 2, positions)
     else:
         scale = tl.maximum(tl.load(RSCALE), eps)
-        if n == 0:
+        if n + s == 0:
             tl.store(SCALE, scale)
-    # hidden = fc1 v
+    # hidden = fc1 v, the sum of the groups' shares
     hs = tl.arange(0, BLOCK_H)
     hmask = hs < H
     hid = tl.zeros((BLOCK_H, ), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        v = tl.load(VAR + n * C + cs, mask=cmask, other=0.)
-        w = tl.load(W1 + hs[:, None] * C + cs[None, :],
-                    mask=hmask[:, None] & cmask[None, :], other=0.)
-        hid += tl.sum(w * v[None, :], 1)
-    tl.store(HID + n * H + hs, hid, mask=hmask)
+    for g0 in range(0, G, BLOCK_GH):
+        gp = g0 + tl.arange(0, BLOCK_GH)
+        part = tl.load(HID_PART + (gp[:, None] * N + n).to(tl.int64) * H +
+                       hs[None, :], mask=(gp < G)[:, None] & hmask[None, :],
+                       other=0.)
+        hid += tl.sum(part, 0)
     # LayerNorm (biased variance), ReLU
     mean = tl.sum(hid, 0) / H
     xc = tl.where(hmask, hid - mean, 0.)
     rstd = 1. / tl.sqrt(tl.sum(xc * xc, 0) / H + eps)
-    tl.store(LN_MEAN + n, mean)
-    tl.store(LN_RSTD + n, rstd)
     lnw = tl.load(LNW + hs, mask=hmask, other=0.)
     lnb = tl.load(LNB + hs, mask=hmask, other=0.)
     post = tl.maximum(xc * rstd * lnw + lnb, 0.)
     post = tl.where(hmask, post, 0.)
-    tl.store(POST + n * H + hs, post, mask=hmask)
     lam = 1. / (1. + tl.exp(-tl.load(GATE)))
-    if n == 0:
-        tl.store(LAM, lam)
+    if s == 0:
+        tl.store(HID + n * H + hs, hid, mask=hmask)
+        tl.store(LN_MEAN + n, mean)
+        tl.store(LN_RSTD + n, rstd)
+        tl.store(POST + n * H + hs, post, mask=hmask)
+        if n == 0:
+            tl.store(LAM, lam)
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
-    for g in range(G):
+    for g in range(s * GPP, tl.minimum(s * GPP + GPP, G)):
         ch = g * D + rows
         w2 = tl.load(W2 + ch[:, None] * H + hs[None, :],
                      mask=rmask[:, None] & hmask[None, :], other=0.)
@@ -868,7 +885,8 @@ _MAP = _Kernel(_map_kernel, ('OUT', ))
 _GROUP_STATS = _Kernel(_group_stats_kernel,
                        ('ALPHA', 'BETA', 'MEAN', 'VAR', 'VAR_IN', 'RAW',
                         'VSUM_G', 'SUMS', 'COV', 'WM', 'ITERS', 'BATCH_MEAN',
-                        'BATCH_VAR', 'BATCH_INVSTD', 'MEAN_Z', 'GRAM_Z'))
+                        'BATCH_VAR', 'BATCH_INVSTD', 'MEAN_Z', 'GRAM_Z',
+                        'HID_PART'))
 _SUMS_HEAD = _Kernel(_sums_head_kernel, ('SUMS', ))
 _GLOBAL_WHITEN = _Kernel(_global_whiten_kernel, ('COV', 'WM', 'ITERS'))
 _SAMPLE_MAP = _Kernel(_sample_map_kernel,
@@ -992,6 +1010,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     wm = new(g, d, d) if training else state.running_wm
     iterates = new(max(config.num_iters - 1, 1), g, d, d) if training \
         else None
+    hid_part = new(g, n, hidden)  # each group's share of fc1 v
     alpha = beta = bn_stats = None
     bn = affine
     if affine is not None or batch_bn is not None:
@@ -1011,11 +1030,14 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         var, var if var_in is None else var_in, var if raw is None else raw,
         vsum_g, ps if sums is None else sums, ps if cov is None else cov, wm,
         ps if iterates is None else iterates,
-        *((ps, ) * 5 if bn_stats is None else bn_stats), D=d,
-        BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
-        HAS_W=bn.weight is not None, HAS_B=bn.bias is not None,
-        NEWTON=not sync, NUM_ITERS=config.num_iters,
-        BATCH_BN=bn_stats is not None, num_warps=_warps(block_d))
+        *((ps, ) * 5 if bn_stats is None else bn_stats), params.fc1_weight,
+        hid_part, hidden, D=d, BLOCK_D=block_d, TRAINING=training,
+        AFFINE=affine is not None, HAS_W=bn.weight is not None,
+        HAS_B=bn.bias is not None, NEWTON=not sync,
+        NUM_ITERS=config.num_iters, BATCH_BN=bn_stats is not None,
+        BLOCK_HC=max(16, min(triton.next_power_of_2(hidden),
+                             2048 // block_d)),
+        num_warps=_warps(block_d))
     if sync:
         _launch(_SUMS_HEAD, (1, ), vsum_g, g, float(n), float(n * hw),
                 sums, BLOCK_G=triton.next_power_of_2(g))
@@ -1030,15 +1052,20 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     hid, post, y = new(n, hidden), new(n, hidden), new(n, c)
     ln_mean, ln_rstd, lam, scale = new(n, 1), new(n, 1), new(1), new(1)
     block_h = triton.next_power_of_2(hidden)
+    # groups split over programs too (a few dozen programs in all: N is 2
+    # in detection), each program summing the groups' shares of fc1 v
+    per_program = triton.cdiv(g, max(1, min(g, _SAMPLE_PROGRAMS // n)))
     _launch(
-        _SAMPLE_MAP, (n, ),
-        var, vsum_g, c, hidden, 1.0 / (n * c), float(n), float(n * hw), eps,
-        params.gate, params.fc1_weight, params.ln_weight, params.ln_bias,
+        _SAMPLE_MAP, (n, triton.cdiv(g, per_program)),
+        hid_part, vsum_g, c, hidden, n, per_program, 1.0 / (n * c),
+        float(n), float(n * hw), eps, params.gate, params.ln_weight,
+        params.ln_bias,
         params.fc2_weight, wm, state.running_scale, a if alpha is None else
         alpha, a if beta is None else beta, a, a_in, a if bias is None else
         bias, hid, ln_mean, ln_rstd, post, y, lam, scale,
         scale if sums is None else sums, D=d, BLOCK_D=block_d,
-        BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
+        BLOCK_H=block_h,
+        BLOCK_GH=min(triton.next_power_of_2(g), max(1, 4096 // block_h)),
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
         AFFINE=folds, GLOBAL_SUMS=sync, num_warps=8)
     cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, post,
