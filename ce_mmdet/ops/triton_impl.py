@@ -31,8 +31,10 @@ per layer:
   variances, batch sums, covariance and Newton iterations (with a
   batch-statistics BN folded in, first the BN's batch statistics of the
   group's channels from the same partial sums of its input);
-  :func:`_sample_map_kernel` (a program per sample): the IR scale, the
-  LayerNorm MLP and the block maps (with an eval-mode BN's map folded in);
+  :func:`_sample_map_kernel` (programs per sample and slice of groups):
+  the IR scale, the LayerNorm MLP (its first layer from the groups' shares
+  computed by the per-group kernel, so that no program reads all of fc1)
+  and the block maps (with an eval-mode BN's map folded in);
 * :func:`_group_grad_kernel` (per group): dL/dA, the Newton iterations'
   backward; :func:`_mlp_grad_kernel` (one program): the gate, the MLP, the
   scale; :func:`_grad_maps_kernel` (per group): the input gradient's maps
@@ -989,8 +991,9 @@ def _setup(t: Tensor, params, config):
 def _fused_forward_map(x: Tensor, params, state, config, training: bool,
                        affine, reduce_fn=None, batch_bn=None):
     """Statistics and the whole small graph in three launches: the
-    statistics kernel, one program per group (sums, Newton), one per sample
-    (LayerNorm MLP, the block maps). With SyncCE (``reduce_fn``, training)
+    statistics kernel, one program per group (sums, Newton, shares of fc1
+    v), programs per sample and slice of groups (LayerNorm MLP, the block
+    maps). With SyncCE (``reduce_fn``, training)
     the batch sums are all-reduced between the per-group sums and the
     Newton iterations (two more launches).
 
