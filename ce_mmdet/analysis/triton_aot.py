@@ -301,6 +301,10 @@ class KernelReport:
         out['record'] = self.record.to_json()
         return out
 
+    @classmethod
+    def from_json(cls, obj: dict) -> 'KernelReport':
+        return cls(**dict(obj, record=LaunchRecord.from_json(obj['record'])))
+
 
 def occupancy(report: KernelReport) -> Optional[float]:
     """Resident warps per SM over the SM's maximum, as the CUDA occupancy
@@ -318,10 +322,10 @@ def occupancy(report: KernelReport) -> Optional[float]:
     return programs * report.num_warps / sm['warps']
 
 
-def problems(report: KernelReport) -> List[str]:
+def problems(report: KernelReport, spills: bool = True) -> List[str]:
     """Why ``report``'s kernel would fail or be slow on its GPU: a compile
     error, more shared memory than a program may have, spills (local
-    memory). Empty: none."""
+    memory; not with ``spills=False``). Empty: none."""
     if report.error:
         lines = [line for line in report.error.splitlines() if line.strip()]
         why = lines[0] if len(lines) < 2 else f'{lines[0]} ... {lines[-1]}'
@@ -331,7 +335,7 @@ def problems(report: KernelReport) -> List[str]:
     if limit is not None and report.shared_bytes > limit:
         out.append(f'{report.shared_bytes} bytes of shared memory, more '
                    f'than the {limit} a program may use on sm_{report.arch}')
-    if report.local_bytes > 0:
+    if spills and report.local_bytes > 0:
         out.append(f'{report.local_bytes} bytes of local memory per thread '
                    '(register spills)')
     return out

@@ -112,47 +112,34 @@ def child(argv, stage, paths, interpret, triton_path=None):
 
 
 def table(reports, allow_spills):
-    from ce_mmdet.analysis.triton_aot import occupancy, problems
-    rows, failed = [], 0
-    for rep in reports:
-        kwargs = dict(rep['record']['kwargs'])
-        shown = ' '.join(f'{k}={int(v) if isinstance(v, bool) else v}'
-                         for k, v in kwargs.items() if k in _SHOWN)
-        report = _report(rep)
-        found = problems(report)
-        if allow_spills:
-            found = [p for p in found if 'spill' not in p]
-        failed += bool(found)
-        occ = occupancy(report)
-        rows.append((rep['record']['kernel'], shown, rep['registers'],
-                     rep['local_bytes'], rep['shared_bytes'],
-                     rep['num_warps'], '   -' if occ is None else
-                     f'{occ:4.0%}', '; '.join(found) or 'ok'))
+    from ce_mmdet.analysis.triton_aot import (KernelReport, occupancy,
+                                              problems)
+    reports = [KernelReport.from_json(r) for r in reports]
+    occs = [occupancy(r) for r in reports]
+    failed = 0
     print(f'{"kernel":22s} {"regs":>4s} {"local":>5s} {"shared":>7s} '
           f'{"warps":>5s} {"occ":>4s}  constexprs / problems')
-    for kernel, shown, reg, local, shared, warps, occ, found in rows:
-        print(f'{kernel:22s} {reg:4d} {local:5d} {shared:7d} {warps:5d} '
-              f'{occ}  {shown}  [{found}]')
+    for rep, occ in zip(reports, occs):
+        shown = ' '.join(f'{k}={int(v) if isinstance(v, bool) else v}'
+                         for k, v in rep.record.kwargs if k in _SHOWN)
+        found = problems(rep, spills=not allow_spills)
+        failed += bool(found)
+        print(f'{rep.record.kernel:22s} {rep.registers:4d} '
+              f'{rep.local_bytes:5d} {rep.shared_bytes:7d} '
+              f'{rep.num_warps:5d} {"   -" if occ is None else f"{occ:4.0%}"}'
+              f'  {shown}  [{"; ".join(found) or "ok"}]')
     per_kernel = defaultdict(list)
-    for rep in reports:
-        per_kernel[rep['record']['kernel']].append(rep)
+    for rep, occ in zip(reports, occs):
+        per_kernel[rep.record.kernel].append((rep, occ))
     print('\nper kernel: variants, max registers, max shared memory (bytes), '
           'min occupancy')
-    for kernel, reps in sorted(per_kernel.items()):
-        occ = [occupancy(_report(r)) for r in reps]
-        occ = [o for o in occ if o is not None]
-        print(f'  {kernel:22s} {len(reps):3d} '
-              f'{max(r["registers"] for r in reps):4d} '
-              f'{max(r["shared_bytes"] for r in reps):7d} '
-              + (f'{min(occ):5.0%}' if occ else '    -'))
+    for kernel, pairs in sorted(per_kernel.items()):
+        known = [o for _, o in pairs if o is not None]
+        print(f'  {kernel:22s} {len(pairs):3d} '
+              f'{max(r.registers for r, _ in pairs):4d} '
+              f'{max(r.shared_bytes for r, _ in pairs):7d} '
+              + (f'{min(known):5.0%}' if known else '    -'))
     return failed
-
-
-def _report(obj):
-    from ce_mmdet.analysis.triton_aot import KernelReport, LaunchRecord
-    fields = dict(obj)
-    fields['record'] = LaunchRecord.from_json(fields['record'])
-    return KernelReport(**fields)
 
 
 def main(argv=None):
