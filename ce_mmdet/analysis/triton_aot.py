@@ -14,7 +14,9 @@ is defined whether it is interpreted):
    launch options, and the type of each argument as Triton specialises a
    compilation on it (pointer dtype and 16-byte alignment, integers equal
    to 1 or divisible by 16). Launches that would compile to the same
-   binary are recorded once.
+   binary are recorded once. None of that depends on the values the
+   kernels compute, so by default they are not run (the interpreter would
+   take up to an hour for CE-ResNet-50's layers; recording takes seconds).
 2. :func:`compile_launch` (no interpreter): Triton's compiler for
    ``GPUTarget('cuda', arch, 32)``, with the specialisation a launch with
    those arguments on that GPU gets, then ``cuobjdump`` on the cubin:
@@ -163,7 +165,8 @@ def _describe(value) -> tuple:
 
 @contextmanager
 def record_launches(records: Dict[tuple, LaunchRecord],
-                    scenario: str = '') -> Iterator[None]:
+                    scenario: str = '',
+                    run: bool = True) -> Iterator[None]:
     """While active, every Triton launch of :mod:`ce_mmdet.ops.triton_impl`
     is added to ``records`` (keyed by :meth:`LaunchRecord.key`, the first
     one kept).
@@ -171,6 +174,11 @@ def record_launches(records: Dict[tuple, LaunchRecord],
     Args:
         records (dict): filled in place.
         scenario (str): a name stored with new records.
+        run (bool): also run the kernels. Without, their outputs keep
+            whatever they held: what a launch compiles from (dtypes,
+            alignment, integer values, constexprs) never depends on the
+            values computed, and Triton's interpreter, which runs them on
+            the CPU, is what makes recording slow.
     """
     from ..ops.triton_impl import LaunchStats
     if LaunchStats.recorder is not None:
@@ -180,6 +188,7 @@ def record_launches(records: Dict[tuple, LaunchRecord],
         record = LaunchRecord(name, tuple(_describe(a) for a in args),
                               tuple(sorted(kwargs.items())), scenario)
         records.setdefault(record.key(), record)
+        return not run
 
     LaunchStats.recorder = recorder
     try:
@@ -230,11 +239,14 @@ def run_scenario(scenario: Scenario) -> None:
     out.float().square().sum().backward()
 
 
-def record_scenarios(scenarios: Sequence[Scenario]) -> List[LaunchRecord]:
-    """The distinct launches of ``scenarios``, in order of first launch."""
+def record_scenarios(scenarios: Sequence[Scenario],
+                     run: bool = False) -> List[LaunchRecord]:
+    """The distinct launches of ``scenarios``, in order of first launch
+    (``run``: see :func:`record_launches`; off, recording takes seconds
+    where running every kernel in the interpreter takes up to an hour)."""
     records: Dict[tuple, LaunchRecord] = {}
     for s in scenarios:
-        with record_launches(records, scenario=_name(s)):
+        with record_launches(records, scenario=_name(s), run=run):
             run_scenario(s)
     return list(records.values())
 

@@ -78,7 +78,9 @@ class LaunchStats:
     ``recorder``: None, or a callable ``recorder(name, grid, args, kwargs)``
     called before every launch with the kernel's name and exactly what it
     is launched with (set by
-    :func:`ce_mmdet.analysis.triton_aot.record_launches`)."""
+    :func:`ce_mmdet.analysis.triton_aot.record_launches`); when it returns
+    True the kernel is not run (its outputs keep what they held: recording
+    what is launched needs no results)."""
     launches = 0
     running = False
     recorder = None
@@ -121,8 +123,9 @@ _OPTIONS = dict(enable_fp_fusion=True)
 
 def _run(kernel: _Kernel, grid, args, kwargs) -> None:
     kwargs = {**kwargs, **_OPTIONS}
-    if LaunchStats.recorder is not None:
-        LaunchStats.recorder(kernel.name, tuple(grid), args, kwargs)
+    if LaunchStats.recorder is not None and LaunchStats.recorder(
+            kernel.name, tuple(grid), args, kwargs):
+        return
     LaunchStats.launches += 1
     LaunchStats.running = True
     try:

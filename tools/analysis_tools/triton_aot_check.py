@@ -7,8 +7,9 @@ Usage:
         [--json OUT.json] [--allow-spills] [--triton-path DIR]
 
 Runs CE-ResNet's CE layers (or ``--layers``) in every mode, batch size and
-dtype given with ``impl='triton'`` under Triton's interpreter, records
-every distinct launch (kernel, constexprs, argument specialisation), then
+dtype given with ``impl='triton'`` under Triton's interpreter (the kernels
+themselves are not run: seconds), records every distinct launch (kernel,
+constexprs, argument specialisation), then
 compiles each with Triton's compiler and ``ptxas`` for ``sm_<arch>`` (90:
 H100/H200, 80: A100, 100: B200) and reads the cubin's resource usage
 (:mod:`ce_mmdet.analysis.triton_aot`). Prints one row per compiled kernel:
