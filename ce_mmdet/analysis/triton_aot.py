@@ -38,23 +38,40 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (Dict, Iterator, List, NamedTuple, Optional, Sequence,
+                    Tuple)
 
 import torch
 from torch import Tensor
 
-#: Shared memory a program may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
+#: Shared memory a program may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``):
+#: sm_70 V100, sm_75 T4, sm_80 A100, sm_86 A10/A40/RTX 30xx, sm_89 L4/L40S/RTX
+#: 40xx, sm_90 H100/H200, sm_100 B200.
 SHARED_MEMORY_LIMIT = {
-    80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448
+    70: 98304, 75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448,
+    100: 232448
 }
 
-#: Per streaming multiprocessor: shared memory (bytes), 32-bit registers,
-#: resident warps and programs (CUDA occupancy tables: A100, H100/H200,
-#: B200).
+class SMResources(NamedTuple):
+    """Per streaming multiprocessor: shared memory (bytes), 32-bit
+    registers, resident warps and programs, and the shared memory the
+    driver reserves per program."""
+    shared: int
+    registers: int
+    warps: int
+    programs: int
+    reserved: int
+
+
+#: The CUDA occupancy tables, per compute capability.
 SM_RESOURCES = {
-    80: dict(shared=167936, registers=65536, warps=64, programs=32),
-    90: dict(shared=233472, registers=65536, warps=64, programs=32),
-    100: dict(shared=233472, registers=65536, warps=64, programs=32),
+    70: SMResources(98304, 65536, 64, 32, 0),
+    75: SMResources(65536, 65536, 32, 16, 0),
+    80: SMResources(167936, 65536, 64, 32, 1024),
+    86: SMResources(102400, 65536, 48, 16, 1024),
+    89: SMResources(102400, 65536, 48, 24, 1024),
+    90: SMResources(233472, 65536, 64, 32, 1024),
+    100: SMResources(233472, 65536, 64, 32, 1024),
 }
 
 #: What the ``mode`` of a :class:`Scenario` runs.
@@ -321,17 +338,18 @@ class KernelReport:
 def occupancy(report: KernelReport) -> Optional[float]:
     """Resident warps per SM over the SM's maximum, as the CUDA occupancy
     calculator gives it from registers (allocated per warp in units of
-    256), shared memory (1 KiB reserved per program) and warps; None for
-    an architecture not in :data:`SM_RESOURCES` or a failed compile."""
+    256), shared memory (plus what the driver reserves per program: 1 KiB
+    from sm_80 on) and warps; None for an architecture not in
+    :data:`SM_RESOURCES` or a failed compile."""
     sm = SM_RESOURCES.get(report.arch)
     if sm is None or report.error or report.num_warps <= 0:
         return None
     per_warp = -(-report.registers * 32 // 256) * 256
-    programs = min(
-        sm['programs'], sm['warps'] // report.num_warps,
-        sm['registers'] // (per_warp * report.num_warps),
-        sm['shared'] // (report.shared_bytes + 1024))
-    return programs * report.num_warps / sm['warps']
+    shared = report.shared_bytes + sm.reserved
+    programs = min(sm.programs, sm.warps // report.num_warps,
+                   sm.registers // (per_warp * report.num_warps),
+                   sm.shared // shared if shared else sm.programs)
+    return programs * report.num_warps / sm.warps
 
 
 def problems(report: KernelReport, spills: bool = True) -> List[str]:

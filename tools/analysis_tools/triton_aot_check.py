@@ -11,7 +11,8 @@ dtype given with ``impl='triton'`` under Triton's interpreter (the kernels
 themselves are not run: seconds), records every distinct launch (kernel,
 constexprs, argument specialisation), then
 compiles each with Triton's compiler and ``ptxas`` for ``sm_<arch>`` (90:
-H100/H200, 80: A100, 100: B200) and reads the cubin's resource usage
+H100/H200, 80: A100, 86: A10/A40/RTX 30xx, 89: L4/L40S/RTX 40xx, 75: T4,
+70: V100, 100: B200) and reads the cubin's resource usage
 (:mod:`ce_mmdet.analysis.triton_aot`). Prints one row per compiled kernel:
 registers per thread, local memory (spills), shared memory per program,
 warps, the occupancy they allow (resident warps per SM over the maximum),
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--arch', type=int, default=90,
                         help='compute capability x 10 (90: H100/H200, '
-                        '80: A100, 100: B200)')
+                        '80: A100, 86: A10/A40/RTX 30xx, 89: L4/L40S/RTX '
+                        '40xx, 75: T4, 70: V100, 100: B200)')
     parser.add_argument('--depth', type=int, default=50)
     parser.add_argument('--group-size', type=int, default=16)
     parser.add_argument('--layers', nargs='+', metavar='C:d',
