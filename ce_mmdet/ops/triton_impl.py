@@ -36,8 +36,9 @@ per layer:
   computed by the per-group kernel, so that no program reads all of fc1)
   and the block maps (with an eval-mode BN's map folded in);
 * :func:`_group_grad_kernel` (per group): dL/dA, the Newton iterations'
-  backward; :func:`_mlp_grad_kernel` (one program): the gate, the MLP, the
-  scale; :func:`_grad_maps_kernel` (per group): the input gradient's maps
+  backward; :func:`_mlp_grad_samples_kernel` (a program per 16 samples):
+  the MLP's backward to the variances; :func:`_mlp_grad_weights_kernel` (per
+  group): the MLP's weight gradients, the gate, the scale; :func:`_grad_maps_kernel` (per group): the input gradient's maps
   and a folded BN's gradients (a batch-statistics BN's backward folded into
   the maps).
 
@@ -68,6 +69,12 @@ from .torch_impl import (BatchBNStats, BNAffine, GradMaps, MapResult,
 _TARGET_PROGRAMS = 512
 #: Programs to aim for in the per-sample small-graph launch.
 _SAMPLE_PROGRAMS = 64
+
+#: Samples per program of the MLP backward (``tl.dot`` needs 16 rows): its
+#: tiles, shared memory and registers do not grow with the batch, which
+#: any size splits over programs (a batch of 128 in one program needed
+#: 221 KB of shared memory and spilled 3 KB per thread on sm_90).
+_MLP_SAMPLES = 16
 
 
 class LaunchStats:
@@ -662,21 +669,22 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
 
 
 @triton.jit
-def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, LAM, SCALE,
-                     LAM_PART, SUMS, W1, LNW, W2, N, C, H, eps, DGATE, DFC1,
-                     DLNW, DLNB, DFC2, GVAR, GRAD_SUMS, D: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_G: tl.constexpr, TRAINING: tl.constexpr):
-    """Backward of the small graph's instance branch (one program): the
-    gate, the IR MLP (fc2, ReLU, LayerNorm, fc1), the scale, and
-    dL/d(variances) through the MLP (GVAR; the batch-sum share is added by
-    :func:`_grad_maps_kernel`), all samples at once. In training,
-    dL/d(sum of variances) goes to GRAD_SUMS[0]."""
+def _mlp_grad_samples_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, LAM,
+                             SCALE, W1, LNW, W2, N, C, H, GHID, PART, GVAR,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_HC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Backward of the small graph's instance branch, per sample (a program
+    per block of BLOCK_N samples): through the IR MLP (fc2, ReLU,
+    LayerNorm, fc1) to dL/d(variances) (GVAR; the batch-sum share is added
+    by :func:`_grad_maps_kernel`). Writes dL/d(fc1 v) (GHID) and the
+    block's partial sums ``[sum dL/dD * y, dL/dLN weight (H), dL/dLN bias
+    (H)]`` (PART, a row per block) for :func:`_mlp_grad_weights_kernel`."""
     G = C // D
+    block = tl.program_id(0)
     lam = tl.load(LAM)
     scale = tl.load(SCALE)
-    ns = tl.arange(0, BLOCK_N)
+    ns = block * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = ns < N
     hs = tl.arange(0, BLOCK_H)
     hmask = hs < H
@@ -684,25 +692,20 @@ def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, LAM, SCALE,
     post = tl.load(POST + ns[:, None] * H + hs[None, :], mask=nh, other=0.)
     rows = tl.arange(0, BLOCK_D)
     rmask = rows < D
+    nd = nmask[:, None] & rmask[None, :]
     grad_post = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     dys = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(G):
         ch = g * D + rows
-        nd = nmask[:, None] & rmask[None, :]
         gd = tl.load(GDIAG + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
         y = tl.load(Y + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
         dys += gd * y
         grad_t = gd * ((1. - lam) / scale) * y * (1. - y)
         w2 = tl.load(W2 + ch[:, None] * H + hs[None, :],
                      mask=rmask[:, None] & hmask[None, :], other=0.)
-        dfc2 = tl.dot(tl.trans(grad_t), post, input_precision='ieee')
-        tl.store(DFC2 + ch[:, None] * H + hs[None, :], dfc2,
-                 mask=rmask[:, None] & hmask[None, :])
         grad_post += tl.dot(grad_t, w2, input_precision='ieee')
-    dy_s = tl.sum(tl.sum(dys, 1), 0)
-    gs = tl.arange(0, BLOCK_G)
-    lam_part = tl.sum(tl.load(LAM_PART + gs, mask=gs < G, other=0.), 0)
-    tl.store(DGATE, (lam_part - dy_s / scale) * lam * (1. - lam))
+    row = block * (1 + 2 * H)
+    tl.store(PART + row, tl.sum(tl.sum(dys, 1), 0))
     # ReLU, LayerNorm
     grad_pre = tl.where(post > 0., grad_post, 0.)
     hid = tl.load(HID + ns[:, None] * H + hs[None, :], mask=nh, other=0.)
@@ -710,36 +713,107 @@ def _mlp_grad_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, VAR, LAM, SCALE,
     ln_rstd = tl.load(LN_RSTD + ns, mask=nmask, other=0.)
     xhat = tl.where(nh, (hid - ln_mean[:, None]) * ln_rstd[:, None], 0.)
     lnw = tl.load(LNW + hs, mask=hmask, other=0.)
-    tl.store(DLNW + hs, tl.sum(grad_pre * xhat, 0), mask=hmask)
-    tl.store(DLNB + hs, tl.sum(grad_pre, 0), mask=hmask)
+    tl.store(PART + row + 1 + hs, tl.sum(grad_pre * xhat, 0), mask=hmask)
+    tl.store(PART + row + 1 + H + hs, tl.sum(grad_pre, 0), mask=hmask)
     dxh = grad_pre * lnw[None, :]
     m1 = tl.sum(dxh, 1) / H
     m2 = tl.sum(dxh * xhat, 1) / H
     grad_hid = tl.where(nh, ln_rstd[:, None] *
                         (dxh - m1[:, None] - xhat * m2[:, None]), 0.)
-    if TRAINING:
-        # s = sqrt(max(sum v / (N C), eps^2))
-        grad_scale = -dy_s * (1. - lam) / (scale * scale)
-        vsum = tl.load(SUMS)
-        samples = tl.load(SUMS + 1)
-        unclamped = vsum / (samples * C) >= eps * eps
-        grad_vsum = tl.where(unclamped,
-                             grad_scale / (2. * scale * samples * C), 0.)
-        tl.store(GRAD_SUMS, grad_vsum)
-        tl.store(GRAD_SUMS + 1, 0.)
-        tl.store(GRAD_SUMS + 2, 0.)
+    tl.store(GHID + ns[:, None] * H + hs[None, :], grad_hid, mask=nh)
+    # dL/dv = dL/d(fc1 v) fc1, over slices of H read back from GHID: a
+    # product with all of H at once needs 98 KB of shared memory at C=2048
+    tl.debug_barrier()  # (this program's GHID stores, visible to it)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cmask = cs < C
-        nc = nmask[:, None] & cmask[None, :]
-        var = tl.load(VAR + ns[:, None] * C + cs[None, :], mask=nc, other=0.)
-        w1 = tl.load(W1 + hs[:, None] * C + cs[None, :],
-                     mask=hmask[:, None] & cmask[None, :], other=0.)
-        tl.store(DFC1 + hs[:, None] * C + cs[None, :],
-                 tl.dot(tl.trans(grad_hid), var, input_precision='ieee'),
-                 mask=hmask[:, None] & cmask[None, :])
-        gv = tl.dot(grad_hid, w1, input_precision='ieee')
-        tl.store(GVAR + ns[:, None] * C + cs[None, :], gv, mask=nc)
+        gv = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_HC):
+            hc = h0 + tl.arange(0, BLOCK_HC)
+            hcmask = hc < H
+            ghid = tl.load(GHID + ns[:, None] * H + hc[None, :],
+                           mask=nmask[:, None] & hcmask[None, :], other=0.)
+            w1 = tl.load(W1 + hc[:, None] * C + cs[None, :],
+                         mask=hcmask[:, None] & cmask[None, :], other=0.)
+            gv = tl.dot(ghid, w1, gv, input_precision='ieee')
+        tl.store(GVAR + ns[:, None] * C + cs[None, :], gv,
+                 mask=nmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _mlp_grad_weights_kernel(GDIAG, Y, POST, GHID, VAR, LAM, SCALE,
+                             LAM_PART, SUMS, PART, NUM_BLOCKS, N, C, H, eps,
+                             DGATE, DFC1, DLNW, DLNB, DFC2, GRAD_SUMS,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_HC: tl.constexpr, BLOCK_G: tl.constexpr,
+                             TRAINING: tl.constexpr):
+    """Backward of the instance branch, the parameters (a program per
+    group g): fc2's rows and fc1's columns of the group's channels, summed
+    over all samples; program 0 also sums the per-sample blocks' partials
+    (:func:`_mlp_grad_samples_kernel`) into the LayerNorm's and the gate's
+    gradients and, in training, dL/d(sum of variances) through the scale
+    (GRAD_SUMS[0])."""
+    g = tl.program_id(0)
+    G = C // D
+    lam = tl.load(LAM)
+    scale = tl.load(SCALE)
+    rows = tl.arange(0, BLOCK_D)
+    rmask = rows < D
+    ch = g * D + rows
+    for h0 in range(0, H, BLOCK_HC):  # (slices of H: shared memory)
+        hs = h0 + tl.arange(0, BLOCK_HC)
+        hmask = hs < H
+        dfc2 = tl.zeros((BLOCK_D, BLOCK_HC), dtype=tl.float32)
+        dfc1 = tl.zeros((BLOCK_HC, BLOCK_D), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            nmask = ns < N
+            nd = nmask[:, None] & rmask[None, :]
+            nh = nmask[:, None] & hmask[None, :]
+            gd = tl.load(GDIAG + ns[:, None] * C + ch[None, :], mask=nd,
+                         other=0.)
+            y = tl.load(Y + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
+            grad_t = gd * ((1. - lam) / scale) * y * (1. - y)
+            post = tl.load(POST + ns[:, None] * H + hs[None, :], mask=nh,
+                           other=0.)
+            dfc2 = tl.dot(tl.trans(grad_t), post, dfc2,
+                          input_precision='ieee')
+            ghid = tl.load(GHID + ns[:, None] * H + hs[None, :], mask=nh,
+                           other=0.)
+            var = tl.load(VAR + ns[:, None] * C + ch[None, :], mask=nd,
+                          other=0.)
+            dfc1 = tl.dot(tl.trans(ghid), var, dfc1, input_precision='ieee')
+        hd = hmask[:, None] & rmask[None, :]
+        tl.store(DFC2 + ch[:, None] * H + hs[None, :], dfc2, mask=hd.T)
+        tl.store(DFC1 + hs[:, None] * C + ch[None, :], dfc1, mask=hd)
+    if g == 0:
+        hs = tl.arange(0, BLOCK_H)
+        hmask = hs < H
+        dy_s = 0.
+        dlnw = tl.zeros((BLOCK_H, ), dtype=tl.float32)
+        dlnb = tl.zeros((BLOCK_H, ), dtype=tl.float32)
+        for b in range(NUM_BLOCKS):
+            part = PART + b * (1 + 2 * H)
+            dy_s += tl.load(part)
+            dlnw += tl.load(part + 1 + hs, mask=hmask, other=0.)
+            dlnb += tl.load(part + 1 + H + hs, mask=hmask, other=0.)
+        tl.store(DLNW + hs, dlnw, mask=hmask)
+        tl.store(DLNB + hs, dlnb, mask=hmask)
+        gs = tl.arange(0, BLOCK_G)
+        lam_part = tl.sum(tl.load(LAM_PART + gs, mask=gs < G, other=0.), 0)
+        tl.store(DGATE, (lam_part - dy_s / scale) * lam * (1. - lam))
+        if TRAINING:
+            # s = sqrt(max(sum v / (N C), eps^2))
+            grad_scale = -dy_s * (1. - lam) / (scale * scale)
+            vsum = tl.load(SUMS)
+            samples = tl.load(SUMS + 1)
+            unclamped = vsum / (samples * C) >= eps * eps
+            grad_vsum = tl.where(unclamped,
+                                 grad_scale / (2. * scale * samples * C), 0.)
+            tl.store(GRAD_SUMS, grad_vsum)
+            tl.store(GRAD_SUMS + 1, 0.)
+            tl.store(GRAD_SUMS + 2, 0.)
 
 
 @triton.jit
@@ -899,8 +973,11 @@ _SAMPLE_MAP = _Kernel(_sample_map_kernel,
                        'POST', 'Y', 'LAM', 'SCALE', 'SUMS'))
 _GROUP_GRAD = _Kernel(_group_grad_kernel, ('GDIAG', 'LAM_PART', 'GRAD_SUMS',
                                            'GZ_OUT', 'GOS_OUT'))
-_MLP_GRAD = _Kernel(_mlp_grad_kernel, ('DGATE', 'DFC1', 'DLNW', 'DLNB',
-                                       'DFC2', 'GVAR', 'GRAD_SUMS'))
+_MLP_GRAD_SAMPLES = _Kernel(_mlp_grad_samples_kernel,
+                           ('GHID', 'PART', 'GVAR'))
+_MLP_GRAD_WEIGHTS = _Kernel(_mlp_grad_weights_kernel,
+                            ('DGATE', 'DFC1', 'DLNW', 'DLNB', 'DFC2',
+                             'GRAD_SUMS'))
 _GRAD_MAPS = _Kernel(_grad_maps_kernel, ('M1', 'M2', 'SHIFT', 'DBN_W',
                                          'DBN_B'))
 
@@ -1105,11 +1182,12 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
 def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
                          params, config, training: bool, affine, fold,
                          reduce_fn=None, batch_bn=None) -> GradMaps:
-    """The backward's small part in four launches: ``dout kept^T`` (the
+    """The backward's small part in five launches: ``dout kept^T`` (the
     statistics kernel), one program per group (dL/dA, the Newton
-    iterations' backward), one program for the instance branch (gate, MLP,
-    scale), one program per group (the input gradient's maps, the folded
-    BN's gradients). With SyncCE the gradient of the global batch sums is
+    iterations' backward), the instance branch in two (a program per 16
+    samples: the MLP's backward to the variances; a program per group: the
+    MLP's weights, the gate, the scale), one program per group (the input
+    gradient's maps, the folded BN's gradients). With SyncCE the gradient of the global batch sums is
     all-reduced before the last one (as SyncBN's). ``fold``: an eval-mode
     BN folded in; ``batch_bn`` (:class:`BatchBNStats`): a BN with batch
     statistics folded in (``affine`` is its map)."""
@@ -1139,16 +1217,24 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     d_lnw, d_lnb, d_fc2, grad_var = new(hidden), new(hidden), new(
         c, hidden), new(n, c)
     block_h = max(16, triton.next_power_of_2(hidden))
+    blocks = triton.cdiv(n, _MLP_SAMPLES)
+    grad_hid, part = new(n, hidden), new(blocks, 1 + 2 * hidden)
     _launch(
-        _MLP_GRAD, (1, ),
+        _MLP_GRAD_SAMPLES, (blocks, ),
         gdiag, cache.y, cache.post_relu, cache.hidden, cache.ln_mean,
-        cache.ln_rstd, cache.var, cache.lam, cache.scale, lam_part, sums,
-        params.fc1_weight, params.ln_weight, params.fc2_weight, n, c, hidden,
-        eps, d_gate, d_fc1, d_lnw, d_lnb, d_fc2, grad_var, grad_sums, D=d,
-        BLOCK_D=block_d, BLOCK_N=max(16, triton.next_power_of_2(n)),
-        BLOCK_H=block_h, BLOCK_C=max(16, 4096 // block_h),
+        cache.ln_rstd, cache.lam, cache.scale, params.fc1_weight,
+        params.ln_weight, params.fc2_weight, n, c, hidden, grad_hid, part,
+        grad_var, D=d, BLOCK_D=block_d, BLOCK_N=_MLP_SAMPLES,
+        BLOCK_H=block_h, BLOCK_HC=min(block_h, 64), BLOCK_C=64,
+        num_warps=16)  # with 8 warps C=1024 spills on sm_90
+    _launch(
+        _MLP_GRAD_WEIGHTS, (g, ),
+        gdiag, cache.y, cache.post_relu, grad_hid, cache.var, cache.lam,
+        cache.scale, lam_part, sums, part, blocks, n, c, hidden, eps, d_gate,
+        d_fc1, d_lnw, d_lnb, d_fc2, grad_sums, D=d, BLOCK_D=block_d,
+        BLOCK_N=_MLP_SAMPLES, BLOCK_H=block_h, BLOCK_HC=min(block_h, 128),
         BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
-        num_warps=16)  # one program: with 8 warps C=1024 spills on sm_90
+        num_warps=4)  # (8 warps: 16 B spills on sm_90 from C=512 on)
     if training and reduce_fn is not None:
         # every process's loss depends on the global sums: their gradients
         # are summed, as SyncBN's

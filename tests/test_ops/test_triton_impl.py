@@ -220,9 +220,13 @@ def test_fused_small_graph_matches_torch(n, c, h, w, d, reduction, training,
 
 # n, c, h, w, d, IR reduction: N = 1 and 17, H*W = 3, d 8..32
 # (the last: one group of 64, as CE-ResNet's stem)
+#: (N, C, H, W, d, reduction); N = 17 and 40: the MLP backward's sample
+#: blocks of 16 (two, three with a partial one); C = 544: its slices of the
+#: hidden width (272: 64 and 128 wide, the last partial) and of C
 BACKWARD_SHAPES = [(2, 32, 5, 7, 16, 4), (1, 48, 3, 1, 8, 4),
                    (3, 64, 4, 5, 32, 3), (17, 16, 2, 3, 16, 4),
-                   (2, 64, 3, 4, 64, 4)]
+                   (2, 64, 3, 4, 64, 4), (40, 32, 2, 2, 16, 2),
+                   (3, 544, 1, 2, 16, 2)]
 
 
 def make_ce(c, d, reduction):
@@ -245,8 +249,8 @@ def make_ce(c, d, reduction):
                                                   (False, True, True)])
 def test_fused_backward_maps_match_torch(n, c, h, w, d, reduction, training,
                                          affine, fold):
-    """The four-launch backward (cross products, per-group, instance
-    branch, per-group maps) against the torch composition on the same
+    """The five-launch backward (cross products, per-group, instance
+    branch per sample block and per group, per-group maps) against the torch composition on the same
     forward cache: the input gradient's maps, the CE parameters' and the
     folded BN's gradients."""
     from ce_mmdet.ops.torch_impl import (TorchPasses,
@@ -309,7 +313,7 @@ def test_kernel_write_sets_match_their_source():
                 found |= stores(helper)  # same parameter names
         return found
 
-    assert len(triton_impl._KERNELS) == 9
+    assert len(triton_impl._KERNELS) == 10
     for name, kernel in triton_impl._KERNELS.items():
         assert stores(name) == kernel.writes, name
 
