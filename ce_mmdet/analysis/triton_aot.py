@@ -140,13 +140,19 @@ class LaunchRecord:
 
     def key(self) -> tuple:
         """What Triton specialises a compilation on: equal keys, one
-        binary."""
+        binary (integers the kernel does not specialise, by their width
+        only)."""
+        from ..ops.triton_impl import _KERNELS
+        kernel = _KERNELS.get(self.kernel)
+        names = kernel.args if kernel is not None else ()
+        free = kernel.unspecialised if kernel is not None else ()
         args = []
-        for arg in self.args:
+        for i, arg in enumerate(self.args):
             if arg[0] == 'int':
                 v = arg[1]
-                args.append(('int', 'one' if v == 1 else
-                             'div16' if v % 16 == 0 else 'any',
+                free_int = i < len(names) and names[i] in free
+                args.append(('int', 'free' if free_int else 'one' if v == 1
+                             else 'div16' if v % 16 == 0 else 'any',
                              -2**31 <= v < 2**31))
             elif arg[0] == 'float':
                 args.append(('float', ))
@@ -288,15 +294,16 @@ def scenarios(layers: Sequence[Tuple[int, int]],
               batches: Sequence[int] = (2, 16),
               dtypes: Sequence[str] = ('float32', 'bfloat16'),
               modes: Sequence[str] = tuple(MODES),
-              sizes: Sequence[Tuple[int, int]] = ((4, 4), (3, 5))
+              sizes: Sequence[Tuple[int, int]] = ((4, 4), (3, 5), (1, 1))
               ) -> List[Scenario]:
     """Every combination: each layer ``(channels, group size)`` in every
     mode, batch size and dtype, at every size (the defaults: H*W divisible
-    by 16 and not, which Triton compiles apart)."""
+    by 16, not, and 1, which Triton compiles apart), but one sample of a
+    1x1 map (no batch statistics)."""
     return [
         Scenario(c, d, n, tuple(size), dtype, mode) for c, d in layers
         for mode in modes for n in batches for dtype in dtypes
-        for size in sizes
+        for size in sizes if n * size[0] * size[1] > 1
     ]
 
 

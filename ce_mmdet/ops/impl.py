@@ -140,29 +140,41 @@ def _resolve(impl: str, tensor: Optional[torch.Tensor]) -> str:
     return 'triton'
 
 
-#: (C, d, hidden, num_iters, N, dtype) of the generic self-check
-DEFAULT_LAYER = (32, 16, 8, 3, 2, torch.float32)
+#: (C, d, hidden, num_iters, N, dtype, map size) of the generic self-check
+DEFAULT_LAYER = (32, 16, 8, 3, 2, torch.float32, (5, 6))
+
+
+def check_map_size(positions: int) -> Tuple[int, int]:
+    """The self-check's map for a layer whose maps have ``positions`` =
+    H*W: one of the same class for Triton's specialisation of the position
+    count (1, a multiple of 16, other), so that the check compiles the
+    binaries the layer runs (the other integers the kernels take are not
+    specialised: ``triton_impl._UNSPECIALISED``)."""
+    if positions == 1:
+        return (1, 1)
+    return (4, 4) if positions % 16 == 0 else (5, 6)
 
 
 def _check_pairs(device: torch.device, layer: tuple) -> list:
     """(Triton, torch) result pairs for a layer configuration ``(C, d,
-    hidden, num_iters, N, dtype)``: every pass on its own, and the whole ops
-    forward and backward (CE in training and eval, an eval-mode BN folded
-    into CE), so that every kernel is compiled with the constants this
-    configuration uses."""
+    hidden, num_iters, N, dtype[, (H, W)])`` (the map 5x6 if not given):
+    every pass on its own, and the whole ops forward and backward (CE in
+    training and eval, an eval-mode BN folded into CE), so that every
+    kernel is compiled with the constants this configuration uses."""
     from . import functions
     from .torch_impl import TorchPasses
     from .triton_impl import TritonPasses
     from .types import CEConfig, CEParams, CEState
-    c, d, h, num_iters, n, dtype = layer
+    c, d, h, num_iters, n, dtype = layer[:6]
+    size = tuple(layer[6]) if len(layer) > 6 else (5, 6)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0, shift=0.0):
         return torch.randn(*shape, device=device, generator=gen) * scale + \
             shift
 
-    x0 = rand(n, c, 5, 6, scale=1.5, shift=0.3).to(dtype)
-    y = rand(n, c, 5, 6).to(dtype)
+    x0 = rand(n, c, *size, scale=1.5, shift=0.3).to(dtype)
+    y = rand(n, c, *size).to(dtype)
     a, b = rand(n, c // d, d, d), rand(n, c // d, d, 1)
     passes = (TritonPasses, TorchPasses)
     pairs = [tuple(p.stats(x0, d, t) for p in passes) for t in (True, False)]
@@ -174,10 +186,15 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
             rand(c, h, scale=0.3))
     bn = (rand(c, scale=0.2, shift=1.0), rand(c, scale=0.2),
           rand(c, scale=0.3), rand(c, scale=0.1, shift=1.0).abs())
-    # CE alone (training, eval), eval BN + eval CE (folded), batch-statistics
-    # BN + CE in training (folded)
-    for training, with_bn in ((True, False), (False, False), (False, True),
-                              (True, True)):
+    # (CE training, a BN before it, the BN with batch statistics, SyncCE):
+    # CE alone (training, eval), eval BN + eval CE (folded), eval BN + CE
+    # in training, batch-statistics BN + CE in training (folded), the same
+    # with SyncCE's sums (an identity in place of the all-reduce): every
+    # constexpr branch of the kernels the modes of CE layers reach
+    for training, with_bn, batch_bn, sync in (
+            (True, False, False, False), (False, False, False, False),
+            (False, True, False, False), (True, True, False, False),
+            (True, True, True, False), (True, True, True, True)):
         results = []
         for impl in passes:
             params = CEParams(*(t.clone().requires_grad_() for t in base))
@@ -185,10 +202,10 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
                 torch.eye(d, device=device).repeat(c // d, 1, 1),
                 torch.ones(1, device=device))
             x = x0.clone().requires_grad_()
-            call = functions.OpCall(CEConfig(d, num_iters), training, impl,
-                                    needs_grad=True,
-                                    bn_batch_stats=with_bn and training,
-                                    bn_eps=1e-5)
+            call = functions.OpCall(
+                CEConfig(d, num_iters), training, impl,
+                reduce_fn=torch.clone if sync else None, needs_grad=True,
+                bn_batch_stats=batch_bn, bn_eps=1e-5)
             if with_bn:
                 out = functions.batchnorm_channel_equilibrium(
                     x, bn, params, state, call)[0]
@@ -224,14 +241,15 @@ def triton_self_check(device: torch.device,
                       layer: tuple = DEFAULT_LAYER) -> bool:
     """Whether the Triton kernels agree with the torch implementation on
     ``device`` for a layer configuration ``(C, d, hidden, num_iters, N,
-    dtype)`` (:func:`_check_pairs`: tiny spatial size, every kernel with
-    this configuration's block sizes). ``impl='auto'`` runs it once per
+    dtype[, (H, W)])`` (:func:`_check_pairs`: a tiny map of the layer's
+    class, :func:`check_map_size`; every kernel with this configuration's
+    block sizes and specialisation). ``impl='auto'`` runs it once per
     device and configuration before it uses Triton there; a failure (a
     kernel that does not compile on this GPU or Triton version, runs out
     of resources, or a wrong result) warns once and keeps the torch
     implementation for that configuration. Both sides run with float32
     CUDA matmuls (no TF32) whatever the process allows."""
-    tol = 1e-3 if layer[-1] == torch.float32 else 3e-2
+    tol = 1e-3 if layer[5] == torch.float32 else 3e-2
     try:
         # the first call may come from inside torch.no_grad / inference_mode
         # or a process that allows TF32 matmuls (the torch side would then
@@ -261,13 +279,14 @@ def passes_for(impl: str, tensor: torch.Tensor, layer: tuple = None):
     """The big-pass implementation (``TorchPasses`` / ``TritonPasses``)
     that :func:`resolve_impl` picks for ``tensor``; for ``'auto'`` on CUDA
     only once :func:`triton_self_check` passed there for ``layer`` (``(C,
-    d, hidden, num_iters, N)`` of the calling layer; the dtype is the
-    tensor's)."""
+    d, hidden, num_iters, N)`` of the calling layer; the dtype and the
+    class of the map size are the tensor's)."""
     requested = requested_impl(impl)
     name = _resolve(requested, tensor)
     if name == 'triton' and requested == 'auto':  # (on CUDA only)
         key = DEFAULT_LAYER if layer is None else tuple(layer[:4]) + (
-            min(max(int(layer[4]), 1), 16), tensor.dtype)
+            min(max(int(layer[4]), 1), 16), tensor.dtype,
+            check_map_size(tensor.shape[2] * tensor.shape[3]))
         if not triton_self_check(tensor.device, key):
             name = 'torch'
     if name == 'triton':

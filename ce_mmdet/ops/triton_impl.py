@@ -93,6 +93,17 @@ class LaunchStats:
     recorder = None
 
 
+#: Integer arguments Triton does not specialise on (equal to 1, divisible by
+#: 16), where they occur: the number of position slices of the statistics
+#: passes (1 on the tiny maps of ``impl='auto'``'s self-check, up to 16 on
+#: real maps), the batch size and what follows from it (sample blocks,
+#: groups per program) in the small-graph kernels. They only bound loops and
+#: index small tensors; unspecialised, the self-check (N <= 16, a 5x6 or 4x4
+#: map) compiles the binaries the real layers run (tested with
+#: :mod:`ce_mmdet.analysis.triton_aot`'s recorder).
+_UNSPECIALISED = ('NSPLIT', 'N', 'NUM_BLOCKS', 'GPP')
+
+
 class _Kernel:
     """A Triton kernel and what its custom-op launch needs (plain Python
     attributes, which dynamo reads as constants).
@@ -103,6 +114,8 @@ class _Kernel:
         args (tuple): its runtime (not ``tl.constexpr``) parameter names.
         writes (frozenset): the parameters it stores to (checked against the
             kernel's source by the tests).
+        unspecialised (frozenset): its arguments among
+            :data:`_UNSPECIALISED` that Triton does not specialise on.
     """
 
     def __init__(self, fn, writes: Tuple[str, ...]):
@@ -111,6 +124,11 @@ class _Kernel:
         self.args = tuple(
             name for name, par in inspect.signature(fn.fn).parameters.items()
             if par.annotation is not tl.constexpr)
+        # (JITFunction keeps the names; the interpreter's function its kwargs)
+        free = getattr(fn, 'do_not_specialize', None)
+        if free is None:
+            free = getattr(fn, 'kwargs', {}).get('do_not_specialize')
+        self.unspecialised = frozenset(free or ()) & set(self.args)
         self.writes = frozenset(writes)
         if not self.writes <= set(self.args):
             raise ValueError(f'{self.name}: {sorted(self.writes)} are not '
@@ -217,7 +235,7 @@ def _launch(kernel: _Kernel, grid, *args, **kwargs) -> None:
                                      ' '.join(bools), list(bools.values()))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _stats_kernel(P, Q, OUT_PQ, OUT_PS, OUT_QS, HW, CHUNK, NSPLIT,
                   D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_HW: tl.constexpr, CROSS: tl.constexpr,
@@ -305,7 +323,7 @@ def _group_layout(D: tl.constexpr, BLOCK_D: tl.constexpr):
     return rows, rmask, on_diag, mmask, mat
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
                         MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM, ITERS,
@@ -509,7 +527,7 @@ def _global_whiten_kernel(SUMS, C, eps, COV, WM, ITERS, D: tl.constexpr,
                   ITERS, C // D, D, BLOCK_D, NUM_ITERS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, inv_nc, samples,
                        positions, eps, GATE, LNW, LNB, W2, WM, RSCALE, ALPHA,
                        BETA, A, A_IN, BIAS, HID, LN_MEAN, LN_RSTD, POST, Y,
@@ -593,7 +611,7 @@ def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, inv_nc, samples,
                      tl.sum(a * beta[None, :], 1), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
                        ITERS, SUMS, GDIAG, LAM_PART, GRAD_SUMS, GZ_OUT,
                        GOS_OUT, D: tl.constexpr,
@@ -668,7 +686,7 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
                  -tl.sum(sym * mu[None, :], 1) * inv_positions, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _mlp_grad_samples_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, LAM,
                              SCALE, W1, LNW, W2, N, C, H, GHID, PART, GVAR,
                              D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -740,7 +758,7 @@ def _mlp_grad_samples_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, LAM,
                  mask=nmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _mlp_grad_weights_kernel(GDIAG, Y, POST, GHID, VAR, LAM, SCALE,
                              LAM_PART, SUMS, PART, NUM_BLOCKS, N, C, H, eps,
                              DGATE, DFC1, DLNW, DLNB, DFC2, GRAD_SUMS,
@@ -876,7 +894,7 @@ def _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ, GOS, VAR_Z, MEAN_Z,
     return dx, dxz
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
                       VAR_Z, BN_MEAN, INVSTD, MEAN_Z, GRAM_Z, N, C, hw, den,
                       M1, M2, SHIFT, DBN_W, DBN_B, D: tl.constexpr,

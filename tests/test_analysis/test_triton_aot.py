@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ce_mmdet.analysis.triton_aot import (SHARED_MEMORY_LIMIT, KernelReport,
                                           LaunchRecord, occupancy, problems)
@@ -77,6 +78,34 @@ def test_recording_without_running_the_kernels_records_the_same_launches():
     ran = keys(True)
     assert keys(False) == ran
     assert len(ran) > len(cases)  # (the check could fail: many launches)
+
+
+@pytest.mark.skipif(not triton_importable(), reason='needs triton')
+@pytest.mark.parametrize('c,d,n,size', [(256, 16, 2, (200, 304)),
+                                        (1024, 16, 2, (50, 76)),
+                                        (64, 64, 2, (400, 608)),
+                                        (512, 16, 40, (28, 28)),
+                                        (256, 16, 1, (7, 9)),
+                                        (2048, 16, 2, (1, 1))])
+def test_the_self_check_compiles_what_the_real_layer_runs(c, d, n, size):
+    """``impl='auto'`` checks a layer on a tiny map before it uses Triton
+    for it; a binary the real layer needs beyond the checked ones would
+    first compile mid-training (where a failure is an error, not the torch
+    fallback). Every launch of a real-size step (detection maps, H*W a
+    multiple of 16 or not; batches of 40 and 1; a 1x1 map) must be one the
+    layer's check launches (same kernel, constexprs, specialisation)."""
+    from ce_mmdet.analysis.triton_aot import (MODES, Scenario,
+                                              record_launches,
+                                              record_scenarios)
+    from ce_mmdet.ops import impl
+    real = record_scenarios(
+        [Scenario(c, d, n, size, 'float32', mode) for mode in MODES])
+    key = (c, d, c // 4, 3, min(n, 16), torch.float32,
+           impl.check_map_size(size[0] * size[1]))
+    checked = {}
+    with record_launches(checked, run=False):
+        impl._check_pairs(torch.device('cpu'), key)
+    assert [r.scenario for r in real if r.key() not in checked] == []
 
 
 def test_problems_name_what_would_fail_on_the_gpu():
@@ -207,7 +236,11 @@ def test_wide_layers_and_large_batches_fit_a_t4(tmp_path):
     ], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     mlp = [r for r in reports if r['record']['kernel'].startswith('_mlp')]
-    assert len({r['record']['scenario'] for r in mlp}) == 4
+    # the batch size is not specialised on: a batch of 64 runs the binaries
+    # of a batch of 2 (compiled once, recorded with the first)
+    assert {tuple(r['record']['scenario'].split()[1:4]) for r in mlp} == {
+        ('C=1024', 'd=16', 'N=2'), ('C=2048', 'd=16', 'N=2')}
+    assert len(mlp) == 4  # two kernels, two layers
     for rep in reports:
         assert problems(KernelReport.from_json(rep), spills=False) == []
         assert rep['shared_bytes'] <= SHARED_MEMORY_LIMIT[75]
