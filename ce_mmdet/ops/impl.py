@@ -158,9 +158,11 @@ def check_map_size(positions: int) -> Tuple[int, int]:
 def _check_pairs(device: torch.device, layer: tuple) -> list:
     """(Triton, torch) result pairs for a layer configuration ``(C, d,
     hidden, num_iters, N, dtype[, (H, W)])`` (the map 5x6 if not given):
-    every pass on its own, and the whole ops forward and backward (CE in
-    training and eval, an eval-mode BN folded into CE), so that every
-    kernel is compiled with the constants this configuration uses."""
+    every pass on its own, and the whole ops forward and backward in every
+    mode a CE layer runs (CE alone in training and eval; after an eval-mode
+    BN, CE in eval and in training; after a batch-statistics BN, with and
+    without SyncCE's sums), so that every kernel is compiled with the
+    constants this configuration uses."""
     from . import functions
     from .torch_impl import TorchPasses
     from .triton_impl import TritonPasses

@@ -37,10 +37,11 @@ per layer:
   and the block maps (with an eval-mode BN's map folded in);
 * :func:`_group_grad_kernel` (per group): dL/dA, the Newton iterations'
   backward; :func:`_mlp_grad_samples_kernel` (a program per 16 samples):
-  the MLP's backward to the variances; :func:`_mlp_grad_weights_kernel` (per
-  group): the MLP's weight gradients, the gate, the scale; :func:`_grad_maps_kernel` (per group): the input gradient's maps
-  and a folded BN's gradients (a batch-statistics BN's backward folded into
-  the maps).
+  the MLP's backward to the variances; :func:`_mlp_grad_weights_kernel`
+  (per group): the MLP's weight gradients, the gate, the scale;
+  :func:`_grad_maps_kernel` (per group): the input gradient's maps and a
+  folded BN's gradients (a batch-statistics BN's backward folded into the
+  maps).
 
 With SyncCE the batch sums (forward) and their gradient (backward) are
 all-reduced between those kernels, one collective each way. With parameters
@@ -1205,8 +1206,9 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     iterations' backward), the instance branch in two (a program per 16
     samples: the MLP's backward to the variances; a program per group: the
     MLP's weights, the gate, the scale), one program per group (the input
-    gradient's maps, the folded BN's gradients). With SyncCE the gradient of the global batch sums is
-    all-reduced before the last one (as SyncBN's). ``fold``: an eval-mode
+    gradient's maps, the folded BN's gradients). With SyncCE the gradient
+    of the global batch sums is all-reduced before the last one (as
+    SyncBN's). ``fold``: an eval-mode
     BN folded in; ``batch_bn`` (:class:`BatchBNStats`): a BN with batch
     statistics folded in (``affine`` is its map)."""
     keep_cross = fold is not None or batch_bn is not None
