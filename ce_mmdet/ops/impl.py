@@ -277,6 +277,18 @@ def triton_self_check(device: torch.device,
     return True
 
 
+def self_check_key(layer: Optional[tuple], tensor: torch.Tensor) -> tuple:
+    """The configuration :func:`triton_self_check` checks before ``'auto'``
+    uses Triton for a layer ``(C, d, hidden, num_iters, N)`` (None: the
+    generic one) on ``tensor``: the layer's, at most 16 samples, the
+    tensor's dtype and a map of its class (:func:`check_map_size`)."""
+    if layer is None:
+        return DEFAULT_LAYER
+    return tuple(layer[:4]) + (min(max(int(layer[4]), 1), 16), tensor.dtype,
+                               check_map_size(tensor.shape[2] *
+                                              tensor.shape[3]))
+
+
 def passes_for(impl: str, tensor: torch.Tensor, layer: tuple = None):
     """The big-pass implementation (``TorchPasses`` / ``TritonPasses``)
     that :func:`resolve_impl` picks for ``tensor``; for ``'auto'`` on CUDA
@@ -286,10 +298,8 @@ def passes_for(impl: str, tensor: torch.Tensor, layer: tuple = None):
     requested = requested_impl(impl)
     name = _resolve(requested, tensor)
     if name == 'triton' and requested == 'auto':  # (on CUDA only)
-        key = DEFAULT_LAYER if layer is None else tuple(layer[:4]) + (
-            min(max(int(layer[4]), 1), 16), tensor.dtype,
-            check_map_size(tensor.shape[2] * tensor.shape[3]))
-        if not triton_self_check(tensor.device, key):
+        if not triton_self_check(tensor.device,
+                                 self_check_key(layer, tensor)):
             name = 'torch'
     if name == 'triton':
         from .triton_impl import TritonPasses

@@ -687,6 +687,15 @@ def _group_grad_kernel(GZ, GOS, NSPLIT, N, C, ALPHA, BETA, LAM, WM, COV,
                  -tl.sum(sym * mu[None, :], 1) * inv_positions, mask=rmask)
 
 
+@triton.jit
+def _fc2_out_grad(GDIAG, Y, ns, ch, mask, C, lam, scale):
+    """Samples ``ns``, channels ``ch``: ``(dL/dD * y, dL/d(fc2 output))``
+    with ``D = (1 - lam) y / s`` and ``y = sigmoid(fc2 output)``."""
+    gd = tl.load(GDIAG + ns[:, None] * C + ch[None, :], mask=mask, other=0.)
+    y = tl.load(Y + ns[:, None] * C + ch[None, :], mask=mask, other=0.)
+    return gd * y, gd * ((1. - lam) / scale) * y * (1. - y)
+
+
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _mlp_grad_samples_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, LAM,
                              SCALE, W1, LNW, W2, N, C, H, GHID, PART, GVAR,
@@ -716,10 +725,8 @@ def _mlp_grad_samples_kernel(GDIAG, Y, POST, HID, LN_MEAN, LN_RSTD, LAM,
     dys = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(G):
         ch = g * D + rows
-        gd = tl.load(GDIAG + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
-        y = tl.load(Y + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
-        dys += gd * y
-        grad_t = gd * ((1. - lam) / scale) * y * (1. - y)
+        gd_y, grad_t = _fc2_out_grad(GDIAG, Y, ns, ch, nd, C, lam, scale)
+        dys += gd_y
         w2 = tl.load(W2 + ch[:, None] * H + hs[None, :],
                      mask=rmask[:, None] & hmask[None, :], other=0.)
         grad_post += tl.dot(grad_t, w2, input_precision='ieee')
@@ -790,10 +797,7 @@ def _mlp_grad_weights_kernel(GDIAG, Y, POST, GHID, VAR, LAM, SCALE,
             nmask = ns < N
             nd = nmask[:, None] & rmask[None, :]
             nh = nmask[:, None] & hmask[None, :]
-            gd = tl.load(GDIAG + ns[:, None] * C + ch[None, :], mask=nd,
-                         other=0.)
-            y = tl.load(Y + ns[:, None] * C + ch[None, :], mask=nd, other=0.)
-            grad_t = gd * ((1. - lam) / scale) * y * (1. - y)
+            _, grad_t = _fc2_out_grad(GDIAG, Y, ns, ch, nd, C, lam, scale)
             post = tl.load(POST + ns[:, None] * H + hs[None, :], mask=nh,
                            other=0.)
             dfc2 = tl.dot(tl.trans(grad_t), post, dfc2,

@@ -100,8 +100,10 @@ def test_the_self_check_compiles_what_the_real_layer_runs(c, d, n, size):
     from ce_mmdet.ops import impl
     real = record_scenarios(
         [Scenario(c, d, n, size, 'float32', mode) for mode in MODES])
-    key = (c, d, c // 4, 3, min(n, 16), torch.float32,
-           impl.check_map_size(size[0] * size[1]))
+    # the layer 'auto' would check: hidden C/4, 3 iterations (the
+    # scenario's layer), the real input's batch, dtype and map
+    key = impl.self_check_key((c, d, c // 4, 3, n),
+                              torch.empty(n, c, *size, device='meta'))
     checked = {}
     with record_launches(checked, run=False):
         impl._check_pairs(torch.device('cpu'), key)
