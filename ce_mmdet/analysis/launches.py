@@ -8,10 +8,22 @@ views and metadata ops (``view``, ``reshape``, ``expand``, ``transpose``,
 of :mod:`ce_mmdet.ops.triton_impl`. The torch ops Triton's interpreter runs
 inside a launch (on CPU) are not counted, so a CPU count under
 ``TRITON_INTERPRET=1`` is what the GPU would launch.
+
+It also counts the host syncs (:attr:`LaunchCounter.host_syncs`): the ops
+that, on a GPU, make the host wait for the device. A launch-bound step
+only runs at GPU speed while the host queues kernels ahead of the device;
+one wait per layer drains that queue every layer. They are visible on a CPU
+too, so a CPU test can keep them out: reading a value into Python
+(``item()``, ``float(t)``, ``bool(t)``, ``if t > 0``, ``torch.equal``), an
+output whose shape depends on values (``nonzero``, masked indexing,
+``unique``), and a tensor made from Python data (``torch.tensor([...],
+device=...)``: a synchronous host-to-device copy). ``tolist()`` and
+``numpy()`` do not pass through the dispatcher and are not seen.
 """
 import sys
 from collections import Counter
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 #: aten ops that only make views, change metadata or allocate
@@ -25,6 +37,26 @@ NO_WORK_OPS = frozenset({
     'is_same_size', 'sym_size', 'sym_stride', 'sym_numel',
     'sym_storage_offset', 'is_nonzero', 'contiguous'
 })
+
+
+#: aten ops that read values into Python or size their output by values
+HOST_READ_OPS = frozenset({
+    '_local_scalar_dense', 'equal', 'allclose', 'nonzero', 'masked_select',
+    '_unique', '_unique2', 'unique_dim', 'unique_consecutive'
+})
+#: aten ops that make a tensor from Python data (``torch.tensor``)
+HOST_DATA_OPS = frozenset({'lift_fresh', 'lift_fresh_copy'})
+
+
+def _masks_by_value(func, args) -> bool:
+    """``t[mask]`` with a bool/uint8 mask: its output size is a value."""
+    if func.overloadpacket.__name__ not in ('index', 'index_put',
+                                             'index_put_'):
+        return False
+    indices = args[1] if len(args) > 1 else ()
+    return any(
+        i is not None and i.dtype in (torch.bool, torch.uint8)
+        for i in indices)
 
 
 def _triton_stats():
@@ -43,11 +75,17 @@ class LaunchCounter(TorchDispatchMode):
         ...     y = (x.t() @ x).relu().view(-1)
         >>> counter.total  # mm, relu; t and view make views
         2
+        >>> with LaunchCounter() as counter:
+        ...     positive = bool(x.sum() > 0)  # the host reads a value
+        >>> counter.host_syncs
+        1
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = Counter()
+        #: host syncs by op name (see the module doc)
+        self.syncs = Counter()
         self._triton_start = 0
         self._triton_end = None
 
@@ -70,6 +108,9 @@ class LaunchCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name not in NO_WORK_OPS:
             self.ops[name] += 1
+        if name in HOST_READ_OPS or name in HOST_DATA_OPS or \
+                _masks_by_value(func, args):
+            self.syncs[name] += 1
         return out
 
     @property
@@ -79,6 +120,11 @@ class LaunchCounter(TorchDispatchMode):
             stats = _triton_stats()
             end = 0 if stats is None else stats.launches
         return end - self._triton_start
+
+    @property
+    def host_syncs(self) -> int:
+        """Ops that make a GPU's host wait for the device (module doc)."""
+        return sum(self.syncs.values())
 
     @property
     def total(self) -> int:

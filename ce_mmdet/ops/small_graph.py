@@ -118,10 +118,14 @@ def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
         sumsq = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
         raw = (sumsq - hw * mean * mean) / max(hw - 1, 1)
         var = raw.clamp_min(0)
-        counts = torch.tensor([float(n), float(n * hw)], dtype=dt,
-                              device=mean.device)
-        sums = torch.cat([var.sum().reshape(1), counts, hw * mean.sum(0),
-                          second.sum(0).reshape(-1)])
+        # the counts by fills on the device (a tensor from Python data
+        # would be a synchronous host-to-device copy on a GPU)
+        sums = torch.cat([
+            var.sum().reshape(1),
+            var.new_full((1, ), n),
+            var.new_full((1, ), n * hw), hw * mean.sum(0),
+            second.sum(0).reshape(-1)
+        ])
         if reduce_fn is not None:
             sums = reduce_fn(sums)  # SyncCE: global batch statistics
         samples, positions = sums[1], sums[2]

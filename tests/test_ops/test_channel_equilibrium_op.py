@@ -148,3 +148,46 @@ def test_folded_batch_bn_matches_the_bn_pass(dtype, offset, tol, monkeypatch):
     for name, a, b in zip(names, got, ref, strict=True):
         err = ((a.double() - b).abs().max() / b.abs().max()).item()
         assert err < tol, (name, err)
+
+
+def _impls():
+    from ce_mmdet.ops.impl import triton_device
+    return ['torch'] + (['triton'] if triton_device() == 'cpu' else [])
+
+
+@pytest.mark.parametrize('impl', _impls())
+@pytest.mark.parametrize(
+    'with_bn,bn_training,training,sync,grad',
+    [
+        (False, False, True, False, True),  # CE alone, training
+        (False, False, False, False, True),  # CE alone, eval
+        (True, False, False, False, False),  # inference (BN folded)
+        (True, False, False, False, True),  # norm_eval training
+        (True, False, True, False, True),  # eval BN, CE in training
+        (True, True, True, False, True),  # batch-statistics BN and CE
+        (True, True, True, True, True),  # the same, SyncCE
+    ])
+def test_no_host_sync_in_any_mode(impl, with_bn, bn_training, training, sync,
+                                  grad):
+    """Neither forward nor backward makes a GPU's host wait for the device
+    (no value read into Python, no tensor made from Python data): a
+    launch-bound step runs at the GPU's speed only while the host queues
+    kernels ahead of it (``LaunchCounter.host_syncs``, seen on the CPU)."""
+    from ce_mmdet.analysis.launches import LaunchCounter
+    params, state = make(c=32, d=16, dtype=torch.float32)
+    params = CEParams(*(p.requires_grad_(grad) for p in params))
+    bn = torch.nn.BatchNorm2d(32).train(bn_training)
+    z = (torch.randn(2, 32, 4, 6) + 0.5).requires_grad_(grad)
+    kwargs = dict(config=CEConfig(group_size=16), training=training,
+                  reduce_fn=torch.clone if sync else None, impl=impl)
+    for _ in range(2):  # the second call: no first-call work ('auto')
+        with LaunchCounter() as counter:
+            if with_bn:
+                out = batchnorm_channel_equilibrium(
+                    z, BatchNormArgs.from_module(bn), params, state, **kwargs)
+            else:
+                out = channel_equilibrium(z, params, state, **kwargs)
+            if grad:
+                out.backward(torch.ones_like(out))
+    assert counter.host_syncs == 0, dict(counter.syncs)
+    assert counter.total > 0

@@ -41,6 +41,10 @@ def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     # and, following each BN, almost no activation memory
     assert ratios['saved for backward (MiB)'] < 1.1
     assert json.loads(out.read_text())['ratios'] == ratios
+    # no host sync in either backbone: the same (zero) count
+    for key in ('host syncs per train step', 'host syncs per inference'):
+        assert results['bn'][key] == results['ce'][key] == 0
+        assert ratios[key] == 1.0
     # the detection setting (frozen statistics), without the RSS processes
     results, ratios = load('benchmark_backbone').main([
         '--depth', '18', '--shape', '64', '64', '--repeats', '1', '--warmup',
@@ -94,3 +98,5 @@ def test_benchmark_backbone_counts_triton_launches(tmp_path):
         'ce-torch'][ops]
     assert by_model['ce-triton'][ops] < by_model['ce-torch'][ops]
     assert results['ce'][ops] == results['ce-torch'][ops]  # auto on CPU
+    assert results['ce-triton']['host syncs per train step'] == 0
+    assert results['ce-triton']['host syncs per inference'] == 0

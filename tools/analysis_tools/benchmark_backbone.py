@@ -30,7 +30,10 @@ a warm-up) and the medians are reported:
   these (and parameters), e.g. on CPU under Triton's interpreter:
   ``CE_MMDET_IMPL=triton TRITON_INTERPRET=1 python
   tools/analysis_tools/benchmark_backbone.py --counts-only --batch-size 1
-  --shape 64 64``.
+  --shape 64 64``;
+* host syncs per train step / per inference call: the ops that make a GPU's
+  host wait for the device (a value read into Python, a tensor made from
+  Python data; ``LaunchCounter.host_syncs``); 0 for both backbones.
 
 ``--impls torch triton`` adds one CE model per named implementation (same
 weights, ``impl`` set on every CE layer) to the same alternating run, so the
@@ -97,12 +100,20 @@ def with_impl(model, impl):
 
 
 def count_ops(model, x, phase):
-    """Working ops (and Triton launches) of one call after a warm-up."""
+    """Working ops (and Triton launches) and host syncs of one call after a
+    warm-up."""
     model.train(phase == 'train')
     run_phase(model, x, phase)
     with LaunchCounter() as counter:
         run_phase(model, x, phase)
-    return counter.total
+    return counter.total, counter.host_syncs
+
+
+def ratio(b, a) -> float:
+    """``b / a``; 1 for two zero counts (host syncs), inf for ``b / 0``."""
+    if a:
+        return b / a
+    return 1.0 if b == 0 else float('inf')
 
 
 def cuda_peak(model, x, device):
@@ -175,8 +186,10 @@ def main(argv=None):
                 print(f'--- {k}, {phase}: torch.profiler, 2 calls')
                 print(profile_table(fns[k], args.profile, device))
     for k, m in models.items():
-        results[k]['ops per train step'] = count_ops(m, x, 'train')
-        results[k]['ops per inference'] = count_ops(m, x, 'eval')
+        for phase, call in (('train', 'train step'), ('eval', 'inference')):
+            ops, syncs = count_ops(m, x, phase)
+            results[k][f'ops per {call}'] = ops
+            results[k][f'host syncs per {call}'] = syncs
         results[k]['params (M)'] = sum(p.numel()
                                        for p in m.parameters()) / 1e6
         if args.counts_only:
@@ -212,8 +225,7 @@ def main(argv=None):
             f'{results[k].get(metric, float("nan")):>12.4g}' for k in models)
         for k in ces:
             b = results[k].get(metric, float('nan'))
-            by_model[k][metric] = paired.get((k, metric),
-                                             b / a if a else float('nan'))
+            by_model[k][metric] = paired.get((k, metric), ratio(b, a))
             row += f'{by_model[k][metric]:>15.3f}'
         print(row)
     ratios = by_model['ce']

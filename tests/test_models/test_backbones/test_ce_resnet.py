@@ -394,6 +394,28 @@ def test_training_step_matches_the_published_computation(norm_eval):
     assert int(tracked) == (0 if norm_eval else 2)
 
 
+@pytest.mark.parametrize('norm_eval', [False, True])
+def test_no_host_sync_in_a_step_or_inference(norm_eval):
+    """A CE-ResNet-50 training step and an inference call make no host
+    sync (``LaunchCounter.host_syncs``: on a GPU the host would wait for
+    the device), like the ResNet-50 they extend."""
+    from ce_mmdet.analysis.launches import LaunchCounter
+    model = randomise(CEResNet(depth=50, stem_channels=32, base_channels=16,
+                               norm_eval=norm_eval))
+    x = torch.randn(2, 3, 64, 64)
+    for phase in ('train', 'eval'):
+        model.train(phase == 'train')
+        for _ in range(2):  # the second call: no first-call work
+            with LaunchCounter() as counter:
+                if phase == 'train':
+                    sum(o.sum() for o in model(x)).backward()
+                else:
+                    with torch.no_grad():
+                        model(x)
+        assert counter.host_syncs == 0, (phase, dict(counter.syncs))
+        assert counter.total > 100
+
+
 def test_threads_sharing_a_model_get_their_own_results():
     """The fused ops keep no state between calls: concurrent inference on
     one model gives what each call gives alone."""
