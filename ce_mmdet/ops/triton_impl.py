@@ -1005,10 +1005,23 @@ _GRAD_MAPS = _Kernel(_grad_maps_kernel, ('M1', 'M2', 'SHIFT', 'DBN_W',
                                          'DBN_B'))
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for the host code: Triton 3.9 makes it (and
+    ``next_power_of_2``) a constexpr function whose call costs ~3.5 us of
+    argument unwrapping, a quarter of an eval layer's host time."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n >= 1``), as
+    ``triton.next_power_of_2``, for the host code (see :func:`_cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _blocks(d: int) -> Tuple[int, int]:
     """(BLOCK_D, BLOCK_HW): ``d`` padded to a power of two >= 16, and a
     position block that keeps a tile at about 2K elements."""
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _pow2(d))
     return block_d, max(16, 2048 // block_d)
 
 
@@ -1043,10 +1056,10 @@ def _partials(p: Tensor, q: Optional[Tensor], group_size: int, full: bool):
     if cross:
         _check(q, 'Q')
     # split the positions so that the launch has enough programs
-    split = max(1, min(triton.cdiv(hw, block_hw),
-                       triton.cdiv(_TARGET_PROGRAMS, n * g)))
-    chunk = triton.cdiv(triton.cdiv(hw, split), block_hw) * block_hw
-    split = triton.cdiv(hw, chunk)
+    split = max(1, min(_cdiv(hw, block_hw),
+                       _cdiv(_TARGET_PROGRAMS, n * g)))
+    chunk = _cdiv(_cdiv(hw, split), block_hw) * block_hw
+    split = _cdiv(hw, chunk)
     f32 = dict(dtype=torch.float32, device=p.device)
     pq = torch.empty((n * g, split) + ((d, d) if full else (d, )), **f32)
     ps = torch.empty((n * g, split, d), **f32)
@@ -1141,12 +1154,12 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         AFFINE=affine is not None, HAS_W=bn.weight is not None,
         HAS_B=bn.bias is not None, NEWTON=not sync,
         NUM_ITERS=config.num_iters, BATCH_BN=bn_stats is not None,
-        BLOCK_HC=max(16, min(triton.next_power_of_2(hidden),
+        BLOCK_HC=max(16, min(_pow2(hidden),
                              2048 // block_d)),
         num_warps=_warps(block_d))
     if sync:
         _launch(_SUMS_HEAD, (1, ), vsum_g, g, float(n), float(n * hw),
-                sums, BLOCK_G=triton.next_power_of_2(g))
+                sums, BLOCK_G=_pow2(g))
         sums = reduce_fn(sums)  # SyncCE: the global batch statistics
         _launch(_GLOBAL_WHITEN, (g, ), sums, c, eps, cov, wm,
                 iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters,
@@ -1157,12 +1170,12 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     bias = new(n, g, d, 1) if folds else None
     hid, post, y = new(n, hidden), new(n, hidden), new(n, c)
     ln_mean, ln_rstd, lam, scale = new(n, 1), new(n, 1), new(1), new(1)
-    block_h = triton.next_power_of_2(hidden)
+    block_h = _pow2(hidden)
     # groups split over programs too (a few dozen programs in all: N is 2
     # in detection), each program summing the groups' shares of fc1 v
-    per_program = triton.cdiv(g, max(1, min(g, _SAMPLE_PROGRAMS // n)))
+    per_program = _cdiv(g, max(1, min(g, _SAMPLE_PROGRAMS // n)))
     _launch(
-        _SAMPLE_MAP, (n, triton.cdiv(g, per_program)),
+        _SAMPLE_MAP, (n, _cdiv(g, per_program)),
         hid_part, vsum_g, c, hidden, n, per_program, 1.0 / (n * c),
         float(n), float(n * hw), eps, params.gate, params.ln_weight,
         params.ln_bias,
@@ -1171,8 +1184,8 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         bias, hid, ln_mean, ln_rstd, post, y, lam, scale,
         scale if sums is None else sums, D=d, BLOCK_D=block_d,
         BLOCK_H=block_h,
-        BLOCK_GH=min(triton.next_power_of_2(g), max(1, 4096 // block_h)),
-        BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
+        BLOCK_GH=min(_pow2(g), max(1, 4096 // block_h)),
+        BLOCK_G=_pow2(g), TRAINING=training,
         AFFINE=folds, GLOBAL_SUMS=sync, num_warps=8)
     cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, post,
                             y, lam, scale, wm, cov, None, iterates)
@@ -1192,7 +1205,7 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
     _check(p, 'P')
     if q is not None:
         _check(q, 'Q')
-    grid = (n * (c // d), triton.cdiv(hw, block_hw))
+    grid = (n * (c // d), _cdiv(hw, block_hw))
     _launch(
         _MAP, grid,
         m1, p, m1 if m2 is None else m2, p if q is None else q,
@@ -1240,8 +1253,8 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     d_gate, d_fc1 = new(1), new(hidden, c)
     d_lnw, d_lnb, d_fc2, grad_var = new(hidden), new(hidden), new(
         c, hidden), new(n, c)
-    block_h = max(16, triton.next_power_of_2(hidden))
-    blocks = triton.cdiv(n, _MLP_SAMPLES)
+    block_h = max(16, _pow2(hidden))
+    blocks = _cdiv(n, _MLP_SAMPLES)
     grad_hid, part = new(n, hidden), new(blocks, 1 + 2 * hidden)
     _launch(
         _MLP_GRAD_SAMPLES, (blocks, ),
@@ -1257,7 +1270,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         cache.scale, lam_part, sums, part, blocks, n, c, hidden, eps, d_gate,
         d_fc1, d_lnw, d_lnb, d_fc2, grad_sums, D=d, BLOCK_D=block_d,
         BLOCK_N=_MLP_SAMPLES, BLOCK_H=block_h, BLOCK_HC=min(block_h, 128),
-        BLOCK_G=triton.next_power_of_2(g), TRAINING=training,
+        BLOCK_G=_pow2(g), TRAINING=training,
         num_warps=4)  # (8 warps: 16 B spills on sm_90 from C=512 on)
     if training and reduce_fn is not None:
         # every process's loss depends on the global sums: their gradients

@@ -100,3 +100,23 @@ def test_benchmark_backbone_counts_triton_launches(tmp_path):
     assert results['ce'][ops] == results['ce-torch'][ops]  # auto on CPU
     assert results['ce-triton']['host syncs per train step'] == 0
     assert results['ce-triton']['host syncs per inference'] == 0
+
+
+def test_benchmark_host_reports_every_mode(tmp_path):
+    """The host-time benchmark: every mode of every CE-ResNet-18 layer
+    shape, the network's sums and their ratios to the BN alone (the Triton
+    implementation too where triton imports: its kernels are skipped)."""
+    from ce_mmdet.ops.impl import triton_importable
+    out = tmp_path / 'host.json'
+    totals, ratios = load('benchmark_host').main(
+        ['--depth', '18', '--repeats', '2', '--json', str(out)])
+    impls = ['torch'] + (['triton'] if triton_importable() else [])
+    assert set(totals) == {'train', 'norm_eval', 'inference'}
+    for mode, total in totals.items():
+        assert set(total) == {'bn', *impls}
+        assert all(v > 0 for v in total.values())
+        assert ratios[mode] == {k: total[k] / total['bn'] for k in impls}
+    saved = json.loads(out.read_text())
+    # CE-ResNet-18: the stem (64, one group) and three stages
+    assert len(saved['layers']) == 3 * 4
+    assert any(key.startswith('train C=64 d=64') for key in saved['layers'])
