@@ -16,17 +16,21 @@ to compare implementations without touching a config).
   imports (torch's CUDA wheels ship it; it is never a hard dependency) and
   the kernels pass a one-time self-check on that device for that layer's
   configuration (tiny calls compared with the torch implementation; a
-  failure warns once and keeps ``'torch'`` for it), ``'torch'`` otherwise, and ``'torch'`` while
-  ``torch.compile`` traces (the self-check cannot run inside a trace).
+  failure warns once and keeps ``'torch'`` for it), ``'torch'``
+  otherwise. While ``torch.compile`` traces, the self-check runs at trace
+  time, outside the graph (:func:`torch.compiler.assume_constant_result`:
+  its answer is a constant of the trace), for the layer's configuration
+  and the class of its map size, or for every class when dynamo made the
+  sizes dynamic; without that function (torch < 2.1) ``'torch'``.
   Under torch.compile both implementations trace without graph breaks:
   every Triton launch is one call of the custom op
-  ``torch.ops.ce_mmdet.triton_launch`` (its outputs declared mutated), so
-  a compiled GPU model uses the kernels with ``impl='triton'`` set
-  explicitly (``ce_cfg=dict(impl='triton')``). Under ``torch.jit`` tracing
-  (mmengine's FLOP analyser) every value means ``'torch'``.
+  ``torch.ops.ce_mmdet.triton_launch`` (its outputs declared mutated).
+  Under ``torch.jit`` tracing (mmengine's FLOP analyser) every value means
+  ``'torch'``.
 """
 import contextlib
 import functools
+import operator
 import os
 import warnings
 from typing import Optional, Tuple
@@ -119,17 +123,19 @@ def requested_impl(impl: str) -> str:
     return check_impl(impl)
 
 
+def _auto_may_use_triton(tensor: Optional[torch.Tensor]) -> bool:
+    """Where ``'auto'`` considers Triton: CUDA tensors (never the slow
+    interpreter unless asked for)."""
+    return tensor is not None and tensor.is_cuda
+
+
 def _resolve(impl: str, tensor: Optional[torch.Tensor]) -> str:
     """:func:`resolve_impl` for an already requested and checked ``impl``."""
     if impl == 'torch' or torch.jit.is_tracing():
         # torch.jit tracing (mmengine's FLOP analyser) records sizes as
         # tensors, which Triton launches cannot take
         return 'torch'
-    if impl == 'auto' and (tensor is None or not tensor.is_cuda
-                           or torch.compiler.is_compiling()):
-        # never the (slow) interpreter unless asked for; under
-        # torch.compile the torch implementation (the self-check that
-        # 'auto' needs cannot run inside a trace)
+    if impl == 'auto' and not _auto_may_use_triton(tensor):
         return 'torch'
     usable, why = _triton_usable(tensor)
     if impl == 'auto':
@@ -303,6 +309,46 @@ def self_check_key(layer: Optional[tuple], tensor: torch.Tensor) -> tuple:
                                               tensor.shape[3]))
 
 
+def _self_check_all(device_type: str, index: int, c: int, d: int,
+                    hidden: int, num_iters: int, dtype: torch.dtype) -> bool:
+    """:func:`triton_self_check` on the device ``(device_type, index)`` (a
+    negative index: none) for a layer ``(c, d, hidden, num_iters)`` and
+    ``dtype``, on the check map of every class of map size
+    (:data:`MAP_SIZES`). Flat constant arguments: while ``torch.compile``
+    traces it is called once at trace time, not traced."""
+    device = torch.device(device_type, None if index < 0 else index)
+    return all(
+        triton_self_check(device, (c, d, hidden, num_iters,
+                                   DEFAULT_LAYER[4], dtype, size))
+        for size in MAP_SIZES)
+
+
+_assume_constant = getattr(torch.compiler, 'assume_constant_result', None)
+#: :func:`_self_check_all` as a constant of a trace (None: not possible)
+_self_check_at_trace = None if _assume_constant is None else \
+    _assume_constant(_self_check_all)
+
+
+def _self_check_while_compiling(layer: Optional[tuple],
+                                tensor: torch.Tensor) -> bool:
+    """The self-check ``'auto'`` needs, while dynamo traces: at trace time
+    (not traced), for the layer's configuration and the tensor's dtype on
+    every class of map size, since a compiled graph may serve several sizes
+    (its sizes may be symbolic, which a constant of the trace cannot
+    depend on)."""
+    if _self_check_at_trace is None:
+        return False
+    # (operator.index: a dynamic-shape trace has the channel counts as
+    # symbols; this makes them constants, guarded: they are fixed per layer)
+    c, d, hidden, num_iters = [
+        operator.index(v) for v in (layer or DEFAULT_LAYER)[:4]
+    ]
+    device = tensor.device
+    return _self_check_at_trace(device.type,
+                                -1 if device.index is None else device.index,
+                                c, d, hidden, num_iters, tensor.dtype)
+
+
 def passes_for(impl: str, tensor: torch.Tensor, layer: tuple = None):
     """The big-pass implementation (``TorchPasses`` / ``TritonPasses``)
     that :func:`resolve_impl` picks for ``tensor``; for ``'auto'`` on CUDA
@@ -312,8 +358,12 @@ def passes_for(impl: str, tensor: torch.Tensor, layer: tuple = None):
     requested = requested_impl(impl)
     name = _resolve(requested, tensor)
     if name == 'triton' and requested == 'auto':  # (on CUDA only)
-        if not triton_self_check(tensor.device,
-                                 self_check_key(layer, tensor)):
+        if torch.compiler.is_compiling():
+            passed = _self_check_while_compiling(layer, tensor)
+        else:
+            passed = triton_self_check(tensor.device,
+                                       self_check_key(layer, tensor))
+        if not passed:
             name = 'torch'
     if name == 'triton':
         from .triton_impl import TritonPasses

@@ -122,8 +122,9 @@ def test_compiled_training_step_matches_eager(impl):
 @needs_triton
 def test_triton_custom_op_with_dynamic_shapes():
     """Detection inputs change size: with ``dynamic=True`` the launches take
-    symbolic sizes (grids, position counts) and one compiled graph serves
-    two spatial sizes, equal to eager."""
+    symbolic sizes (grids, position counts) and the compiled function serves
+    two spatial sizes, equal to eager (the second size recompiles once: the
+    float ``H*W - 1`` passed to the statistics kernels is guarded on)."""
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -143,3 +144,113 @@ def test_triton_custom_op_with_dynamic_shapes():
         out.square().sum().backward()
         ref.square().sum().backward()
         assert rel_err(z.grad, z2.grad) < 1e-4
+
+
+@pytest.fixture
+def auto_considers_cpu(monkeypatch):
+    """'auto' treating this CPU as it treats a GPU (Triton's interpreter
+    runs the kernels), its self-checks recorded: (layer, compiling)."""
+    from ce_mmdet.ops import impl
+    monkeypatch.setattr(impl, '_auto_may_use_triton',
+                        lambda tensor: tensor is not None)
+    checked = []
+    check = impl.triton_self_check  # (cached: each check runs once)
+    check.cache_clear()
+
+    def recording(device, layer=impl.DEFAULT_LAYER):
+        checked.append((layer, torch.compiler.is_compiling()))
+        return check(device, layer)
+
+    monkeypatch.setattr(impl, 'triton_self_check', recording)
+    yield checked
+    check.cache_clear()
+
+
+def _compile_bn_ce(dynamic):
+    """A BN + CE op with impl='auto' compiled by AOTAutograd, and the code
+    of the graphs it makes."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(32)
+    ce = ChannelEquilibrium(32, impl='auto')
+
+    def fn(z):
+        return ce(z, bn=bn)
+
+    compiled = torch.compile(
+        fn, fullgraph=True, dynamic=dynamic,
+        backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    return compiled, fn, graphs
+
+
+@needs_triton
+@pytest.mark.parametrize('dynamic', [False, True])
+def test_auto_under_compile_checks_at_trace_time_and_uses_triton(
+        dynamic, auto_considers_cpu):
+    """Under torch.compile 'auto' runs the self-check at trace time, outside
+    the graph (torch.compiler.assume_constant_result), for the layer's
+    configuration on every class of map size (a compiled graph may serve
+    several sizes), and then traces the Triton launches; the compiled op
+    computes what the eager op does, forward and backward, also for a
+    second spatial size under dynamic shapes."""
+    from ce_mmdet.ops import impl
+    compiled, fn, graphs = _compile_bn_ce(dynamic)
+    sizes = ((5, 7), (9, 4)) if dynamic else ((5, 7), )
+    for h, w in sizes:
+        z = torch.randn(2, 32, h, w, requires_grad=True)
+        z2 = z.detach().clone().requires_grad_()
+        out, ref = compiled(z), fn(z2)
+        assert rel_err(out, ref) < 1e-5
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert rel_err(z.grad, z2.grad) < 1e-4
+    # forward and backward graphs (dynamic shapes: a second pair, as with
+    # impl='triton': a float derived from H*W is guarded on)
+    assert len(graphs) in ((4, 2) if dynamic else (2, ))
+    assert all('ce_mmdet.triton_launch' in code for code in graphs)
+    at_trace = [layer for layer, compiling in auto_considers_cpu
+                if compiling]
+    assert {layer[6] for layer in at_trace} == set(impl.MAP_SIZES)
+    assert {layer[:4] + layer[5:6]
+            for layer in at_trace} == {(32, 16, 8, 3, torch.float32)}
+
+
+@needs_triton
+def test_auto_under_compile_keeps_torch_where_the_check_fails(
+        auto_considers_cpu, monkeypatch):
+    """A failed trace-time check: the graph traces the torch implementation
+    (no Triton launch, no graph break)."""
+    from ce_mmdet.ops import impl
+    monkeypatch.setattr(impl, 'triton_self_check',
+                        lambda device, layer=None: False)
+    compiled, fn, graphs = _compile_bn_ce(False)
+    z = torch.randn(2, 32, 5, 7)
+    assert rel_err(compiled(z), fn(z)) < 1e-5
+    assert graphs and not any('ce_mmdet.triton_launch' in code
+                              for code in graphs)
+
+
+@needs_triton
+def test_auto_traces_ce_resnet_without_graph_breaks(auto_considers_cpu):
+    """The trace-time self-checks of every CE layer of a CE-ResNet add no
+    graph break, and the graph launches the kernels."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = CEResNet(18, base_channels=16, stem_channels=16).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    assert 'ce_mmdet.triton_launch' in str(explained.graphs[0].graph)
+    # the stem and stage 1 (16 channels, one group), stages 2 and 3
+    assert {layer[:2] for layer, compiling in auto_considers_cpu
+            if compiling} == {(16, 16), (32, 16), (64, 16)}
