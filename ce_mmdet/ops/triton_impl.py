@@ -101,8 +101,13 @@ class LaunchStats:
 #: groups per program) in the small-graph kernels. They only bound loops and
 #: index small tensors; unspecialised, the self-check (N <= 16, a 5x6 or 4x4
 #: map) compiles the binaries the real layers run (tested with
-#: :mod:`ce_mmdet.analysis.triton_aot`'s recorder).
-_UNSPECIALISED = ('NSPLIT', 'N', 'NUM_BLOCKS', 'GPP')
+#: :mod:`ce_mmdet.analysis.triton_aot`'s recorder). Likewise the position
+#: count ``hw`` of the small-graph kernels (scalar arithmetic only; the
+#: streaming kernels' ``HW`` stays specialised: it decides vector loads).
+#: Sizes reach the kernels as integers only, never as floats made from
+#: them: under torch.compile with dynamic shapes a float is guarded on, and
+#: every new image size would recompile the graph.
+_UNSPECIALISED = ('NSPLIT', 'N', 'NUM_BLOCKS', 'GPP', 'hw')
 
 
 class _Kernel:
@@ -325,7 +330,7 @@ def _group_layout(D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_UNSPECIALISED)
-def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
+def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
                         MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM, ITERS,
                         BATCH_MEAN, BATCH_VAR, BATCH_INVSTD, MEAN_Z, GRAM_Z,
@@ -355,6 +360,8 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, den, inv_positions, eps,
     reading all of fc1 in each of its programs."""
     g = tl.program_id(0)
     G = C // D
+    den = tl.maximum(hw - 1, 1).to(tl.float32)  # unbiased variances
+    inv_positions = 1. / (N * hw).to(tl.float32)
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     if BATCH_BN:
         ch = g * D + rows
@@ -504,15 +511,14 @@ def _whiten_group(g, xsum, gram_sum, inv_positions, eps, COV, WM, ITERS, G,
     tl.store(WM + g * D * D + mat, p, mask=mmask)
 
 
-@triton.jit
-def _sums_head_kernel(VSUM_G, G, samples, positions, SUMS,
-                      BLOCK_G: tl.constexpr):
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _sums_head_kernel(VSUM_G, G, N, hw, SUMS, BLOCK_G: tl.constexpr):
     """SyncCE: the head of the batch sums (sum of variances, samples,
     positions) before they are all-reduced."""
     gs = tl.arange(0, BLOCK_G)
     tl.store(SUMS, tl.sum(tl.load(VSUM_G + gs, mask=gs < G, other=0.), 0))
-    tl.store(SUMS + 1, samples)
-    tl.store(SUMS + 2, positions)
+    tl.store(SUMS + 1, N.to(tl.float32))
+    tl.store(SUMS + 2, (N * hw).to(tl.float32))
 
 
 @triton.jit
@@ -529,10 +535,10 @@ def _global_whiten_kernel(SUMS, C, eps, COV, WM, ITERS, D: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=_UNSPECIALISED)
-def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, inv_nc, samples,
-                       positions, eps, GATE, LNW, LNB, W2, WM, RSCALE, ALPHA,
-                       BETA, A, A_IN, BIAS, HID, LN_MEAN, LN_RSTD, POST, Y,
-                       LAM, SCALE, SUMS, D: tl.constexpr,
+def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, hw, eps, GATE, LNW,
+                       LNB, W2, WM, RSCALE, ALPHA, BETA, A, A_IN, BIAS, HID,
+                       LN_MEAN, LN_RSTD, POST, Y, LAM, SCALE, SUMS,
+                       D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_GH: tl.constexpr, BLOCK_G: tl.constexpr,
                        TRAINING: tl.constexpr, AFFINE: tl.constexpr,
@@ -555,13 +561,14 @@ def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, inv_nc, samples,
         else:
             gs = tl.arange(0, BLOCK_G)
             vsum = tl.sum(tl.load(VSUM_G + gs, mask=gs < G, other=0.), 0)
-            scale = tl.sqrt(tl.maximum(vsum * inv_nc, eps * eps))
+            scale = tl.sqrt(tl.maximum(vsum / (N * C).to(tl.float32),
+                                       eps * eps))
         if n + s == 0:
             tl.store(SCALE, scale)
             if not GLOBAL_SUMS:
                 tl.store(SUMS, vsum)
-                tl.store(SUMS + 1, samples)
-                tl.store(SUMS + 2, positions)
+                tl.store(SUMS + 1, N.to(tl.float32))
+                tl.store(SUMS + 2, (N * hw).to(tl.float32))
     else:
         scale = tl.maximum(tl.load(RSCALE), eps)
         if n + s == 0:
@@ -901,8 +908,8 @@ def _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ, GOS, VAR_Z, MEAN_Z,
 
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
-                      VAR_Z, BN_MEAN, INVSTD, MEAN_Z, GRAM_Z, N, C, hw, den,
-                      M1, M2, SHIFT, DBN_W, DBN_B, D: tl.constexpr,
+                      VAR_Z, BN_MEAN, INVSTD, MEAN_Z, GRAM_Z, N, C, hw, M1,
+                      M2, SHIFT, DBN_W, DBN_B, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, TRAINING: tl.constexpr,
                       AFFINE: tl.constexpr, FOLD: tl.constexpr,
                       BATCH_BN: tl.constexpr):
@@ -918,6 +925,8 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
     :func:`~ce_mmdet.ops.torch_impl.batch_bn_backward_maps_by`)."""
     g = tl.program_id(0)
     G = C // D
+    den = tl.maximum(hw - 1, 1).to(tl.float32)  # unbiased variances
+    hw = hw.to(tl.float32)
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     ch = g * D + rows
     alpha = tl.zeros((BLOCK_D, ), dtype=tl.float32)
@@ -1142,7 +1151,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         bn = BNAffine(None, None, ps, ps, 0.0)
     _launch(
         _GROUP_STATS, (g, ),
-        pq, ps, split, n, c, hw, float(max(hw - 1, 1)), 1.0 / (n * hw), eps,
+        pq, ps, split, n, c, hw, eps,
         ps if bn.weight is None else bn.weight,
         ps if bn.bias is None else bn.bias, bn.mean, bn.var, float(bn.eps),
         ps if alpha is None else alpha, ps if beta is None else beta, mean,
@@ -1158,8 +1167,8 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
                              2048 // block_d)),
         num_warps=_warps(block_d))
     if sync:
-        _launch(_SUMS_HEAD, (1, ), vsum_g, g, float(n), float(n * hw),
-                sums, BLOCK_G=_pow2(g))
+        _launch(_SUMS_HEAD, (1, ), vsum_g, g, n, hw, sums,
+                BLOCK_G=_pow2(g))
         sums = reduce_fn(sums)  # SyncCE: the global batch statistics
         _launch(_GLOBAL_WHITEN, (g, ), sums, c, eps, cov, wm,
                 iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters,
@@ -1176,9 +1185,8 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     per_program = _cdiv(g, max(1, min(g, _SAMPLE_PROGRAMS // n)))
     _launch(
         _SAMPLE_MAP, (n, _cdiv(g, per_program)),
-        hid_part, vsum_g, c, hidden, n, per_program, 1.0 / (n * c),
-        float(n), float(n * hw), eps, params.gate, params.ln_weight,
-        params.ln_bias,
+        hid_part, vsum_g, c, hidden, n, per_program, hw, eps, params.gate,
+        params.ln_weight, params.ln_bias,
         params.fc2_weight, wm, state.running_scale, a if alpha is None else
         alpha, a if beta is None else beta, a, a_in, a if bias is None else
         bias, hid, ln_mean, ln_rstd, post, y, lam, scale,
@@ -1293,8 +1301,7 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         gdiag if bn_mean is None else bn_mean,
         gdiag if invstd is None else invstd,
         gdiag if mean_z is None else mean_z,
-        gdiag if gram_z is None else gram_z, n, c, float(hw),
-        float(max(hw - 1, 1)), m1, m2, shift,
+        gdiag if gram_z is None else gram_z, n, c, hw, m1, m2, shift,
         gdiag if d_bn_w is None else d_bn_w,
         gdiag if d_bn_b is None else d_bn_b, D=d, BLOCK_D=block_d,
         TRAINING=training, AFFINE=affine is not None, FOLD=fold is not None,
