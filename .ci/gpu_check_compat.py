@@ -12,14 +12,23 @@ is, loses its ``memory``, ``network`` and ``timing`` sections on a lent GPU:
   call ``self.ce(z, bn=norm, inplace=True)``; the replacement then takes
   ``bn`` (applied first, as its own module) and ``inplace`` (ignored).
 
+It also adds pytest's wheels to the kit's (``run.sh`` installs every wheel
+it carries), so that the same device run can run the Triton tests on the
+GPU, the kernels compiled for it instead of Triton's interpreter
+(``tests/conftest.py`` selects the interpreter only without a GPU): races
+between programs, memory ordering and resource limits only show there.
+
 Idempotent; fails loudly when the kit's text is not what it expects.
 
 Usage (from the project root)::
 
     bash ../shared/gpu-check/prepare.sh && python3 .ci/gpu_check_compat.py
-    # then one device run: bash .gpu-check/run.sh, carry [".gpu-check"]
+    # then one device run, carry [".gpu-check"]:
+    # bash .gpu-check/run.sh && PYTHONPATH=/tmp/site:. python3 -m pytest \
+    #     -q -x -p no:cacheprovider tests/test_ops/test_triton_impl.py
 """
 import pathlib
+import subprocess
 import sys
 
 KIT = pathlib.Path('.gpu-check/gpu_check.py')
@@ -39,6 +48,27 @@ EDITS = [
 ]
 
 
+#: pytest and what it needs, pure-Python wheels (the versions tested here)
+TEST_WHEELS = ('pytest==9.2.0', 'pytest-timeout==2.4.0', 'pluggy==1.7.0',
+               'iniconfig==2.3.1', 'packaging==26.4', 'pygments==2.21.0')
+#: the GPU machines' Python
+GPU_PYTHON = '3.12'
+
+
+def add_test_wheels(whl: pathlib.Path) -> None:
+    """Download :data:`TEST_WHEELS` into ``whl`` unless they are there."""
+    have = {p.name.split('-')[0].lower().replace('_', '-')
+            for p in whl.glob('*.whl')}
+    missing = [w for w in TEST_WHEELS if w.split('==')[0] not in have]
+    if missing:
+        subprocess.run([
+            sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
+            '--only-binary=:all:', '--python-version', GPU_PYTHON, '-d',
+            str(whl), *missing
+        ], check=True)
+    print(f'{whl}: pytest wheels for the GPU run')
+
+
 def main() -> int:
     if not KIT.exists():
         print(f'{KIT} not found: run bash ../shared/gpu-check/prepare.sh '
@@ -54,6 +84,7 @@ def main() -> int:
             return 1
     KIT.write_text(text)
     print(f'{KIT}: adapted to this project')
+    add_test_wheels(KIT.parent / 'whl')
     return 0
 
 
