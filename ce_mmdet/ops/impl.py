@@ -20,8 +20,8 @@ to compare implementations without touching a config).
   otherwise. While ``torch.compile`` traces, the self-check runs at trace
   time, outside the graph (:func:`torch.compiler.assume_constant_result`:
   its answer is a constant of the trace), for the layer's configuration
-  and the class of its map size, or for every class when dynamo made the
-  sizes dynamic; without that function (torch < 2.1) ``'torch'``.
+  on every class of map size (a compiled graph may serve several sizes);
+  without that function (older torch) ``'torch'``.
   Under torch.compile both implementations trace without graph breaks:
   every Triton launch is one call of the custom op
   ``torch.ops.ce_mmdet.triton_launch`` (its outputs declared mutated).
