@@ -27,6 +27,32 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def recording_backend():
+    """An AOTAutograd backend (no code generation, fast) that runs the
+    graphs as traced and keeps their code, forward and backward."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record), graphs
+
+
+def assert_step_matches(compiled, fn, shape):
+    """``compiled`` computes what ``fn`` does on a random input of
+    ``shape``, forward and input gradient."""
+    z = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    z2 = z.detach().clone().requires_grad_()
+    out, ref = compiled(z), fn(z2)
+    assert rel_err(out, ref) < 1e-5
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert rel_err(z.grad, z2.grad) < 1e-4
+
+
 @pytest.mark.parametrize('impl', [
     'torch', pytest.param('triton', marks=needs_triton)])
 @pytest.mark.parametrize('mode', ['train', 'norm_eval', 'inference'])
@@ -86,22 +112,13 @@ def test_compiled_training_step_matches_eager(impl):
     outputs, gradients and buffers; with ``impl='triton'`` the forward and
     backward graphs call the kernels as ``ce_mmdet.triton_launch`` nodes."""
     import torch._dynamo
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     torch._dynamo.reset()
-    graphs = []
-
-    def record(gm, _):
-        graphs.append(gm.code)
-        return make_boxed_func(gm.forward)
-
+    backend, graphs = recording_backend()
     torch.manual_seed(0)
     model = with_impl(CEResNet(18, base_channels=16), impl).to(DEVICE)
     model.train()
     eager = copy.deepcopy(model)
-    compiled = torch.compile(
-        model, fullgraph=True,
-        backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     outs, ref = compiled(x), eager(x)
     for o, r in zip(outs, ref):
@@ -143,13 +160,7 @@ def test_triton_custom_op_with_dynamic_shapes():
     # slices are a second regime of the statistics' partial sums)
     frames = 0
     for h, w in ((5, 7), (9, 4), (6, 6), (7, 7), (3, 11)):
-        z = torch.randn(2, 32, h, w, device=DEVICE, requires_grad=True)
-        z2 = z.detach().clone().requires_grad_()
-        out, ref = compiled(z), fn(z2)
-        assert rel_err(out, ref) < 1e-5
-        out.square().sum().backward()
-        ref.square().sum().backward()
-        assert rel_err(z.grad, z2.grad) < 1e-4
+        assert_step_matches(compiled, fn, (2, 32, h, w))
         frames = frames or counter.frame_count
     assert counter.frame_count == frames  # no recompile for a new size
 
@@ -177,15 +188,9 @@ def auto_considers_cpu(monkeypatch):
 def _compile_bn_ce(dynamic):
     """A BN + CE op with impl='auto' compiled by AOTAutograd, and the code
     of the graphs it makes."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    import torch._dynamo
     torch._dynamo.reset()
-    graphs = []
-
-    def record(gm, _):
-        graphs.append(gm.code)
-        return make_boxed_func(gm.forward)
-
+    backend, graphs = recording_backend()
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(32)
     ce = ChannelEquilibrium(32, impl='auto')
@@ -193,9 +198,8 @@ def _compile_bn_ce(dynamic):
     def fn(z):
         return ce(z, bn=bn)
 
-    compiled = torch.compile(
-        fn, fullgraph=True, dynamic=dynamic,
-        backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic,
+                             backend=backend)
     return compiled, fn, graphs
 
 
@@ -213,13 +217,7 @@ def test_auto_under_compile_checks_at_trace_time_and_uses_triton(
     compiled, fn, graphs = _compile_bn_ce(dynamic)
     sizes = ((5, 7), (9, 4)) if dynamic else ((5, 7), )
     for h, w in sizes:
-        z = torch.randn(2, 32, h, w, requires_grad=True)
-        z2 = z.detach().clone().requires_grad_()
-        out, ref = compiled(z), fn(z2)
-        assert rel_err(out, ref) < 1e-5
-        out.square().sum().backward()
-        ref.square().sum().backward()
-        assert rel_err(z.grad, z2.grad) < 1e-4
+        assert_step_matches(compiled, fn, (2, 32, h, w))
     assert len(graphs) == 2  # one forward and one backward graph
     assert all('ce_mmdet.triton_launch' in code for code in graphs)
     at_trace = [layer for layer, compiling in auto_considers_cpu
