@@ -50,14 +50,35 @@ def check_impl(impl: str, source: str = 'impl') -> str:
     return impl
 
 
-@functools.lru_cache(maxsize=None)
+#: whether torch.compile can take a function's result as a constant of the
+#: trace (:func:`torch.compiler.assume_constant_result`)
+_CONSTANT_RESULTS = hasattr(torch.compiler, 'assume_constant_result')
+
+
+def _constant_while_tracing(fn):
+    """``fn`` called at trace time, not traced, while torch.compile traces
+    (its result a constant of the trace), where torch can."""
+    return torch.compiler.assume_constant_result(fn) if _CONSTANT_RESULTS \
+        else fn
+
+
+#: the answer of :func:`triton_importable`, once asked
+_TRITON_IMPORTABLE = []
+
+
+@_constant_while_tracing
 def triton_importable() -> bool:
-    """Whether ``import triton`` works (checked once)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ``import triton`` works (checked once; while torch.compile
+    traces, answered outside the trace: an ``lru_cache`` here made dynamo
+    warn at every trace that it traces through the cache)."""
+    if not _TRITON_IMPORTABLE:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_IMPORTABLE.append(False)
+        else:
+            _TRITON_IMPORTABLE.append(True)
+    return _TRITON_IMPORTABLE[0]
 
 
 def triton_interpreting() -> bool:
@@ -309,6 +330,7 @@ def self_check_key(layer: Optional[tuple], tensor: torch.Tensor) -> tuple:
                                               tensor.shape[3]))
 
 
+@_constant_while_tracing
 def _self_check_all(device_type: str, index: int, c: int, d: int,
                     hidden: int, num_iters: int, dtype: torch.dtype) -> bool:
     """:func:`triton_self_check` on the device ``(device_type, index)`` (a
@@ -323,11 +345,6 @@ def _self_check_all(device_type: str, index: int, c: int, d: int,
         for size in MAP_SIZES)
 
 
-_assume_constant = getattr(torch.compiler, 'assume_constant_result', None)
-#: :func:`_self_check_all` as a constant of a trace (None: not possible)
-_self_check_at_trace = None if _assume_constant is None else \
-    _assume_constant(_self_check_all)
-
 
 def _self_check_while_compiling(layer: Optional[tuple],
                                 tensor: torch.Tensor) -> bool:
@@ -336,17 +353,17 @@ def _self_check_while_compiling(layer: Optional[tuple],
     every class of map size, since a compiled graph may serve several sizes
     (its sizes may be symbolic, which a constant of the trace cannot
     depend on)."""
-    if _self_check_at_trace is None:
-        return False
+    if not _CONSTANT_RESULTS:
+        return False  # (the check would be traced)
     # (operator.index: a dynamic-shape trace has the channel counts as
     # symbols; this makes them constants, guarded: they are fixed per layer)
     c, d, hidden, num_iters = [
         operator.index(v) for v in (layer or DEFAULT_LAYER)[:4]
     ]
     device = tensor.device
-    return _self_check_at_trace(device.type,
-                                -1 if device.index is None else device.index,
-                                c, d, hidden, num_iters, tensor.dtype)
+    return _self_check_all(device.type,
+                           -1 if device.index is None else device.index, c,
+                           d, hidden, num_iters, tensor.dtype)
 
 
 def passes_for(impl: str, tensor: torch.Tensor, layer: tuple = None):

@@ -3,6 +3,7 @@ implementation, and the Triton one through its custom op
 ``ce_mmdet::triton_launch``), and the compiled model computes what the eager
 one does."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -212,12 +213,19 @@ def test_auto_under_compile_checks_at_trace_time_and_uses_triton(
     configuration on every class of map size (a compiled graph may serve
     several sizes), and then traces the Triton launches; the compiled op
     computes what the eager op does, forward and backward, also for a
-    second spatial size under dynamic shapes."""
+    second spatial size under dynamic shapes; without dynamo's warning that
+    it traces through an ``lru_cache`` (triton_importable had one)."""
+    import torch._dynamo.utils
     from ce_mmdet.ops import impl
+    # (dynamo warns once per process)
+    getattr(torch._dynamo.utils, 'warn_once_cache', set()).clear()
     compiled, fn, graphs = _compile_bn_ce(dynamic)
     sizes = ((5, 7), (9, 4)) if dynamic else ((5, 7), )
-    for h, w in sizes:
-        assert_step_matches(compiled, fn, (2, 32, h, w))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for h, w in sizes:
+            assert_step_matches(compiled, fn, (2, 32, h, w))
+    assert not [w for w in caught if 'lru_cache' in str(w.message)]
     assert len(graphs) == 2  # one forward and one backward graph
     assert all('ce_mmdet.triton_launch' in code for code in graphs)
     at_trace = [layer for layer, compiling in auto_considers_cpu
