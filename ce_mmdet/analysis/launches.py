@@ -51,7 +51,7 @@ HOST_DATA_OPS = frozenset({'lift_fresh', 'lift_fresh_copy'})
 def _masks_by_value(func, args) -> bool:
     """``t[mask]`` with a bool/uint8 mask: its output size is a value."""
     if func.overloadpacket.__name__ not in ('index', 'index_put',
-                                             'index_put_'):
+                                            'index_put_'):
         return False
     indices = args[1] if len(args) > 1 else ()
     return any(

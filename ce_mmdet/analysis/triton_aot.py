@@ -44,13 +44,15 @@ from typing import (Dict, Iterator, List, NamedTuple, Optional, Sequence,
 import torch
 from torch import Tensor
 
-#: Shared memory a program may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``):
-#: sm_70 V100, sm_75 T4, sm_80 A100, sm_86 A10/A40/RTX 30xx, sm_89 L4/L40S/RTX
-#: 40xx, sm_90 H100/H200, sm_100 B200.
+#: Shared memory a program may use, bytes
+#: (``cudaDevAttrMaxSharedMemoryPerBlockOptin``): sm_70 V100, sm_75 T4, sm_80
+#: A100, sm_86 A10/A40/RTX 30xx, sm_89 L4/L40S/RTX 40xx, sm_90 H100/H200,
+#: sm_100 B200.
 SHARED_MEMORY_LIMIT = {
     70: 98304, 75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448,
     100: 232448
 }
+
 
 class SMResources(NamedTuple):
     """Per streaming multiprocessor: shared memory (bytes), 32-bit

@@ -345,7 +345,6 @@ def _self_check_all(device_type: str, index: int, c: int, d: int,
         for size in MAP_SIZES)
 
 
-
 def _self_check_while_compiling(layer: Optional[tuple],
                                 tensor: torch.Tensor) -> bool:
     """The self-check ``'auto'`` needs, while dynamo traces: at trace time

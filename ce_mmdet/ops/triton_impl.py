@@ -1006,7 +1006,7 @@ _SAMPLE_MAP = _Kernel(_sample_map_kernel,
 _GROUP_GRAD = _Kernel(_group_grad_kernel, ('GDIAG', 'LAM_PART', 'GRAD_SUMS',
                                            'GZ_OUT', 'GOS_OUT'))
 _MLP_GRAD_SAMPLES = _Kernel(_mlp_grad_samples_kernel,
-                           ('GHID', 'PART', 'GVAR'))
+                            ('GHID', 'PART', 'GVAR'))
 _MLP_GRAD_WEIGHTS = _Kernel(_mlp_grad_weights_kernel,
                             ('DGATE', 'DFC1', 'DLNW', 'DLNB', 'DFC2',
                              'GRAD_SUMS'))

@@ -250,9 +250,9 @@ def make_ce(c, d, reduction):
 def test_fused_backward_maps_match_torch(n, c, h, w, d, reduction, training,
                                          affine, fold):
     """The five-launch backward (cross products, per-group, instance
-    branch per sample block and per group, per-group maps) against the torch composition on the same
-    forward cache: the input gradient's maps, the CE parameters' and the
-    folded BN's gradients."""
+    branch per sample block and per group, per-group maps) against the
+    torch composition on the same forward cache: the input gradient's maps,
+    the CE parameters' and the folded BN's gradients."""
     from ce_mmdet.ops.torch_impl import (TorchPasses,
                                          backward_maps_from_cross)
     from ce_mmdet.ops.triton_impl import TritonPasses, _fused_backward_maps
