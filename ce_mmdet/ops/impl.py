@@ -167,13 +167,11 @@ def _resolve(impl: str, tensor: Optional[torch.Tensor]) -> str:
     return 'triton'
 
 
-#: (C, d, hidden, num_iters, N, dtype, map size) of the generic self-check
-DEFAULT_LAYER = (32, 16, 8, 3, 2, torch.float32, (5, 6))
-
-
 #: the self-check's map for each class of map size: 1, a multiple of 16,
 #: other (:func:`check_map_size`)
 MAP_SIZES = ((1, 1), (4, 4), (5, 6))
+#: (C, d, hidden, num_iters, N, dtype, map size) of the generic self-check
+DEFAULT_LAYER = (32, 16, 8, 3, 2, torch.float32, MAP_SIZES[2])
 
 
 def check_map_size(positions: int) -> Tuple[int, int]:
@@ -207,7 +205,7 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
     from .triton_impl import TritonPasses
     from .types import CEConfig, CEParams, CEState
     c, d, h, num_iters, n, dtype = layer[:6]
-    size = tuple(layer[6]) if len(layer) > 6 else (5, 6)
+    size = tuple(layer[6]) if len(layer) > 6 else DEFAULT_LAYER[6]
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0, shift=0.0):
