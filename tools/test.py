@@ -10,7 +10,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
-from ce_mmdet.engine import enable_cpu_distributed  # noqa: E402
+from ce_mmdet.engine import (enable_cpu_distributed,  # noqa: E402
+                             shutdown_distributed)
 
 from ce_mmdet.utils.mmdet_tools import (keep_test_metrics,  # noqa: E402
                                         load_mmdet_tool)
@@ -23,6 +24,9 @@ def main():
     tool = load_mmdet_tool('test')
     with keep_test_metrics() as metrics:
         tool.main()
+    # destroy the process group before exit: torch 2.13 can abort a rank at
+    # exit otherwise (see ce_mmdet/engine/dist_shutdown.py)
+    shutdown_distributed()
     return metrics
 
 

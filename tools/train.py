@@ -11,7 +11,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
-from ce_mmdet.engine import enable_cpu_distributed  # noqa: E402
+from ce_mmdet.engine import (enable_cpu_distributed,  # noqa: E402
+                             shutdown_distributed)
 from mmengine.config import Config  # noqa: E402
 
 from ce_mmdet.utils.mmdet_tools import (check_pretrained,  # noqa: E402
@@ -29,6 +30,9 @@ def main():
         cfg.merge_from_dict(args.cfg_options)
     check_pretrained(cfg)
     tool.main()
+    # destroy the process group before exit: torch 2.13 can abort a rank at
+    # exit otherwise (see ce_mmdet/engine/dist_shutdown.py)
+    shutdown_distributed()
 
 
 if __name__ == '__main__':
