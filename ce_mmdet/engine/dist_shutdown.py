@@ -7,9 +7,9 @@ reports the whole run as failed after the checkpoint and the metrics were
 written). The cause is upstream (pytorch/pytorch#190489): a gloo worker thread
 drops its last reference to a finished collective's tensors a moment after the
 main thread went on; if the interpreter is already finalizing, the thread's
-attempt to take the GIL for the tensor's Python object kills the process. A
-CPU run with two processes hit it in about one exit in five (a plain
-``all_reduce`` followed by ``exit()`` is enough).
+attempt to take the GIL for the tensor's Python object kills the process. On
+this project's CPU machine one two-process run in five to eight ended so (a
+plain ``all_reduce`` followed by ``exit()`` is enough).
 
 :func:`shutdown_distributed` is what torch's documentation asks of every
 trainer process ("call destroy_process_group near the end of main()"), plus

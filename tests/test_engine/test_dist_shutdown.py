@@ -33,6 +33,8 @@ if fix:
 
 
 def run_pair(tmp_path, i, fix):
+    """Run the two ranks; ``fix=False`` reproduces the abort without
+    ``shutdown_distributed``. Returns ``[(returncode, output)] * 2``."""
     store = str(tmp_path / f'store{i}')
     env = dict(os.environ, OMP_NUM_THREADS='1',
                PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
@@ -43,7 +45,8 @@ def run_pair(tmp_path, i, fix):
                          stderr=subprocess.STDOUT, text=True)
         for r in range(2)
     ]
-    return [(p.wait(timeout=120), p.stdout.read()) for p in procs]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
 def test_not_distributed_is_a_no_op():
