@@ -4,7 +4,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -22,6 +22,26 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def alternating_samples(fns: Dict[str, Callable[[], object]], repeats: int,
+                        warmup: int, device: torch.device,
+                        reverse: bool = False) -> Dict[str, List[float]]:
+    """Seconds per call (:func:`time_once`) of each of ``fns``, ``repeats``
+    rounds after ``warmup`` unrecorded ones. Every round calls each function
+    once, in turn, so a shared machine's slow drifts hit all candidates
+    alike; ``reverse``: the order flips every round (none always runs
+    first). A CPU ``device`` times the host alone (no synchronization)."""
+    samples = {k: [] for k in fns}
+    order = list(fns)
+    for i in range(warmup + repeats):
+        for k in order:
+            t = time_once(fns[k], device)
+            if i >= warmup:
+                samples[k].append(t)
+        if reverse:
+            order.reverse()
+    return samples
 
 
 def saved_for_backward_bytes(fn: Callable[[], object]) -> int:

@@ -58,12 +58,12 @@ from mmengine.analysis import FlopAnalyzer
 import ce_mmdet  # noqa: F401  (registers the modules)
 from ce_mmdet.analysis import ce_flop_handles
 from ce_mmdet.analysis.launches import LaunchCounter
-from ce_mmdet.analysis.benchmark import (backbone_train_step,
-                                        build_backbone_pair,
-                                        make_backbone_train_step,
-                                        peak_rss_increase,
-                                        saved_for_backward_bytes, synchronize,
-                                        time_once)
+from ce_mmdet.analysis.benchmark import (alternating_samples,
+                                         backbone_train_step,
+                                         build_backbone_pair,
+                                         make_backbone_train_step,
+                                         peak_rss_increase,
+                                         saved_for_backward_bytes, synchronize)
 
 
 def run_phase(model, x, phase):
@@ -169,14 +169,8 @@ def main(argv=None):
             m.train(phase == 'train')
         fns = {k: (lambda m=m: run_phase(m, x, phase))
                for k, m in models.items()}
-        samples = {k: [] for k in models}
-        order = list(models)
-        for i in range(args.warmup + args.repeats):
-            for k in order:
-                t = time_once(fns[k], device)
-                if i >= args.warmup:
-                    samples[k].append(t)
-            order.reverse()
+        samples = alternating_samples(fns, args.repeats, args.warmup, device,
+                                      reverse=True)
         for k in models:
             results[k][name] = statistics.median(samples[k])
             paired[k, name] = statistics.median(

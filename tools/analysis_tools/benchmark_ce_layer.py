@@ -21,7 +21,8 @@ import statistics
 import torch
 import torch.nn as nn
 
-from ce_mmdet.analysis.benchmark import saved_for_backward_bytes, time_once
+from ce_mmdet.analysis.benchmark import (alternating_samples,
+                                         saved_for_backward_bytes)
 from ce_mmdet.models import ChannelEquilibrium
 from ce_mmdet.testing import ce_reference_module
 
@@ -94,12 +95,10 @@ def main(argv=None):
                     with torch.no_grad():
                         m(x)
 
-            times = {k: [] for k, m in mods.items() if m is not None}
-            for i in range(args.warmup + args.repeats):
-                for k in times:  # alternate A/B/C within each round
-                    t = time_once(lambda: step(mods[k]), device)
-                    if i >= args.warmup:
-                        times[k].append(t)
+            times = alternating_samples(
+                {k: (lambda m=m: step(m))
+                 for k, m in mods.items() if m is not None}, args.repeats,
+                args.warmup, device)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             ref_ms = med.get('ref', float('nan'))
             print(f'{mode:<26}{med["bn"]:>9.2f}{ref_ms:>9.2f}'

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from collections import Counter
 
 import torch
@@ -41,6 +40,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import ce_mmdet  # noqa: E402,F401  (registers the modules)
+from ce_mmdet.analysis.benchmark import alternating_samples  # noqa: E402
 from ce_mmdet.models import CEResNet, ChannelEquilibrium  # noqa: E402
 from ce_mmdet.ops.impl import triton_importable  # noqa: E402
 
@@ -74,16 +74,9 @@ def host_call(c: int, d: int, impl, mode: str, device):
 
 
 def median_us(fns: dict, repeats: int) -> dict:
-    """Median host microseconds per call of each function, alternating."""
-    for fn in fns.values():
-        for _ in range(10):
-            fn()
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - start)
+    """Median host microseconds per call of each function, alternating
+    (no device synchronization: the host alone)."""
+    samples = alternating_samples(fns, repeats, 10, torch.device('cpu'))
     return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
 
 
