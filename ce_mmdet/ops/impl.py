@@ -225,25 +225,33 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
             rand(c, h, scale=0.3))
     bn = (rand(c, scale=0.2, shift=1.0), rand(c, scale=0.2),
           rand(c, scale=0.3), rand(c, scale=0.1, shift=1.0).abs())
-    # (CE training, a BN before it, the BN with batch statistics, SyncCE):
-    # CE alone (training, eval), eval BN + eval CE (folded), eval BN + CE
-    # in training, batch-statistics BN + CE in training (folded), the same
-    # with SyncCE's sums (an identity in place of the all-reduce): every
-    # constexpr branch of the kernels the modes of CE layers reach
-    for training, with_bn, batch_bn, sync in (
-            (True, False, False, False), (False, False, False, False),
-            (False, True, False, False), (True, True, False, False),
-            (True, True, True, False), (True, True, True, True)):
+    # (CE training, a BN before it, the BN with batch statistics, SyncCE,
+    # autograd): CE alone (training, eval), eval BN + eval CE (folded), eval
+    # BN + CE in training, batch-statistics BN + CE in training (folded),
+    # the same with SyncCE's sums (an identity in place of the all-reduce),
+    # and inference (eval without autograd: only what the apply reads is
+    # written) of CE alone and folded: every constexpr branch of the
+    # kernels the modes of CE layers reach
+    for training, with_bn, batch_bn, sync, grad in (
+            (True, False, False, False, True),
+            (False, False, False, False, True),
+            (False, True, False, False, True),
+            (True, True, False, False, True),
+            (True, True, True, False, True),
+            (True, True, True, True, True),
+            (False, False, False, False, False),
+            (False, True, False, False, False)):
         results = []
         for impl in passes:
-            params = CEParams(*(t.clone().requires_grad_() for t in base))
+            params = CEParams(*(t.clone().requires_grad_(grad)
+                                for t in base))
             state = CEState(
                 torch.eye(d, device=device).repeat(c // d, 1, 1),
                 torch.ones(1, device=device))
-            x = x0.clone().requires_grad_()
+            x = x0.clone().requires_grad_(grad)
             call = functions.OpCall(
                 CEConfig(d, num_iters), training, impl,
-                reduce_fn=torch.clone if sync else None, needs_grad=True,
+                reduce_fn=torch.clone if sync else None, needs_grad=grad,
                 bn_batch_stats=batch_bn, bn_eps=1e-5)
             if with_bn:
                 out = functions.batchnorm_channel_equilibrium(
@@ -251,6 +259,9 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
             else:
                 out = functions.channel_equilibrium(x, params, state,
                                                     call)[0]
+            if not grad:
+                results.append((out, ))
+                continue
             grads = torch.autograd.grad(out.float().square().sum(),
                                         [x, *params])
             if size == MAP_SIZES[0]:

@@ -453,9 +453,13 @@ class TorchPasses:
 
     @staticmethod
     def forward_map(x: Tensor, params, state, config, training: bool,
-                    reduce_fn, affine=None) -> MapResult:
+                    reduce_fn, affine=None, keep: bool = True) -> MapResult:
         """Statistics of ``x`` and the small graph (:func:`map_from_stats`;
-        ``affine`` only in eval)."""
+        ``affine`` only in eval). ``keep``: whether the backward will run;
+        without it an implementation may leave out what only the backward
+        reads (the small graph's cache, ``a`` where ``a_in`` differs, and
+        in eval ``var_in`` and ``scale``), which are then None. Here
+        everything is made (the torch small graph computes it anyway)."""
         return forward_map_by(TorchPasses, x, params, state, config,
                               training, reduce_fn, affine)
 

@@ -339,7 +339,7 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
                         AFFINE: tl.constexpr, HAS_W: tl.constexpr,
                         HAS_B: tl.constexpr, NEWTON: tl.constexpr,
                         NUM_ITERS: tl.constexpr, BATCH_BN: tl.constexpr,
-                        BLOCK_HC: tl.constexpr):
+                        BLOCK_HC: tl.constexpr, KEEP: tl.constexpr):
     """Small graph, per group g (one program each): the per-sample means
     and variances of the group's channels from the partial sums of
     :func:`_stats_kernel`, their batch sums, and in training the covariance
@@ -357,7 +357,9 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
     :func:`_global_whiten_kernel`. Also the group's share of the IR MLP's
     first layer for every sample, ``fc1[:, group] v[n, group]`` (HID_PART,
     (G, N, H)): :func:`_sample_map_kernel` sums the shares instead of
-    reading all of fc1 in each of its programs."""
+    reading all of fc1 in each of its programs. Without KEEP (eval without
+    autograd) MEAN, VAR and VAR_IN, which only the backward reads, are not
+    written."""
     g = tl.program_id(0)
     G = C // D
     den = tl.maximum(hw - 1, 1).to(tl.float32)  # unbiased variances
@@ -433,11 +435,13 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
         var = tl.maximum(raw, 0.)
         out = n * C + g * D + rows
         if AFFINE:  # statistics of alpha x + beta
-            tl.store(VAR_IN + out, var, mask=rmask)
+            if KEEP:
+                tl.store(VAR_IN + out, var, mask=rmask)
             mean = mean * alpha + beta
             var = var * alpha * alpha
-        tl.store(MEAN + out, mean, mask=rmask)
-        tl.store(VAR + out, var, mask=rmask)
+        if KEEP:
+            tl.store(MEAN + out, mean, mask=rmask)
+            tl.store(VAR + out, var, mask=rmask)
         vacc += tl.where(rmask, var, 0.)
         for h0 in range(0, H, BLOCK_HC):  # fc1[:, group] v[n, group]
             hs = h0 + tl.arange(0, BLOCK_HC)
@@ -542,7 +546,7 @@ def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, hw, eps, GATE, LNW,
                        BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_GH: tl.constexpr, BLOCK_G: tl.constexpr,
                        TRAINING: tl.constexpr, AFFINE: tl.constexpr,
-                       GLOBAL_SUMS: tl.constexpr):
+                       GLOBAL_SUMS: tl.constexpr, KEEP: tl.constexpr):
     """Small graph, program (n, s): sample n, groups ``s*GPP ...
     (s+1)*GPP - 1``. The IR scale, the LayerNorm MLP on the sample's
     variances (its first layer from the groups' shares, HID_PART) and the
@@ -550,7 +554,8 @@ def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, hw, eps, GATE, LNW,
     of those groups (with an affine input map also ``A diag(alpha)`` and
     ``A beta``); the per-sample values are written by program (n, 0). With
     GLOBAL_SUMS (SyncCE) the sum of variances and the sample count come from
-    the all-reduced sums."""
+    the all-reduced sums. Without KEEP (eval without autograd) only the maps
+    the apply reads are written: A_IN and BIAS with AFFINE, else A."""
     n = tl.program_id(0)
     s = tl.program_id(1)
     G = C // D
@@ -571,8 +576,9 @@ def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, hw, eps, GATE, LNW,
                 tl.store(SUMS + 2, (N * hw).to(tl.float32))
     else:
         scale = tl.maximum(tl.load(RSCALE), eps)
-        if n + s == 0:
-            tl.store(SCALE, scale)
+        if KEEP:
+            if n + s == 0:
+                tl.store(SCALE, scale)
     # hidden = fc1 v, the sum of the groups' shares
     hs = tl.arange(0, BLOCK_H)
     hmask = hs < H
@@ -592,25 +598,28 @@ def _sample_map_kernel(HID_PART, VSUM_G, C, H, N, GPP, hw, eps, GATE, LNW,
     post = tl.maximum(xc * rstd * lnw + lnb, 0.)
     post = tl.where(hmask, post, 0.)
     lam = 1. / (1. + tl.exp(-tl.load(GATE)))
-    if s == 0:
-        tl.store(HID + n * H + hs, hid, mask=hmask)
-        tl.store(LN_MEAN + n, mean)
-        tl.store(LN_RSTD + n, rstd)
-        tl.store(POST + n * H + hs, post, mask=hmask)
-        if n == 0:
-            tl.store(LAM, lam)
+    if KEEP:
+        if s == 0:
+            tl.store(HID + n * H + hs, hid, mask=hmask)
+            tl.store(LN_MEAN + n, mean)
+            tl.store(LN_RSTD + n, rstd)
+            tl.store(POST + n * H + hs, post, mask=hmask)
+            if n == 0:
+                tl.store(LAM, lam)
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     for g in range(s * GPP, tl.minimum(s * GPP + GPP, G)):
         ch = g * D + rows
         w2 = tl.load(W2 + ch[:, None] * H + hs[None, :],
                      mask=rmask[:, None] & hmask[None, :], other=0.)
         y = 1. / (1. + tl.exp(-tl.sum(w2 * post[None, :], 1)))
-        tl.store(Y + n * C + ch, y, mask=rmask)
+        if KEEP:
+            tl.store(Y + n * C + ch, y, mask=rmask)
         wm = tl.load(WM + g * D * D + mat, mask=mmask, other=0.)
         a = lam * wm + tl.where(on_diag, ((1. - lam) * y / scale)[:, None],
                                 0.)
         out = (n * G + g).to(tl.int64) * D * D + mat
-        tl.store(A + out, a, mask=mmask)
+        if KEEP or not AFFINE:
+            tl.store(A + out, a, mask=mmask)
         if AFFINE:
             alpha = tl.load(ALPHA + ch, mask=rmask, other=0.)
             beta = tl.load(BETA + ch, mask=rmask, other=0.)
@@ -1114,7 +1123,7 @@ def _setup(t: Tensor, params, config):
 
 
 def _fused_forward_map(x: Tensor, params, state, config, training: bool,
-                       affine, reduce_fn=None, batch_bn=None):
+                       affine, reduce_fn=None, batch_bn=None, keep=True):
     """Statistics and the whole small graph in three launches: the
     statistics kernel, one program per group (sums, Newton, shares of fc1
     v), programs per sample and slice of groups (LayerNorm MLP, the block
@@ -1125,13 +1134,20 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     ``batch_bn`` (``(weight, bias, eps)`` of a BN with batch statistics,
     training only): ``x`` is the BN's input and the BN is folded in (see
     :func:`~ce_mmdet.ops.torch_impl.batch_bn_map_by`); returns ``(MapResult,
-    BatchBNStats)`` then, else the MapResult."""
+    BatchBNStats)`` then, else the MapResult.
+
+    ``keep`` False (eval without autograd): what only the backward reads is
+    neither allocated nor written (the cache, ``a`` where the map applied is
+    ``a_in``, ``var_in``, ``scale``: None in the result), 11 of an
+    inference call's 19 allocations. Training keeps everything."""
     sync = training and reduce_fn is not None
+    keep = keep or training
     n, c, hw, g, d, params, hidden, block_d, new = _setup(x, params, config)
     eps = config.eps
     pq, ps, _, split = _partials(x, None, d, full=training)
-    mean, var, vsum_g = new(n, c), new(n, c), new(g)
-    var_in = new(n, c) if affine is not None else None
+    vsum_g = new(g)
+    mean, var = (new(n, c), new(n, c)) if keep else (ps, ps)
+    var_in = new(n, c) if affine is not None and keep else None
     raw = new(n, c) if training else None
     sums = new(3 + c + g * d * d) if training else None
     cov = new(g, d, d) if training else None
@@ -1155,7 +1171,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         ps if bn.weight is None else bn.weight,
         ps if bn.bias is None else bn.bias, bn.mean, bn.var, float(bn.eps),
         ps if alpha is None else alpha, ps if beta is None else beta, mean,
-        var, var if var_in is None else var_in, var if raw is None else raw,
+        var, ps if var_in is None else var_in, ps if raw is None else raw,
         vsum_g, ps if sums is None else sums, ps if cov is None else cov, wm,
         ps if iterates is None else iterates,
         *((ps, ) * 5 if bn_stats is None else bn_stats), params.fc1_weight,
@@ -1164,7 +1180,7 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         HAS_B=bn.bias is not None, NEWTON=not sync,
         NUM_ITERS=config.num_iters, BATCH_BN=bn_stats is not None,
         BLOCK_HC=max(16, min(_pow2(hidden),
-                             2048 // block_d)),
+                             2048 // block_d)), KEEP=keep,
         num_warps=_warps(block_d))
     if sync:
         _launch(_SUMS_HEAD, (1, ), vsum_g, g, n, hw, sums,
@@ -1174,11 +1190,15 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
                 iterates, D=d, BLOCK_D=block_d, NUM_ITERS=config.num_iters,
                 num_warps=_warps(block_d))
     folds = affine is not None or batch_bn is not None
-    a = new(n, g, d, d)
+    a = new(n, g, d, d) if keep or not folds else None
     a_in = new(n, g, d, d) if folds else a
     bias = new(n, g, d, 1) if folds else None
-    hid, post, y = new(n, hidden), new(n, hidden), new(n, c)
-    ln_mean, ln_rstd, lam, scale = new(n, 1), new(n, 1), new(1), new(1)
+    if keep:
+        hid, post, y = new(n, hidden), new(n, hidden), new(n, c)
+        ln_mean, ln_rstd, lam, scale = new(n, 1), new(n, 1), new(1), new(1)
+    else:  # not written (any pointer will do)
+        hid = post = y = ln_mean = ln_rstd = lam = scale = None
+    unused = a_in
     block_h = _pow2(hidden)
     # groups split over programs too (a few dozen programs in all: N is 2
     # in detection), each program summing the groups' shares of fc1 v
@@ -1187,16 +1207,17 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         _SAMPLE_MAP, (n, _cdiv(g, per_program)),
         hid_part, vsum_g, c, hidden, n, per_program, hw, eps, params.gate,
         params.ln_weight, params.ln_bias,
-        params.fc2_weight, wm, state.running_scale, a if alpha is None else
-        alpha, a if beta is None else beta, a, a_in, a if bias is None else
-        bias, hid, ln_mean, ln_rstd, post, y, lam, scale,
-        scale if sums is None else sums, D=d, BLOCK_D=block_d,
-        BLOCK_H=block_h,
+        params.fc2_weight, wm, state.running_scale,
+        *(unused if t is None else t
+          for t in (alpha, beta, a, a_in, bias, hid, ln_mean, ln_rstd, post,
+                    y, lam, scale, sums)),
+        D=d, BLOCK_D=block_d, BLOCK_H=block_h,
         BLOCK_GH=min(_pow2(g), max(1, 4096 // block_h)),
         BLOCK_G=_pow2(g), TRAINING=training,
-        AFFINE=folds, GLOBAL_SUMS=sync, num_warps=8)
+        AFFINE=folds, GLOBAL_SUMS=sync, KEEP=keep, num_warps=8)
     cache = SmallGraphCache(mean, raw, var, sums, hid, ln_mean, ln_rstd, post,
-                            y, lam, scale, wm, cov, None, iterates)
+                            y, lam, scale, wm, cov, None, iterates) \
+        if keep else None
     result = MapResult(a, a_in, bias, wm, scale, cache, var_in, alpha, beta)
     return result if bn_stats is None else (result, bn_stats)
 
@@ -1364,13 +1385,14 @@ class TritonPasses:
 
     @staticmethod
     def forward_map(x: Tensor, params, state, config, training: bool,
-                    reduce_fn, affine=None) -> MapResult:
+                    reduce_fn, affine=None, keep: bool = True) -> MapResult:
         """Statistics and the small graph: fused kernels
         (:func:`_fused_forward_map`), or with parameters that are not
-        float32, the statistics kernel and the torch small graph."""
+        float32, the statistics kernel and the torch small graph.
+        ``keep``: as ``TorchPasses.forward_map``."""
         if _all_float32(*params, *state, *(affine or ())[:4]):
             return _fused_forward_map(x, params, state, config, training,
-                                      affine, reduce_fn)
+                                      affine, reduce_fn, keep=keep)
         return forward_map_by(TritonPasses, x, params, state, config,
                               training, reduce_fn, affine)
 

@@ -216,6 +216,56 @@ def test_fused_small_graph_matches_torch(n, c, h, w, d, reduction, training,
         assert (u is None) == (v is None), name
         if u is not None:
             assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+    # without autograd (keep=False): the maps the apply reads, the same
+    # numbers; what only the backward reads is not made (training keeps all)
+    lean = TritonPasses.forward_map(*args, keep=False)
+    if training:
+        assert lean.cache is not None and lean.scale is not None
+    else:
+        assert lean.cache is None and lean.var_in is None
+        assert lean.scale is None and (lean.a is None) == affine
+        assert torch.equal(lean.a_in, got.a_in)
+        assert (lean.bias is None) == (got.bias is None)
+        if affine:
+            assert torch.equal(lean.bias, got.bias)
+
+
+def test_inference_allocates_only_what_the_apply_reads():
+    """An inference call (eval BN folded into eval CE, no autograd) on the
+    Triton path: 11 fewer allocations than the same call with autograd
+    (on a GPU at 2 images per step each is host time; the kernels not
+    run here)."""
+    from ce_mmdet.ops import BatchNormArgs, batchnorm_channel_equilibrium
+    from ce_mmdet.ops.triton_impl import LaunchStats
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.empty,
+                                       torch.ops.aten.empty_strided):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    ce = make_ce(64, 16, 4)
+    bn = torch.nn.BatchNorm2d(64).to(DEVICE).eval()
+    ce.eval()
+    counts = {}
+    skipped, LaunchStats.recorder = LaunchStats.recorder, (
+        lambda *launch: True)
+    try:
+        for grad in (True, False):
+            z = torch.randn(2, 64, 6, 5, device=DEVICE).requires_grad_(grad)
+            with Allocations() as allocations, torch.set_grad_enabled(grad):
+                batchnorm_channel_equilibrium(
+                    z, BatchNormArgs.from_module(bn), ce.ce_params(),
+                    ce.ce_state(), config=ce.config, training=False,
+                    impl='triton')
+            counts[grad] = allocations.count
+    finally:
+        LaunchStats.recorder = skipped
+    assert counts[True] - counts[False] >= 11, counts
 
 
 # n, c, h, w, d, IR reduction: N = 1 and 17, H*W = 3, d 8..32
