@@ -23,9 +23,9 @@ Idempotent; fails loudly when the kit's text is not what it expects.
 Usage (from the project root)::
 
     bash ../shared/gpu-check/prepare.sh && python3 .ci/gpu_check_compat.py
-    # then one device run, carry [".gpu-check"]:
-    # bash .gpu-check/run.sh && PYTHONPATH=/tmp/site:. python3 -m pytest \
-    #     -q -x -p no:cacheprovider tests/test_ops/test_triton_impl.py
+    # then one device run, carry [".gpu-check"]: bash .ci/gpu_run.sh
+    # (the Triton tests on the GPU and the kit's sections, in priority
+    # order within a time budget; see that script)
 """
 import pathlib
 import subprocess
