@@ -38,8 +38,8 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import (Dict, Iterator, List, NamedTuple, Optional, Sequence,
-                    Tuple)
+from typing import (Callable, Dict, Iterator, List, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 import torch
 from torch import Tensor
@@ -323,6 +323,9 @@ class KernelReport:
         num_warps (int): warps per program.
         error (str): the compiler's error, if it failed.
         triton (str): the version of Triton that compiled it.
+        binder_us (float): host microseconds per launch of Triton's own
+            Python before its C launcher (``JITFunction.run``'s argument
+            binder and cache key), on this CPU (:func:`binder_us`).
     """
     record: LaunchRecord
     arch: int
@@ -333,6 +336,7 @@ class KernelReport:
     num_warps: int = -1
     error: str = ''
     triton: str = ''
+    binder_us: float = -1.0
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -415,6 +419,26 @@ def _resource_usage(cubin: bytes) -> Tuple[int, int]:
     return reg, max(local, stack)
 
 
+def binder_us(binder: Callable, args: list, kwargs: dict,
+              repeats: int = 500) -> float:
+    """Microseconds per call (best of five rounds) of what
+    ``JITFunction.run`` does on the host for every launch of a compiled
+    kernel before its C launcher: the argument binder (each argument's
+    specialisation) and the cache key. Not included: the C launcher and
+    the driver (a few us per launch on a GPU machine). At 2 images per GPU
+    a CE layer's launches cost the host this much each, beside the op's
+    own Python (``benchmark_host.py``)."""
+    from triton.runtime.jit import compute_cache_key
+    best, keys = float('inf'), {}  # (the kernel's key cache: hits)
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            _, specialization, options = binder(*args, **kwargs)
+            compute_cache_key(keys, specialization, options)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best * 1e6
+
+
 def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
     """Compile ``record``'s kernel for ``GPUTarget('cuda', arch, 32)`` as a
     launch with its arguments would on that GPU; Triton's interpreter must
@@ -439,8 +463,8 @@ def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
         # what JITFunction.run does for the current device's target
         binder = create_function_from_signature(fn.signature, fn.params,
                                                 backend)
-        bound, specialization, options = binder(*_arguments(record),
-                                                **kwargs)
+        args = _arguments(record)
+        bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(
             backend, kwargs, bound, specialization, options)
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
@@ -454,5 +478,6 @@ def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
     report.num_warps = int(kernel.metadata.num_warps)
     report.registers, report.local_bytes = _resource_usage(
         kernel.asm['cubin'])
+    report.binder_us = binder_us(binder, args, kwargs)
     return report
 

@@ -16,7 +16,10 @@ H100/H200, 80: A100, 86: A10/A40/RTX 30xx, 89: L4/L40S/RTX 40xx, 75: T4,
 (:mod:`ce_mmdet.analysis.triton_aot`). Prints one row per compiled kernel:
 registers per thread, local memory (spills), shared memory per program,
 warps, the occupancy they allow (resident warps per SM over the maximum),
-and the problems found. Exits with status 1 when a
+the host microseconds each launch spends in Triton's Python before its C
+launcher (argument binder and cache key, on this CPU: what a launch-bound
+step pays per kernel beside ``benchmark_host.py``'s op time) and the
+problems found. Exits with status 1 when a
 kernel does not compile, needs more shared memory than a program may have
 on that GPU, or spills (unless ``--allow-spills``).
 
@@ -121,7 +124,7 @@ def table(reports, allow_spills):
     occs = [occupancy(r) for r in reports]
     failed = 0
     print(f'{"kernel":22s} {"regs":>4s} {"local":>5s} {"shared":>7s} '
-          f'{"warps":>5s} {"occ":>4s}  constexprs / problems')
+          f'{"warps":>5s} {"occ":>4s} {"bind":>5s}  constexprs / problems')
     for rep, occ in zip(reports, occs):
         shown = ' '.join(f'{k}={int(v) if isinstance(v, bool) else v}'
                          for k, v in rep.record.kwargs if k in _SHOWN)
@@ -130,18 +133,19 @@ def table(reports, allow_spills):
         print(f'{rep.record.kernel:22s} {rep.registers:4d} '
               f'{rep.local_bytes:5d} {rep.shared_bytes:7d} '
               f'{rep.num_warps:5d} {"   -" if occ is None else f"{occ:4.0%}"}'
-              f'  {shown}  [{"; ".join(found) or "ok"}]')
+              f' {rep.binder_us:5.1f}  {shown}  [{"; ".join(found) or "ok"}]')
     per_kernel = defaultdict(list)
     for rep, occ in zip(reports, occs):
         per_kernel[rep.record.kernel].append((rep, occ))
     print('\nper kernel: variants, max registers, max shared memory (bytes), '
-          'min occupancy')
+          'min occupancy, max host us per launch in Triton\'s binder')
     for kernel, pairs in sorted(per_kernel.items()):
         known = [o for _, o in pairs if o is not None]
         print(f'  {kernel:22s} {len(pairs):3d} '
               f'{max(r.registers for r, _ in pairs):4d} '
               f'{max(r.shared_bytes for r, _ in pairs):7d} '
-              + (f'{min(known):5.0%}' if known else '    -'))
+              + (f'{min(known):5.0%}' if known else '    -')
+              + f' {max(r.binder_us for r, _ in pairs):6.1f}')
     return failed
 
 
