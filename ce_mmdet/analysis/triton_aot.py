@@ -480,4 +480,3 @@ def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
         kernel.asm['cubin'])
     report.binder_us = binder_us(binder, args, kwargs)
     return report
-
