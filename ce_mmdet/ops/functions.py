@@ -52,7 +52,9 @@ a frozen stage) the entries run the same forward bodies (:func:`_ce_forward`,
 :func:`_bnce_forward`) without the autograd Function, whose own host time is
 ~10% of an inference layer's on the Triton path, and the implementation
 leaves out what only the backward reads (``forward_map(..., keep=False)``).
-While ``torch.compile`` traces, the Functions always run (one graph).
+While ``torch.compile`` or ``torch.jit`` traces, the Functions run (one
+graph; one node for the FLOP analyser), except in an ONNX export (standard
+ops only, :mod:`ce_mmdet.ops.export`).
 
 Statistics, Gram matrices and Newton iterations run in float32 (float64 for
 float64 inputs) whatever the input dtype; outputs have the input dtype.
@@ -111,6 +113,15 @@ def _forward_map(x: Tensor, params: CEParams, state: CEState, call: OpCall,
     return call.passes.forward_map(x, params, state, call.config,
                                    call.training, call.reduce_fn, affine,
                                    keep=call.needs_grad)
+
+
+def _as_function(call: OpCall) -> bool:
+    """Whether the op runs as its autograd Function: autograd will call its
+    backward, dynamo traces it (one graph), or torch.jit traces it outside
+    an ONNX export (mmengine's FLOP analyser counts the Function's node by
+    :mod:`ce_mmdet.analysis.flops`' rules)."""
+    return call.needs_grad or torch.compiler.is_compiling() or (
+        torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
 
 
 def _cache_to_keep(result, call: OpCall):
@@ -392,7 +403,7 @@ def channel_equilibrium(x: Tensor, params: CEParams, state: CEState,
         tuple: the output, and the batch whitening matrices and scale
         (empty in eval) for the running averages.
     """
-    if call.needs_grad or torch.compiler.is_compiling():
+    if _as_function(call):
         return _CEFunction.apply(call, x, *params, *state)
     # nothing for autograd to record (inference, frozen stages): the body
     # alone, without the Function's host time (~10% of an eval layer's)
@@ -410,7 +421,7 @@ def batchnorm_channel_equilibrium(z: Tensor, bn_tensors: Tuple,
     None). Returns the output, CE's batch whitening matrices and scale, the
     BN's batch mean and unbiased variance (empty where the op did not
     compute them itself)."""
-    if call.needs_grad or torch.compiler.is_compiling():
+    if _as_function(call):
         return _BNCEFunction.apply(call, z, *bn_tensors, *params, *state)
     # nothing for autograd to record (see channel_equilibrium)
     out, *statistics, _ = _bnce_forward(call, z, *bn_tensors, params, state)

@@ -14,6 +14,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .export import exporting_onnx
 from .types import CEConfig, CEParams, CEState
 
 
@@ -142,13 +143,22 @@ def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
     fc1, ln_w, ln_b, fc2 = (params.fc1_weight.to(dt), params.ln_weight.to(dt),
                             params.ln_bias.to(dt), params.fc2_weight.to(dt))
     hidden = var @ fc1.t()
-    pre_relu, ln_mean, ln_rstd = torch.native_layer_norm(
-        hidden, hidden.shape[-1:], ln_w, ln_b, eps)
+    if exporting_onnx():  # (the statistics are for the backward only)
+        pre_relu = torch.nn.functional.layer_norm(
+            hidden, (fc1.shape[0], ), ln_w, ln_b, eps)
+        ln_mean = ln_rstd = None
+    else:
+        pre_relu, ln_mean, ln_rstd = torch.native_layer_norm(
+            hidden, hidden.shape[-1:], ln_w, ln_b, eps)
     post_relu = torch.relu(pre_relu)
     y = torch.sigmoid(post_relu @ fc2.t())
     lam = torch.sigmoid(params.gate.to(dt))
     diag = ((1 - lam) / scale * y).reshape(n, g, d)
-    a = torch.diag_embed(diag).add_(lam * wm)
+    if exporting_onnx():  # (ONNX has no diag_embed)
+        a = diag.unsqueeze(-1) * torch.eye(d, dtype=dt, device=diag.device) \
+            + lam * wm
+    else:
+        a = torch.diag_embed(diag).add_(lam * wm)
     cache = SmallGraphCache(mean, raw, var, sums, hidden, ln_mean, ln_rstd,
                             post_relu, y, lam, scale, wm,
                             None if newton is None else newton[0], newton)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import small_graph
+from .export import exporting_onnx
 from .small_graph import compute_dtype
 
 #: Column chunk of the in-place apply, in bytes (a few MiB: stays in cache).
@@ -81,6 +82,10 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
     if inplace and x.device.type == 'cpu' and x.nbytes > INPLACE_CHUNK_BYTES:
         apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias)
         return x
+    if exporting_onnx():  # (the exporter drops what out= writes)
+        out = torch.matmul(a, xg) if bias is None else \
+            torch.matmul(a, xg) + bias
+        return out.reshape(x.shape)
     out = x.new_empty(x.shape)
     if bias is None:
         torch.matmul(a, xg, out=_grouped(out, group_size))

@@ -1,0 +1,97 @@
+"""Export for deployment (mmdeploy's route): ``torch.onnx.export`` (the
+TorchScript exporter) of a CE-ResNet and a CE-FPN in eval mode, run by
+onnxruntime at input sizes other than the traced one, against eager
+PyTorch; and what other tracing keeps (the FLOP analyser's one node per
+op)."""
+import io
+
+import pytest
+import torch
+
+from ce_mmdet.models import CEFPN, CEResNet, ChannelEquilibrium
+
+onnx = pytest.importorskip('onnx')
+ort = pytest.importorskip('onnxruntime')
+
+
+def randomised(model):
+    """Non-trivial running state (a fresh CE layer's whitening matrix is the
+    identity and its BN statistics are 0 and 1)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ChannelEquilibrium):
+                m.running_wm.add_(0.05 * torch.randn_like(m.running_wm))
+                m.running_scale.fill_(0.7)
+                m.gate.fill_(0.3)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def export(model, inputs, names):
+    f = io.BytesIO()
+    torch.onnx.export(model, inputs, f, dynamo=False, opset_version=17,
+                      input_names=names,
+                      dynamic_axes={n: {0: 'n', 2: 'h', 3: 'w'}
+                                    for n in names})
+    return f.getvalue()
+
+
+def rel_err(got, want):
+    got = torch.from_numpy(got).double()
+    return ((got - want.double()).abs().max() /
+            want.double().abs().max()).item()
+
+
+@pytest.mark.parametrize('grad', [False, True])
+def test_ce_resnet_exports_to_onnx(grad):
+    """With or without ``torch.no_grad`` around the export: standard ops
+    only (no ``PythonOp``: the op runs without its autograd Function), the
+    same numbers as eager at the traced size and at others (dynamic axes:
+    sizes are not baked into the graph)."""
+    model = randomised(CEResNet(depth=18))
+    with torch.set_grad_enabled(grad):
+        blob = export(model, (torch.randn(1, 3, 64, 64), ), ['x'])
+    graph = onnx.load_from_string(blob).graph
+    assert not [n.op_type for n in graph.node
+                if n.domain not in ('', 'ai.onnx')]
+    session = ort.InferenceSession(blob)
+    for shape in [(1, 3, 64, 64), (2, 3, 96, 80)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = model(x)
+        got = session.run(None, {'x': x.numpy()})
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == tuple(w.shape)
+            assert rel_err(g, w) < 1e-5
+
+
+def test_ce_fpn_exports_to_onnx():
+    neck = randomised(CEFPN(in_channels=[32, 64], out_channels=32,
+                            num_outs=3))
+    feats = (torch.randn(1, 32, 16, 12), torch.randn(1, 64, 8, 6))
+    blob = export(neck, (feats, ), ['c2', 'c3'])
+    session = ort.InferenceSession(blob)
+    feats = (torch.randn(2, 32, 20, 16), torch.randn(2, 64, 10, 8))
+    with torch.no_grad():
+        want = neck(feats)
+    got = session.run(None, {'c2': feats[0].numpy(), 'c3': feats[1].numpy()})
+    assert [g.shape for g in got] == [tuple(w.shape) for w in want]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_other_tracing_keeps_one_node_per_op():
+    """Outside an export, torch.jit tracing (mmengine's FLOP analyser) sees
+    each CE op as its Function's node, also where nothing requires grad (a
+    frozen stage), so that the FLOP rules apply to every layer."""
+    model = randomised(CEResNet(depth=18)).requires_grad_(False)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 3, 64, 64),
+                                 check_trace=False)
+    kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+    assert kinds.count('prim::PythonOp') == sum(
+        isinstance(m, ChannelEquilibrium) for m in model.modules())
