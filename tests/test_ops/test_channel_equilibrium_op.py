@@ -248,3 +248,32 @@ def test_without_autograd_the_op_skips_the_function(impl, with_bn,
                             passes=passes_for(impl, z))
     outs = functions.channel_equilibrium(z.clone(), params, state, call)
     assert [t.numel() for t in outs[1:]] == [0, 0]
+
+
+@pytest.mark.parametrize('impl', _impls())
+@pytest.mark.parametrize('bn_training', [True, False])
+def test_training_mode_without_autograd_updates_the_same_state(impl,
+                                                               bn_training):
+    """CE in training mode under ``torch.no_grad`` (statistics
+    recalibration, EMA-style evaluation in train mode): the op runs without
+    its autograd Function and gives the output and the running-state
+    updates (CE's and the BN's) of the same call with autograd."""
+    results = []
+    for grad in (True, False):
+        params, state = make(c=32, d=16, dtype=torch.float32)
+        params = CEParams(*(p.requires_grad_(grad) for p in params))
+        torch.manual_seed(1)
+        bn = torch.nn.BatchNorm2d(32).train(bn_training)
+        with torch.no_grad():
+            bn.running_var.uniform_(0.5, 1.5)
+        z = torch.randn(2, 32, 5, 7) + 0.5
+        with torch.set_grad_enabled(grad):
+            out = batchnorm_channel_equilibrium(
+                z.requires_grad_(grad), BatchNormArgs.from_module(bn), params,
+                state, config=CEConfig(group_size=16), training=True,
+                impl=impl)
+        assert (out.grad_fn is not None) == grad
+        results.append([out.detach(), *state, bn.running_mean.clone(),
+                        bn.running_var.clone(), bn.num_batches_tracked])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
