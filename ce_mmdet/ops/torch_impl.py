@@ -83,9 +83,8 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
         apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias)
         return x
     if exporting_onnx():  # (the exporter drops what out= writes)
-        out = torch.matmul(a, xg) if bias is None else \
-            torch.matmul(a, xg) + bias
-        return out.reshape(x.shape)
+        out = torch.matmul(a, xg)
+        return (out if bias is None else out + bias).reshape(x.shape)
     out = x.new_empty(x.shape)
     if bias is None:
         torch.matmul(a, xg, out=_grouped(out, group_size))
