@@ -16,7 +16,8 @@
 #   C  the kit's profile of two CE-ResNet-50 training steps;
 #   D  tiny-COCO detectors, CE next to BN, train --amp (median step time
 #      without data time, iterations 11-30), then a test pass of one;
-#   E  benchmark_backbone.py --device cuda --impls torch triton (op counts).
+#   E  benchmark_backbone.py --device cuda --impls torch triton (op counts),
+#      at 2x800x1216 and at 2x64x64 (host-bound: what launches cost).
 # Logs and JSON go to $OUT (default /tmp/out).
 set -u
 budget=${1:-560}
@@ -95,4 +96,9 @@ timeout "$(left 120)" python3 tools/analysis_tools/benchmark_backbone.py --devic
   --shape 800 1216 --batch-size 2 --repeats 10 --warmup 3 --no-rss \
   --impls torch triton --json "$OUT/benchmark_backbone.json" > "$OUT/bench.log" 2>&1
 tail -14 "$OUT/bench.log" | cut -c1-220
+# the host-bound regime: a tiny input, where the GPU waits for the launches
+timeout "$(left 60)" python3 tools/analysis_tools/benchmark_backbone.py --device cuda \
+  --shape 64 64 --batch-size 2 --repeats 20 --warmup 5 --no-rss \
+  --impls torch triton --json "$OUT/benchmark_backbone_64.json" > "$OUT/bench64.log" 2>&1
+grep -E "train step|inference \(" "$OUT/bench64.log" | cut -c1-220
 stamp done
