@@ -70,6 +70,28 @@ def test_ce_resnet_exports_to_onnx(grad):
             assert rel_err(g, w) < 1e-5
 
 
+def test_ce_resnet_exports_with_the_dynamo_exporter():
+    """``torch.onnx.export``'s default exporter in torch >= 2.9 (through
+    ``torch.export``; the CE ops run as their Functions, inlined): image
+    sizes dynamic, the batch size fixed (a guard on it specialises it)."""
+    pytest.importorskip('onnxscript')
+    model = randomised(CEResNet(depth=18))
+    auto = torch.export.Dim.AUTO
+    program = torch.onnx.export(model, (torch.randn(1, 3, 64, 64), ),
+                                dynamo=True, verbose=False,
+                                dynamic_shapes=({2: auto, 3: auto}, ))
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    name = session.get_inputs()[0].name
+    for shape in [(1, 3, 64, 64), (1, 3, 96, 80)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = model(x)
+        got = session.run(None, {name: x.numpy()})
+        for g, w in zip(got, want):
+            assert g.shape == tuple(w.shape)
+            assert rel_err(g, w) < 1e-5
+
+
 def test_ce_fpn_exports_to_onnx():
     neck = randomised(CEFPN(in_channels=[32, 64], out_channels=32,
                             num_outs=3))
