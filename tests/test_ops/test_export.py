@@ -72,17 +72,19 @@ def test_ce_resnet_exports_to_onnx(grad):
 
 def test_ce_resnet_exports_with_the_dynamo_exporter():
     """``torch.onnx.export``'s default exporter in torch >= 2.9 (through
-    ``torch.export``; the CE ops run as their Functions, inlined): image
-    sizes dynamic, the batch size fixed (a guard on it specialises it)."""
+    ``torch.export``; the CE ops run as their Functions, inlined): batch
+    and image sizes dynamic (traced with a batch of 2: torch.export
+    specialises a dimension of size 1)."""
     pytest.importorskip('onnxscript')
     model = randomised(CEResNet(depth=18))
     auto = torch.export.Dim.AUTO
-    program = torch.onnx.export(model, (torch.randn(1, 3, 64, 64), ),
+    program = torch.onnx.export(model, (torch.randn(2, 3, 64, 64), ),
                                 dynamo=True, verbose=False,
-                                dynamic_shapes=({2: auto, 3: auto}, ))
+                                dynamic_shapes=({0: auto, 2: auto,
+                                                 3: auto}, ))
     session = ort.InferenceSession(program.model_proto.SerializeToString())
     name = session.get_inputs()[0].name
-    for shape in [(1, 3, 64, 64), (1, 3, 96, 80)]:
+    for shape in [(2, 3, 64, 64), (3, 3, 96, 80), (1, 3, 32, 32)]:
         x = torch.randn(*shape)
         with torch.no_grad():
             want = model(x)
