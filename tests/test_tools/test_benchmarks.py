@@ -45,15 +45,17 @@ def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     for key in ('host syncs per train step', 'host syncs per inference'):
         assert results['bn'][key] == results['ce'][key] == 0
         assert ratios[key] == 1.0
-    # the detection setting (frozen statistics), without the RSS processes
+    # the detection setting (frozen statistics), without the RSS processes,
+    # inference timed first (a fresh process, as tools/test.py)
     results, ratios = load('benchmark_backbone').main([
         '--depth', '18', '--shape', '64', '64', '--repeats', '1', '--warmup',
-        '0', '--norm-eval', '--no-rss', '--profile', '5'
+        '0', '--norm-eval', '--no-rss', '--profile', '5', '--inference-first'
     ])
     printed = capsys.readouterr().out
     assert 'norm_eval=True' in printed
-    # the profiler tables, one per model and phase
+    # the profiler tables, one per model and phase, inference's first
     assert printed.count('torch.profiler, 2 calls') == 4
+    assert printed.index('--- bn, eval') < printed.index('--- bn, train')
     assert 'Self CPU' in printed
     assert 'peak RSS, train step (MiB)' not in ratios
     assert ratios['saved for backward (MiB)'] < 1.1

@@ -4,7 +4,7 @@ Usage:
     python tools/analysis_tools/benchmark_backbone.py [--device cpu|cuda]
         [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
         [--warmup 2] [--norm-eval] [--json OUT.json] [--profile ROWS] [--no-rss]
-        [--counts-only] [--impls torch triton]
+        [--counts-only] [--impls torch triton] [--inference-first]
 
 Both backbones are built with the same depth and the CE one gets the BN one's
 weights (the shared tensors). They are timed alternately (A/B within every
@@ -14,7 +14,11 @@ a warm-up) and the medians are reported:
 * train step: forward + backward in training mode (BN and CE use batch
   statistics, ``norm_eval=False``; ``--norm-eval`` for the detection
   setting, running statistics and trainable affine parameters);
-* inference: forward in eval mode under ``torch.no_grad``;
+* inference: forward in eval mode under ``torch.no_grad``, timed after the
+  training phase (as a validation pass during training runs), or first with
+  ``--inference-first`` (a fresh process, as ``tools/test.py`` runs it; on
+  CPU the two differ: after training steps the allocator reuses its pages
+  and the BN model gains more than the CE model);
 * saved for backward: bytes of the distinct storages autograd keeps for one
   training forward (the activation memory of a training step);
 * peak memory of a training step on top of the model: on CUDA
@@ -150,6 +154,9 @@ def main(argv=None):
     parser.add_argument('--impls', nargs='+', default=(),
                         choices=('torch', 'triton'),
                         help='also time CE with these implementations')
+    parser.add_argument('--inference-first', action='store_true',
+                        help='time inference before the training steps (a '
+                        'fresh process, as tools/test.py runs it)')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     h, w = args.shape
@@ -164,6 +171,8 @@ def main(argv=None):
     paired = {}
     timed = () if args.counts_only else (('train step (s)', 'train'),
                                           ('inference (s)', 'eval'))
+    if args.inference_first:
+        timed = timed[::-1]
     for name, phase in timed:
         for m in models.values():
             m.train(phase == 'train')
