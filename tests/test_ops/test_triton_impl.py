@@ -235,8 +235,8 @@ def test_inference_allocates_only_what_the_apply_reads():
     Triton path: 11 fewer allocations than the same call with autograd
     (on a GPU at 2 images per step each is host time; the kernels not
     run here)."""
+    from ce_mmdet.analysis.triton_aot import record_launches
     from ce_mmdet.ops import BatchNormArgs, batchnorm_channel_equilibrium
-    from ce_mmdet.ops.triton_impl import LaunchStats
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Allocations(TorchDispatchMode):
@@ -252,19 +252,15 @@ def test_inference_allocates_only_what_the_apply_reads():
     bn = torch.nn.BatchNorm2d(64).to(DEVICE).eval()
     ce.eval()
     counts = {}
-    skipped, LaunchStats.recorder = LaunchStats.recorder, (
-        lambda *launch: True)
-    try:
-        for grad in (True, False):
-            z = torch.randn(2, 64, 6, 5, device=DEVICE).requires_grad_(grad)
-            with Allocations() as allocations, torch.set_grad_enabled(grad):
-                batchnorm_channel_equilibrium(
-                    z, BatchNormArgs.from_module(bn), ce.ce_params(),
-                    ce.ce_state(), config=ce.config, training=False,
-                    impl='triton')
-            counts[grad] = allocations.count
-    finally:
-        LaunchStats.recorder = skipped
+    for grad in (True, False):
+        z = torch.randn(2, 64, 6, 5, device=DEVICE).requires_grad_(grad)
+        with record_launches({}, run=False), Allocations() as allocations, \
+                torch.set_grad_enabled(grad):
+            batchnorm_channel_equilibrium(
+                z, BatchNormArgs.from_module(bn), ce.ce_params(),
+                ce.ce_state(), config=ce.config, training=False,
+                impl='triton')
+        counts[grad] = allocations.count
     assert counts[True] - counts[False] >= 11, counts
 
 
