@@ -32,7 +32,8 @@ def _check_input(x: Tensor, state: CEState, config: CEConfig) -> None:
     g, d = state.running_wm.shape[:2]
     if d != config.group_size or x.shape[1] != g * d:
         raise ValueError(
-            f'input has {x.shape[1]} channels; running_wm {tuple(state.running_wm.shape)} '
+            f'input has {x.shape[1]} channels; running_wm '
+            f'{tuple(state.running_wm.shape)} '
             f'and group_size={config.group_size} need {g * d}')
 
 

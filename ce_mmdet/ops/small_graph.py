@@ -19,7 +19,8 @@ from .types import CEConfig, CEParams, CEState
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype the statistics are computed in: float64 stays, the rest float32."""
+    """dtype the statistics are computed in: float64 stays, the rest
+    float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -193,9 +194,9 @@ def backward(grad_a: Tensor, cache: SmallGraphCache, hw: int,
     # IR MLP: y = sigmoid(fc2 relu(LN(fc1 v)))
     grad_t = grad_y * y * (1 - y)
     grad_fc2 = grad_t.t() @ cache.post_relu
-    grad_pre = torch.ops.aten.threshold_backward(grad_t @ fc2,
-                                                cache.post_relu, 0)
-    grad_hidden, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+    aten = torch.ops.aten
+    grad_pre = aten.threshold_backward(grad_t @ fc2, cache.post_relu, 0)
+    grad_hidden, grad_ln_w, grad_ln_b = aten.native_layer_norm_backward(
         grad_pre, cache.hidden, cache.hidden.shape[-1:], cache.ln_mean,
         cache.ln_rstd, ln_w, ln_b, [True, True, True])
     grad_fc1 = grad_hidden.t() @ cache.var

@@ -209,9 +209,10 @@ def input_grad_maps(d_mean: Tensor, d_second: Tensor, mean: Tensor,
     return coef, b
 
 
-def grad_maps(a: Tensor, s_mat: Tensor, b: Tensor, alpha: Optional[Tensor],
-               beta: Optional[Tensor], out_scale: Optional[Tensor] = None
-               ) -> Tuple[Tensor, Tensor, Tensor]:
+def grad_maps(
+        a: Tensor, s_mat: Tensor, b: Tensor, alpha: Optional[Tensor],
+        beta: Optional[Tensor], out_scale: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
     """``(M1, M2, c)`` with ``diag(out_scale) (A^T dout + S X + b) = M1 dout
     + M2 z + c`` for ``X = alpha z + beta`` (or ``X = z``): the input
     gradient as one pass over ``(dout, z)``.

@@ -424,7 +424,8 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
             tl.store(GRAM_Z + zslot + mat, q, mask=mmask)
             mx = alpha * mz + beta
             q = (q - hw * mz[:, None] * mz[None, :]) * (
-                alpha[:, None] * alpha[None, :]) + hw * mx[:, None] * mx[None, :]
+                alpha[:, None] * alpha[None, :]) + (
+                    hw * mx[:, None] * mx[None, :])
             psum = hw * mx
         mean = psum / hw
         if TRAINING:

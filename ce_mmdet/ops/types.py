@@ -1,4 +1,5 @@
-"""The arguments of the CE ops, named: parameters, running state, configuration.
+"""The arguments of the CE ops, named: parameters, running state and
+configuration.
 
 The functional ops (:mod:`ce_mmdet.ops.channel_equilibrium`) take the input
 tensor and these small containers, everything else keyword-only, so that no

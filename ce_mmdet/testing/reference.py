@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def ce_reference(x: Tensor, gate: Tensor, fc1_weight: Tensor, ln_weight: Tensor,
-                 ln_bias: Tensor, fc2_weight: Tensor, running_wm: Tensor,
-                 running_scale: Tensor, group_size: int, num_iters: int,
-                 eps: float, momentum: float,
+def ce_reference(x: Tensor, gate: Tensor, fc1_weight: Tensor,
+                 ln_weight: Tensor, ln_bias: Tensor, fc2_weight: Tensor,
+                 running_wm: Tensor, running_scale: Tensor, group_size: int,
+                 num_iters: int, eps: float, momentum: float,
                  training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Channel Equilibrium, transcribed.
 

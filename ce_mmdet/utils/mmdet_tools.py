@@ -63,7 +63,8 @@ def missing_pretrained(model_cfg) -> List[Dict]:
     _pretrained_cfgs(model_cfg, found)
     return [
         cfg for cfg in found if isinstance(cfg.get('checkpoint'), str)
-        and '://' not in cfg['checkpoint'] and not osp.isfile(cfg['checkpoint'])
+        and '://' not in cfg['checkpoint']
+        and not osp.isfile(cfg['checkpoint'])
     ]
 
 

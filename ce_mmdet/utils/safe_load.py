@@ -13,8 +13,9 @@ Runner checkpoint):
 * ``mmengine.logging.history_buffer.HistoryBuffer`` (the message hub's logs);
 * numpy arrays, dtypes and scalars (``_reconstruct``, ``ndarray``, ``dtype``,
   ``scalar``), under their numpy 2 (``numpy._core``) and numpy 1
-  (``numpy.core``) paths, and numpy 2's dtype classes (``Float64DType``...); ``collections.Counter`` and ``_codecs.encode`` are
-  already allowed by torch;
+  (``numpy.core``) paths, and numpy 2's dtype classes (``Float64DType``...);
+  ``collections.Counter`` and ``_codecs.encode`` are already allowed by
+  torch;
 * ``builtins.getattr``, **not** the real one: a :func:`_history_buffer_getattr`
   stand-in that only returns the statistics methods of ``HistoryBuffer``.
   ``HistoryBuffer.__getstate__`` stores its ``_statistics_methods`` dict, whose
@@ -101,4 +102,3 @@ def register_mmengine_safe_globals() -> None:
         return
     add(mmengine_safe_globals())
     _REGISTERED = True
-

@@ -1,8 +1,9 @@
-# `make demo`: the CE Mask R-CNN (configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py)
-# trained for a CPU-sized schedule on the tiny synthetic COCO set written by
-# tools/misc/make_tiny_coco.py. From scratch (no ImageNet weights), so BN and CE
-# train their statistics (norm_eval=False) and nothing is frozen. Expect small
-# APs: this shows the pipeline works end to end, not what CE is worth.
+# `make demo`: the CE Mask R-CNN
+# (configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py) trained for a
+# CPU-sized schedule on the tiny synthetic COCO set written by
+# tools/misc/make_tiny_coco.py. From scratch (no ImageNet weights), so BN and
+# CE train their statistics (norm_eval=False) and nothing is frozen. Expect
+# small APs: this shows the pipeline works end to end, not what CE is worth.
 _base_ = '../ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py'
 
 data_root = 'data/tiny_coco/'

@@ -85,8 +85,9 @@ def run_get_flops(config, tiny_coco, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_get_flops_counts_ce_layers(tiny_coco, tmp_path):
-    ce, log = run_get_flops('configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py',
-                            tiny_coco, tmp_path)
+    ce, log = run_get_flops(
+        'configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py', tiny_coco,
+        tmp_path)
     assert 'CEFunction' not in log  # no "unsupported operator" warning
     bn, _ = run_get_flops('configs/ce_retinanet/retinanet_r50_fpn_1x_coco.py',
                           tiny_coco, tmp_path)

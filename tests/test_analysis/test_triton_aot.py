@@ -255,8 +255,8 @@ def test_the_check_fails_on_a_kernel_the_gpu_cannot_run(tmp_path):
     """The compile stage reports (not raises) a compile error and a
     program that needs more shared memory than sm_90 has: the ``ok`` rows
     above are a finding, not a default."""
-    args = [('tensor', 'float32', True)] * 5 + [('int', 400), ('int', 512),
-                                                  ('int', 1)]
+    args = [('tensor', 'float32', True)] * 5 + [
+        ('int', 400), ('int', 512), ('int', 1)]
     good = dict(D=16, BLOCK_D=16, BLOCK_HW=128, CROSS=True, FULL=True)
     records = [
         record(args=args, **dict(good, BLOCK_HW=100)),  # not a power of 2

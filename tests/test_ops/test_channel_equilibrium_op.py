@@ -29,7 +29,8 @@ def make(c=32, d=16, dtype=torch.float64):
     params = CEParams(
         torch.full((1, ), 0.2, dtype=dtype),
         0.3 * torch.randn(h, c, dtype=dtype),
-        1 + 0.1 * torch.randn(h, dtype=dtype), 0.1 * torch.randn(h, dtype=dtype),
+        1 + 0.1 * torch.randn(h, dtype=dtype),
+        0.1 * torch.randn(h, dtype=dtype),
         0.3 * torch.randn(c, h, dtype=dtype))
     state = CEState(torch.eye(d, dtype=dtype).repeat(c // d, 1, 1),
                     torch.ones(1, dtype=dtype))

@@ -111,8 +111,8 @@ def test_self_check_runs_without_tf32_and_restores_the_setting(monkeypatch):
     matmul = torch.backends.cuda.matmul
     name = 'fp32_precision' if hasattr(matmul, 'fp32_precision') else \
         'allow_tf32'
-    ieee, tf32 = ('ieee', 'tf32') if name == 'fp32_precision' else (False,
-                                                                     True)
+    ieee, tf32 = (('ieee', 'tf32') if name == 'fp32_precision' else
+                  (False, True))
     seen = []
 
     def pairs(device, layer):

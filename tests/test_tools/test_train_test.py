@@ -16,7 +16,8 @@ from ce_mmdet.testing.tiny_coco import tiny_coco_config
 from ce_mmdet.utils.mmdet_tools import mmdet_tool_path
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-MASK_CE = osp.join(ROOT, 'configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py')
+MASK_CE = osp.join(ROOT,
+                   'configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py')
 RETINA_CE = osp.join(ROOT,
                      'configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py')
 

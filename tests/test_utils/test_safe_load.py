@@ -1,4 +1,5 @@
-"""torch.load(weights_only=True) reads mmengine checkpoints, and nothing more."""
+"""torch.load(weights_only=True) reads mmengine checkpoints, and nothing
+more."""
 import os
 import pickle
 

@@ -3,7 +3,8 @@
 Usage:
     python tools/analysis_tools/benchmark_backbone.py [--device cpu|cuda]
         [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
-        [--warmup 2] [--norm-eval] [--json OUT.json] [--profile ROWS] [--no-rss]
+        [--warmup 2] [--norm-eval] [--json OUT.json] [--profile ROWS]
+        [--no-rss]
         [--counts-only] [--impls torch triton] [--inference-first]
 
 Both backbones are built with the same depth and the CE one gets the BN one's
@@ -169,8 +170,8 @@ def main(argv=None):
 
     results = {k: {} for k in models}
     paired = {}
-    timed = () if args.counts_only else (('train step (s)', 'train'),
-                                          ('inference (s)', 'eval'))
+    timed = () if args.counts_only else (
+        ('train step (s)', 'train'), ('inference (s)', 'eval'))
     if args.inference_first:
         timed = timed[::-1]
     for name, phase in timed:

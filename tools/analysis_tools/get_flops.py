@@ -8,7 +8,8 @@ Usage (as mmdet's):
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(
+    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import ce_mmdet  # noqa: E402,F401  (registers the modules)
 from ce_mmdet.analysis import register_ce_flop_handles  # noqa: E402

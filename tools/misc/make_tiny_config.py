@@ -1,7 +1,8 @@
 """Write a config that runs CONFIG on the tiny synthetic COCO set.
 
 Usage:
-    python tools/misc/make_tiny_config.py CONFIG OUT.py [--data-root data/tiny_coco]
+    python tools/misc/make_tiny_config.py CONFIG OUT.py
+        [--data-root data/tiny_coco]
         [--scale 128 128] [--max-iters 4]
 
 Makes the tiny set first if it is missing. The written config inherits
@@ -13,7 +14,8 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(
+    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from ce_mmdet.testing.tiny_coco import (make_tiny_coco,  # noqa: E402
                                         tiny_coco_config)

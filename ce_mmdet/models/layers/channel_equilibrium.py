@@ -222,8 +222,9 @@ class ChannelEquilibrium(nn.Module):
         self._check_input(x)
         if x.numel() == 0:
             return (x if bn is None else bn(x)).clone()
-        channels_last = (not x.is_contiguous()
-                         and x.is_contiguous(memory_format=torch.channels_last))
+        channels_last = (
+            not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
         if not x.is_contiguous():
             x, inplace = x.contiguous(), True  # our own copy
         kwargs = dict(config=self.config, training=self.training,

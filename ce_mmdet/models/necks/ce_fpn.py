@@ -154,7 +154,8 @@ class CEFPN(FPN):
                  relu_before_extra_convs: bool = False,
                  no_norm_on_lateral: bool = False,
                  conv_cfg: Optional[Dict] = None,
-                 norm_cfg: Optional[Dict] = dict(type='BN', requires_grad=True),
+                 norm_cfg: Optional[Dict] = dict(type='BN',
+                                                 requires_grad=True),
                  act_cfg: Optional[Dict] = None,
                  upsample_cfg: Dict = dict(mode='nearest'),
                  init_cfg=dict(

@@ -67,7 +67,8 @@ def test_output_shapes_and_ce_placement(depth, expansion):
     outs = model(torch.rand(2, 3, 64, 64))
     widths = [16 * 2**i * expansion for i in range(4)]
     assert [tuple(o.shape) for o in outs] == [
-        (2, w, 64 // 2**(i + 2), 64 // 2**(i + 2)) for i, w in enumerate(widths)
+        (2, w, 64 // 2**(i + 2), 64 // 2**(i + 2))
+        for i, w in enumerate(widths)
     ]
     blocks = dict(ResNet.arch_settings)[depth][1]
     # stem + every block of stages 1-3, none in stage 4
