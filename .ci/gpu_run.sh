@@ -13,6 +13,9 @@
 #      layer/network/memory/amp checks against float64;
 #   B  the kit's timing table (ResNet-50 / CE-ResNet-50 / plain transcription);
 #      if CE fails there, once more with CE_MMDET_IMPL=torch;
+#   P  the Triton passes over the feature map against a copy of the same
+#      bytes (benchmark_triton_passes.py), at 2x800x1216 with a sweep of
+#      the launch configurations' neighbours, at 32x224x224 without;
 #   C  the kit's profile of two CE-ResNet-50 training steps;
 #   D  tiny-COCO detectors, CE next to BN, train --amp (median step time
 #      without data time, iterations 11-30), then a test pass of one;
@@ -56,6 +59,16 @@ if grep -q timing_error "$OUT/timing.log"; then
     > "$OUT/timing_torch.log" 2>&1
   quiet < "$OUT/timing_torch.log" | cut -c1-400
 fi
+
+stamp "P passes"
+timeout "$(left 80)" python3 tools/analysis_tools/benchmark_triton_passes.py \
+  --shape 800 1216 --batch-size 2 --sweep --budget 45 \
+  --json "$OUT/passes.json" > "$OUT/passes.log" 2>&1
+cut -c1-160 < "$OUT/passes.log" | grep -v Warning
+timeout "$(left 30)" python3 tools/analysis_tools/benchmark_triton_passes.py \
+  --shape 224 224 --batch-size 32 --json "$OUT/passes_224.json" \
+  > "$OUT/passes_224.log" 2>&1
+cut -c1-160 < "$OUT/passes_224.log" | grep -v Warning
 
 stamp "C profile"
 timeout "$(left 70)" python3 "$kit"/gpu_check.py profile > "$OUT/profile.log" 2>&1

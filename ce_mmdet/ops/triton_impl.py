@@ -53,8 +53,9 @@ sm_90 (``tools/analysis_tools/triton_aot_check.py`` compiles every kernel
 for it on a machine without a GPU); any ``H*W`` (1 included) and ``N``
 work.
 """
+import functools
 import inspect
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -1052,31 +1053,58 @@ def _warps(block_d: int) -> int:
     return max(4, block_d // 4)
 
 
+class LaunchConfig(NamedTuple):
+    """How a pass over the feature map is launched: positions per block,
+    warps per program and, for the statistics passes, the number of
+    programs to aim for (the positions are split to reach it)."""
+    block_hw: int
+    warps: int
+    programs: int = 0
+
+
+@functools.lru_cache(maxsize=None)
+def stats_launch(d: int, full: bool) -> LaunchConfig:
+    """The statistics kernel's configuration for groups of ``d`` (``full``:
+    the d x d product; else its diagonal): the d x d product takes half the
+    tile and 8 warps (a 2K tile spills on sm_90 for float32 rows of H*W not
+    a multiple of 16)."""
+    block_hw = _blocks(d)[1]
+    if full:
+        return LaunchConfig(block_hw // 2, 8, _TARGET_PROGRAMS)
+    return LaunchConfig(block_hw, 4, _TARGET_PROGRAMS)
+
+
+@functools.lru_cache(maxsize=None)
+def map_launch(d: int) -> LaunchConfig:
+    """The map kernel's configuration for groups of ``d``."""
+    block_d, block_hw = _blocks(d)
+    return LaunchConfig(block_hw, _warps(block_d))
+
+
 def _check(x: Tensor, name: str) -> None:
     if not x.is_contiguous():
         raise ValueError(f'{name} must be contiguous')
 
 
-def _partials(p: Tensor, q: Optional[Tensor], group_size: int, full: bool):
+def _partials(p: Tensor, q: Optional[Tensor], group_size: int, full: bool,
+              launch: Optional[LaunchConfig] = None):
     """Partial sums over slices of the positions, per sample and group, by
     :func:`_stats_kernel`: ``(pq, ps, qs, split)`` with ``pq`` of shape
     (N*G, split, d, d) (``full``) or (N*G, split, d), ``ps`` and ``qs``
-    (N*G, split, d) (``qs`` None without ``q``)."""
+    (N*G, split, d) (``qs`` None without ``q``). ``launch``: the
+    configuration (default :func:`stats_launch`; others are for
+    ``tools/analysis_tools/benchmark_triton_passes.py``)."""
     n, c, h, w = p.shape
     d, hw = group_size, h * w
     g = c // d
-    block_d, block_hw = _blocks(d)
-    # the d x d product: half the tile, 8 warps (a 2K tile spills on
-    # sm_90 for float32 rows of H*W not a multiple of 16)
-    warps = 8 if full else 4
-    block_hw = block_hw // 2 if full else block_hw
+    block_d = _blocks(d)[0]
+    block_hw, warps, programs = launch or stats_launch(d, full)
     _check(p, 'P')
     cross = q is not None
     if cross:
         _check(q, 'Q')
     # split the positions so that the launch has enough programs
-    split = max(1, min(_cdiv(hw, block_hw),
-                       _cdiv(_TARGET_PROGRAMS, n * g)))
+    split = max(1, min(_cdiv(hw, block_hw), _cdiv(programs, n * g)))
     chunk = _cdiv(_cdiv(hw, split), block_hw) * block_hw
     split = _cdiv(hw, chunk)
     f32 = dict(dtype=torch.float32, device=p.device)
@@ -1233,10 +1261,14 @@ def _float32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
-         b: Optional[Tensor], group_size: int, out: Tensor) -> Tensor:
+         b: Optional[Tensor], group_size: int, out: Tensor,
+         launch: Optional[LaunchConfig] = None) -> Tensor:
+    """``out = m1 P (+ m2 Q) (+ b)`` by :func:`_map_kernel`; ``launch``: the
+    configuration (default :func:`map_launch`)."""
     n, c, h, w = p.shape
     d, hw = group_size, h * w
-    block_d, block_hw = _blocks(d)
+    block_d = _blocks(d)[0]
+    block_hw, warps, _ = launch or map_launch(d)
     m1, m2, b = _float32(m1), _float32(m2), _float32(b)
     _check(p, 'P')
     if q is not None:
@@ -1247,7 +1279,7 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
         m1, p, m1 if m2 is None else m2, p if q is None else q,
         m1 if b is None else b, out, hw, D=d, BLOCK_D=block_d,
         BLOCK_HW=block_hw, HAS_Q=q is not None, HAS_B=b is not None,
-        num_warps=_warps(block_d))
+        num_warps=warps)
     return out
 
 

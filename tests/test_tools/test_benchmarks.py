@@ -122,3 +122,49 @@ def test_benchmark_host_reports_every_mode(tmp_path):
     # CE-ResNet-18: the stem (64, one group) and three stages
     assert len(saved['layers']) == 3 * 4
     assert any(key.startswith('train C=64 d=64') for key in saved['layers'])
+
+
+def test_benchmark_triton_passes_sweeps_and_checks(tmp_path, capsys):
+    """Every pass of every CE-ResNet-18 layer shape at 16x16 (down to a 1x1
+    map), in half precision, with its default launch configuration and the
+    neighbouring block sizes: the same results as the default's, which is
+    the implementation's own configuration."""
+    from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+    if not (triton_importable() and triton_interpreting()):
+        pytest.skip('needs triton in interpreter mode')
+    from ce_mmdet.ops.triton_impl import map_launch, stats_launch
+    bench = load('benchmark_triton_passes')
+    assert bench.layer_shapes(18, 16, 16) == {
+        (64, 64, 8, 8): 1, (64, 16, 4, 4): 2, (128, 16, 2, 2): 2,
+        (256, 16, 1, 1): 2}
+    assert bench.layer_shapes(50, 800, 1216)[(256, 16, 200, 304)] == 3
+    out = tmp_path / 'passes.json'
+    records, totals, mismatches = bench.main([
+        '--depth', '18', '--shape', '16', '16', '--repeats', '1', '--sweep',
+        '--max-candidates', '4', '--dtype', 'float16', '--json', str(out)])
+    assert mismatches == []
+    assert {(r['c'], r['d'], r['h'], r['pass_']) for r in records} == {
+        (c, d, h, p) for c, d, h in ((64, 64, 8), (64, 16, 4), (128, 16, 2),
+                                     (256, 16, 1))
+        for p in bench.TRAFFIC}
+    for r in records:
+        full = r['pass_'] in ('stats', 'cross')
+        default = (stats_launch(r['d'], full) if r['pass_'] in
+                   ('stats', 'stats-eval', 'cross') else map_launch(r['d']))
+        configs = [t['config'] for t in r['tried']]
+        assert configs[0] == bench.config_name(default)
+        # the default's block size halved, doubled, quadrupled (>= 16)
+        blocks = {int(cfg.split('/')[0]) for cfg in configs}
+        assert blocks == {b for b in (default.block_hw // 2,
+                                      default.block_hw, default.block_hw * 2,
+                                      default.block_hw * 4) if b >= 16}
+        assert r['bytes'] == bench.TRAFFIC[r['pass_']] * 2 * r['c'] * (
+            r['h'] * r['w']) * 2  # batch 2, float16
+    assert set(totals) == {'train', 'inference'}
+    assert totals['train']['floor'] > totals['inference']['floor'] > 0
+    assert json.loads(out.read_text())['mismatches'] == []
+    assert 'network, train passes' in capsys.readouterr().out
+    # a wrong result is reported
+    want = [torch.ones(3)]
+    assert bench.mismatch([torch.ones(3)], want) == 0
+    assert bench.mismatch([torch.tensor([1., 1., 1.5])], want) == 0.5
