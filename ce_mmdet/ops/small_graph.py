@@ -135,7 +135,7 @@ def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
         mu = (sums[3:3 + c] / positions).reshape(g, d, 1)
         eye = torch.eye(d, dtype=dt, device=mean.device)
         cov = sums[3 + c:].reshape(g, d, d) / positions - \
-            mu @ mu.transpose(1, 2) + eps * eye
+            mu * mu.transpose(1, 2) + eps * eye  # (outer products)
         wm, newton = _newton(cov, config.num_iters)
     else:
         var = second
