@@ -53,7 +53,6 @@ sm_90 (``tools/analysis_tools/triton_aot_check.py`` compiles every kernel
 for it on a machine without a GPU); any ``H*W`` (1 included) and ``N``
 work.
 """
-import functools
 import inspect
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -1062,7 +1061,6 @@ class LaunchConfig(NamedTuple):
     programs: int = 0
 
 
-@functools.lru_cache(maxsize=None)
 def stats_launch(d: int, full: bool) -> LaunchConfig:
     """The statistics kernel's configuration for groups of ``d`` (``full``:
     the d x d product; else its diagonal): the d x d product takes half the
@@ -1074,7 +1072,6 @@ def stats_launch(d: int, full: bool) -> LaunchConfig:
     return LaunchConfig(block_hw, 4, _TARGET_PROGRAMS)
 
 
-@functools.lru_cache(maxsize=None)
 def map_launch(d: int) -> LaunchConfig:
     """The map kernel's configuration for groups of ``d``."""
     block_d, block_hw = _blocks(d)
