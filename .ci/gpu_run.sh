@@ -5,9 +5,13 @@
 # Prepare here (CPU machine, project root), then one `device` run with carry
 # [".gpu-check"]:
 #   bash ../shared/gpu-check/prepare.sh && python3 .ci/gpu_check_compat.py
-#   bash .ci/gpu_run.sh [BUDGET_SECONDS]        # on the GPU machine
+#   bash .ci/gpu_run.sh [BUDGET_SECONDS] [SECTIONS]   # on the GPU machine
 #
-# Sections, each cut to what is left of the budget (default 560 s):
+# SECTIONS: the letters of the sections to run, in that order (default
+# ABDPCE: correctness, the issue's targets, then the diagnostics); each
+# section is cut to what is left of the budget (default 560 s), so a second
+# call with what the first did not reach (e.g. `bash .ci/gpu_run.sh 300 PCE`)
+# finishes the set:
 #   A  correctness, two processes at once: the Triton kernel tests compiled
 #      for this GPU (tests/test_ops/test_triton_impl.py) and the kit's
 #      layer/network/memory/amp checks against float64;
@@ -24,6 +28,7 @@
 # Logs and JSON go to $OUT (default /tmp/out).
 set -u
 budget=${1:-560}
+sections=${2:-ABDPCE}
 top=$(pwd); kit=$top/.gpu-check
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -40,6 +45,7 @@ quiet() { grep -v "Warning\|warnings.warn\|pkg_resources\|_bootstrap\|INFO\|^ *$
 python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())'
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
 
+section_A() {
 stamp "A correctness (Triton tests on the GPU | kit check)"
 timeout "$(left 170)" python3 -m pytest -q -p no:cacheprovider -o timeout=90 \
   tests/test_ops/test_triton_impl.py > "$OUT/triton_tests.log" 2>&1 &
@@ -49,7 +55,9 @@ wait
 grep -E "passed|failed|error" "$OUT/triton_tests.log" | tail -3
 grep -E "^FAILED|^E  " "$OUT/triton_tests.log" | head -12 | cut -c1-240
 quiet < "$OUT/check.log" | cut -c1-400
+}
 
+section_B() {
 stamp "B timing"
 timeout "$(left 200)" python3 "$kit"/gpu_check.py timing > "$OUT/timing.log" 2>&1
 quiet < "$OUT/timing.log" | cut -c1-400
@@ -59,7 +67,9 @@ if grep -q timing_error "$OUT/timing.log"; then
     > "$OUT/timing_torch.log" 2>&1
   quiet < "$OUT/timing_torch.log" | cut -c1-400
 fi
+}
 
+section_P() {
 stamp "P passes"
 timeout "$(left 80)" python3 tools/analysis_tools/benchmark_triton_passes.py \
   --shape 800 1216 --batch-size 2 --sweep --budget 45 \
@@ -69,11 +79,15 @@ timeout "$(left 30)" python3 tools/analysis_tools/benchmark_triton_passes.py \
   --shape 224 224 --batch-size 32 --json "$OUT/passes_224.json" \
   > "$OUT/passes_224.log" 2>&1
 cut -c1-160 < "$OUT/passes_224.log" | grep -v Warning
+}
 
+section_C() {
 stamp "C profile"
 timeout "$(left 70)" python3 "$kit"/gpu_check.py profile > "$OUT/profile.log" 2>&1
 quiet < "$OUT/profile.log" | head -42 | cut -c1-220
+}
 
+section_D() {
 stamp "D detectors"
 for cfg in configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py \
            configs/ce_mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py \
@@ -103,7 +117,9 @@ if [ -f /tmp/$n/last_checkpoint ]; then
     --work-dir /tmp/$n > "$OUT/$n.test.log" 2>&1
   echo "$n test rc=$?"; grep -E "mAP_copypaste|Error" "$OUT/$n.test.log" | tail -2 | cut -c1-200
 fi
+}
 
+section_E() {
 stamp "E benchmark_backbone"
 timeout "$(left 120)" python3 tools/analysis_tools/benchmark_backbone.py --device cuda \
   --shape 800 1216 --batch-size 2 --repeats 10 --warmup 3 --no-rss \
@@ -114,4 +130,13 @@ timeout "$(left 60)" python3 tools/analysis_tools/benchmark_backbone.py --device
   --shape 64 64 --batch-size 2 --repeats 20 --warmup 5 --no-rss \
   --impls torch triton --json "$OUT/benchmark_backbone_64.json" > "$OUT/bench64.log" 2>&1
 grep -E "train step|inference \(" "$OUT/bench64.log" | cut -c1-220
+}
+
+for letter in $(echo "$sections" | grep -o .); do
+  if declare -F "section_$letter" > /dev/null; then
+    "section_$letter"
+  else
+    echo "== no section $letter (sections: A B P C D E)"
+  fi
+done
 stamp done
