@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import functions
-from .export import exporting_onnx
+from .export import exporting
 from .impl import passes_for
 from .types import BatchNormArgs, CEConfig, CEParams, CEState
 
@@ -38,11 +38,11 @@ def _check_input(x: Tensor, state: CEState, config: CEConfig) -> None:
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd will record the op (never in an ONNX export: an
-    inference graph of standard ops, :mod:`ce_mmdet.ops.export`)."""
+    """Whether autograd will call the op's backward (never while exporting:
+    a graph of standard ops, :mod:`ce_mmdet.ops.export`)."""
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in tensors) and not exporting_onnx()
+        for t in tensors) and not exporting()
 
 
 def _update_running_state(state: CEState, wm: Tensor, scale: Tensor,
@@ -66,9 +66,9 @@ def _op_call(x: Tensor, config: CEConfig, training: bool, reduce_fn,
         reduce_fn=reduce_fn if training else None,
         # under torch.compile no writes into the input (dynamo does not trace
         # an autograd.Function's mark_dirty; inductor plans memory itself),
-        # nor while exporting to ONNX (:mod:`ce_mmdet.ops.export`)
+        # nor while exporting (:mod:`ce_mmdet.ops.export`)
         inplace=bool(inplace) and not torch.compiler.is_compiling()
-        and not exporting_onnx(),
+        and not exporting(),
         needs_grad=_needs_grad(x, *differentiable),
         **bn)
 

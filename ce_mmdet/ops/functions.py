@@ -117,11 +117,14 @@ def _forward_map(x: Tensor, params: CEParams, state: CEState, call: OpCall,
 
 def _as_function(call: OpCall) -> bool:
     """Whether the op runs as its autograd Function: autograd will call its
-    backward, dynamo traces it (one graph), or torch.jit traces it outside
-    an ONNX export (mmengine's FLOP analyser counts the Function's node by
-    :mod:`ce_mmdet.analysis.flops`' rules)."""
-    return call.needs_grad or torch.compiler.is_compiling() or (
-        torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+    backward, dynamo traces it for ``torch.compile`` (one graph; not for
+    ``torch.export``: :mod:`ce_mmdet.ops.export`), or torch.jit traces it
+    outside an ONNX export (mmengine's FLOP analyser counts the Function's
+    node by :mod:`ce_mmdet.analysis.flops`' rules)."""
+    return call.needs_grad or (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()) or (
+            torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
 
 
 def _cache_to_keep(result, call: OpCall):

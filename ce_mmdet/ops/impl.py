@@ -152,9 +152,11 @@ def _auto_may_use_triton(tensor: Optional[torch.Tensor]) -> bool:
 
 def _resolve(impl: str, tensor: Optional[torch.Tensor]) -> str:
     """:func:`resolve_impl` for an already requested and checked ``impl``."""
-    if impl == 'torch' or torch.jit.is_tracing():
+    if impl == 'torch' or torch.jit.is_tracing() or \
+            torch.compiler.is_exporting():
         # torch.jit tracing (mmengine's FLOP analyser) records sizes as
-        # tensors, which Triton launches cannot take
+        # tensors, which Triton launches cannot take; an exported program
+        # is a graph of standard ops (ce_mmdet.ops.export)
         return 'torch'
     if impl == 'auto' and not _auto_may_use_triton(tensor):
         return 'torch'

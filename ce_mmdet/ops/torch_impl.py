@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import small_graph
-from .export import exporting_onnx
+from .export import exporting
 from .small_graph import compute_dtype
 
 #: Column chunk of the in-place apply, in bytes (a few MiB: stays in cache).
@@ -82,7 +82,7 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
     if inplace and x.device.type == 'cpu' and x.nbytes > INPLACE_CHUNK_BYTES:
         apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias)
         return x
-    if exporting_onnx():  # (the exporter drops what out= writes)
+    if exporting():  # (no out=: ce_mmdet.ops.export)
         out = torch.matmul(a, xg)
         return (out if bias is None else out + bias).reshape(x.shape)
     out = x.new_empty(x.shape)

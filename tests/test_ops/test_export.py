@@ -1,8 +1,11 @@
-"""Export for deployment (mmdeploy's route): ``torch.onnx.export`` (the
+"""Export for deployment: ``torch.onnx.export`` (mmdeploy's route, the
 TorchScript exporter) of a CE-ResNet and a CE-FPN in eval mode, run by
 onnxruntime at input sizes other than the traced one, against eager
-PyTorch; and what other tracing keeps (the FLOP analyser's one node per
-op)."""
+PyTorch; ``torch.export`` (AOTInductor's and ExecuTorch's route) in eval
+and training mode, its program against eager outputs, running statistics
+and gradients; and what other tracing keeps (the FLOP analyser's one node
+per op)."""
+import copy
 import io
 
 import pytest
@@ -10,8 +13,13 @@ import torch
 
 from ce_mmdet.models import CEFPN, CEResNet, ChannelEquilibrium
 
-onnx = pytest.importorskip('onnx')
-ort = pytest.importorskip('onnxruntime')
+try:
+    import onnx
+    import onnxruntime as ort
+except ImportError:  # (the torch.export tests still run)
+    onnx = ort = None
+needs_onnx = pytest.mark.skipif(onnx is None,
+                                reason='needs onnx and onnxruntime')
 
 
 def randomised(model):
@@ -45,6 +53,7 @@ def rel_err(got, want):
             want.double().abs().max()).item()
 
 
+@needs_onnx
 @pytest.mark.parametrize('grad', [False, True])
 def test_ce_resnet_exports_to_onnx(grad):
     """With or without ``torch.no_grad`` around the export: standard ops
@@ -70,11 +79,12 @@ def test_ce_resnet_exports_to_onnx(grad):
             assert rel_err(g, w) < 1e-5
 
 
+@needs_onnx
 def test_ce_resnet_exports_with_the_dynamo_exporter():
     """``torch.onnx.export``'s default exporter in torch >= 2.9 (through
-    ``torch.export``; the CE ops run as their Functions, inlined): batch
-    and image sizes dynamic (traced with a batch of 2: torch.export
-    specialises a dimension of size 1)."""
+    ``torch.export``, so the CE ops run as plain ops, as below): batch and
+    image sizes dynamic (traced with a batch of 2: torch.export specialises
+    a dimension of size 1)."""
     pytest.importorskip('onnxscript')
     model = randomised(CEResNet(depth=18))
     auto = torch.export.Dim.AUTO
@@ -94,6 +104,7 @@ def test_ce_resnet_exports_with_the_dynamo_exporter():
             assert rel_err(g, w) < 1e-5
 
 
+@needs_onnx
 def test_ce_fpn_exports_to_onnx():
     neck = randomised(CEFPN(in_channels=[32, 64], out_channels=32,
                             num_outs=3))
@@ -120,3 +131,70 @@ def test_other_tracing_keeps_one_node_per_op():
     kinds = [node.kind() for node in traced.inlined_graph.nodes()]
     assert kinds.count('prim::PythonOp') == sum(
         isinstance(m, ChannelEquilibrium) for m in model.modules())
+
+
+def _sum_backward(outputs):
+    sum(o.square().sum() for o in outputs).backward()
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_torch_export_program_matches_eager(training):
+    """``torch.export.export`` without ``torch.no_grad`` (as its examples
+    call it): the program has no Triton launch, no ``out=`` op and no
+    autograd Function of ours (their forward would be replayed with
+    autograd recording, which rejects ``out=``); it gives eager's outputs,
+    moves the running statistics as eager does (training) and, trained
+    through its own ops, eager's gradients (the hand-written backward)."""
+    # (norm_eval=False: BN and CE in training mode, batch statistics)
+    model = randomised(CEResNet(depth=18, norm_eval=False)).train(training)
+    eager = copy.deepcopy(model)
+    start = model.ce1.running_wm.clone()
+    x = torch.randn(2, 3, 64, 64)
+    program = torch.export.export(model, (x, ))
+    targets = [str(n.target) for n in program.graph.nodes
+               if n.op == 'call_function']
+    assert not [t for t in targets if 'triton' in t or '.out' in t]
+    exported = program.module()
+    got, want = exported(x), eager(x)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert ((g - w).abs().max() / w.abs().max()).item() < 1e-6
+    buffers = dict(exported.named_buffers())
+    for name, b in eager.named_buffers():
+        if name.endswith(('running_wm', 'running_scale', 'running_mean')):
+            assert torch.allclose(buffers[name], b, rtol=1e-6, atol=1e-7), \
+                name
+    # the statistics moved in training only
+    assert torch.equal(buffers['ce1.running_wm'], start) is not training
+    _sum_backward(got)
+    _sum_backward(want)
+    params = dict(exported.named_parameters())
+    checked = 0
+    for name, p in eager.named_parameters():
+        if p.grad is None:
+            continue
+        grad = params[name].grad
+        assert grad is not None, name
+        scale = p.grad.abs().max().clamp_min(1e-30)
+        assert ((grad - p.grad).abs().max() / scale).item() < 1e-4, name
+        checked += name.endswith(('gate', 'fc1.weight'))
+    assert checked == 2 * sum(isinstance(m, ChannelEquilibrium)
+                              for m in eager.modules())
+
+
+def test_torch_export_with_dynamic_sizes():
+    """Batch and image sizes dynamic: one program for other sizes, eager's
+    outputs (not down to a 1 x 1 last stage: torch.export specialises that
+    size in mmdet's ResNet alone)."""
+    model = randomised(CEResNet(depth=18))
+    auto = torch.export.Dim.AUTO
+    program = torch.export.export(
+        model, (torch.randn(2, 3, 64, 64), ),
+        dynamic_shapes=({0: auto, 2: auto, 3: auto}, ))
+    for shape in [(3, 3, 96, 80), (2, 3, 160, 128)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            got, want = program.module()(x), model(x)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            assert ((g - w).abs().max() / w.abs().max()).item() < 1e-6
