@@ -53,8 +53,8 @@ a frozen stage) the entries run the same forward bodies (:func:`_ce_forward`,
 ~10% of an inference layer's on the Triton path, and the implementation
 leaves out what only the backward reads (``forward_map(..., keep=False)``).
 While ``torch.compile`` or ``torch.jit`` traces, the Functions run (one
-graph; one node for the FLOP analyser), except in an ONNX export (standard
-ops only, :mod:`ce_mmdet.ops.export`).
+graph; one node for the FLOP analyser), except in an export (ONNX or
+``torch.export``: standard ops only, :mod:`ce_mmdet.ops.export`).
 
 Statistics, Gram matrices and Newton iterations run in float32 (float64 for
 float64 inputs) whatever the input dtype; outputs have the input dtype.
