@@ -134,6 +134,11 @@ def test_benchmark_triton_passes_sweeps_and_checks(tmp_path, capsys):
         pytest.skip('needs triton in interpreter mode')
     from ce_mmdet.ops.triton_impl import map_launch, stats_launch
     bench = load('benchmark_triton_passes')
+    # the implementation's own configurations
+    assert bench.default_launch('stats', 16) == stats_launch(16, True)
+    assert bench.default_launch('cross', 64) == stats_launch(64, True)
+    assert bench.default_launch('stats-eval', 16) == stats_launch(16, False)
+    assert bench.default_launch('grad', 16) == map_launch(16)
     assert bench.layer_shapes(18, 16, 16) == {
         (64, 64, 8, 8): 1, (64, 16, 4, 4): 2, (128, 16, 2, 2): 2,
         (256, 16, 1, 1): 2}
@@ -148,9 +153,7 @@ def test_benchmark_triton_passes_sweeps_and_checks(tmp_path, capsys):
                                      (256, 16, 1))
         for p in bench.TRAFFIC}
     for r in records:
-        full = r['pass_'] in ('stats', 'cross')
-        default = (stats_launch(r['d'], full) if r['pass_'] in
-                   ('stats', 'stats-eval', 'cross') else map_launch(r['d']))
+        default = bench.default_launch(r['pass_'], r['d'])
         configs = [t['config'] for t in r['tried']]
         assert configs[0] == bench.config_name(default)
         # the default's block size halved, doubled, quadrupled (>= 16)

@@ -63,6 +63,8 @@ from ce_mmdet.models import CEResNet, ChannelEquilibrium  # noqa: E402
 
 #: tensors of the feature map's size each pass reads or writes
 TRAFFIC = {'stats': 1, 'stats-eval': 1, 'apply': 2, 'cross': 2, 'grad': 3}
+#: the passes by the statistics kernel (the rest by the map kernel)
+STATS_PASSES = ('stats', 'stats-eval', 'cross')
 #: the passes of one CE layer in a training step and in an inference call
 TRAIN = ('stats', 'apply', 'cross', 'grad')
 INFER = ('stats-eval', 'apply')
@@ -108,6 +110,15 @@ def make_case(c: int, d: int, h: int, w: int, n: int, dtype, device):
         m2=randn(n, g, d, d, scale=0.1), b=randn(n, g, d, 1))
 
 
+def default_launch(name: str, d: int):
+    """The implementation's own configuration of pass ``name`` for groups of
+    ``d``."""
+    from ce_mmdet.ops.triton_impl import map_launch, stats_launch
+    if name in STATS_PASSES:
+        return stats_launch(d, name != 'stats-eval')
+    return map_launch(d)
+
+
 def run_pass(ti, name: str, case: dict, launch):
     """One launch of pass ``name`` (what a layer runs); returns its raw
     outputs."""
@@ -126,7 +137,7 @@ def run_pass(ti, name: str, case: dict, launch):
 def result_of(name: str, raw) -> list:
     """Outputs comparable across configurations (partial sums summed over
     their position slices, whose number follows the configuration)."""
-    if name in ('stats', 'stats-eval', 'cross'):
+    if name in STATS_PASSES:
         return [t.float().sum(1) for t in raw[:3] if t is not None]
     return [raw.float().clone()]
 
@@ -236,9 +247,7 @@ def main(argv=None):
         copy_bps = 2 * nbytes / (copy_us * 1e-6)
         layer = f'C={c} d={d} {h}x{w}'
         for name in TRAFFIC:
-            full = name in ('stats', 'cross')
-            default = (ti.stats_launch(d, full) if name.startswith('stats')
-                       or name == 'cross' else ti.map_launch(d))
+            default = default_launch(name, d)
             want = result_of(name, run_pass(ti, name, case, default))
             tried = []
             todo = candidates(name, d, default) if args.sweep else [default]
