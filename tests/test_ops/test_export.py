@@ -3,10 +3,11 @@ TorchScript exporter) of a CE-ResNet and a CE-FPN in eval mode, run by
 onnxruntime at input sizes other than the traced one, against eager
 PyTorch; ``torch.export`` (AOTInductor's and ExecuTorch's route) in eval
 and training mode, its program against eager outputs, running statistics
-and gradients; and what other tracing keeps (the FLOP analyser's one node
-per op)."""
+and gradients, and compiled by AOTInductor; and what other tracing keeps
+(the FLOP analyser's one node per op)."""
 import copy
 import io
+import shutil
 
 import pytest
 import torch
@@ -198,3 +199,21 @@ def test_torch_export_with_dynamic_sizes():
         for g, w in zip(got, want):
             assert g.shape == w.shape
             assert ((g - w).abs().max() / w.abs().max()).item() < 1e-6
+
+
+@pytest.mark.skipif(not (shutil.which('c++') or shutil.which('g++')),
+                    reason='AOTInductor needs a C++ compiler')
+def test_torch_export_program_compiles_with_aotinductor(tmp_path):
+    """The deployment route after ``torch.export``: AOTInductor compiles the
+    program into a package (C++ on this CPU) that gives eager's outputs."""
+    model = randomised(CEResNet(depth=18))
+    x = torch.randn(2, 3, 64, 64)
+    program = torch.export.export(model, (x, ))
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / 'ce_resnet18.pt2'))
+    got = torch._inductor.aoti_load_package(package)(x)
+    with torch.no_grad():
+        want = model(x)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert ((g - w).abs().max() / w.abs().max()).item() < 1e-5
