@@ -65,6 +65,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .export import exporting
 from .small_graph import compute_dtype
 from .torch_impl import BatchBNStats, BNAffine, bn_affine
 from .types import CEConfig, CEParams, CEState
@@ -117,14 +118,13 @@ def _forward_map(x: Tensor, params: CEParams, state: CEState, call: OpCall,
 
 def _as_function(call: OpCall) -> bool:
     """Whether the op runs as its autograd Function: autograd will call its
-    backward, dynamo traces it for ``torch.compile`` (one graph; not for
-    ``torch.export``: :mod:`ce_mmdet.ops.export`), or torch.jit traces it
-    outside an ONNX export (mmengine's FLOP analyser counts the Function's
-    node by :mod:`ce_mmdet.analysis.flops`' rules)."""
+    backward, or dynamo (``torch.compile``: one graph) or torch.jit
+    (mmengine's FLOP analyser, which counts the Function's node by
+    :mod:`ce_mmdet.analysis.flops`' rules) traces it, unless for an export
+    (ONNX or ``torch.export``: :mod:`ce_mmdet.ops.export`)."""
     return call.needs_grad or (
-        torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()) or (
-            torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+        (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        and not exporting())
 
 
 def _cache_to_keep(result, call: OpCall):
