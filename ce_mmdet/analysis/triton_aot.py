@@ -81,7 +81,8 @@ MODES = {
     'train': 'BN (batch statistics) + CE in training, forward and backward',
     'norm_eval': 'BN and CE with running statistics, forward and backward '
     '(mmdet detection configs)',
-    'inference': 'BN and CE in eval mode under torch.no_grad',
+    'inference': 'BN and CE in eval mode under torch.no_grad: alone, with '
+    'the ReLU (the stem) and with a residual and the ReLU (a block)',
     'bn_eval_ce_train': 'BN with running statistics + CE in training, '
     'forward and backward',
     'ce_train': 'CE alone in training, forward and backward',
@@ -248,8 +249,11 @@ def run_scenario(scenario: Scenario) -> None:
     dtype = getattr(torch, s.dtype)
     z = torch.randn(s.batch, s.channels, *s.size).to(dtype)
     if s.mode == 'inference':
-        with torch.no_grad():
-            ce(z, bn=bn, inplace=True)
+        with torch.no_grad():  # as CEFPN, the stem and a residual block
+            ce(z.clone(), bn=bn, inplace=True)
+            ce(z.clone(), bn=bn, inplace=True, relu=True)
+            ce(z.clone(), bn=bn, inplace=True, residual=torch.randn_like(z),
+               relu=True)
         return
     z.requires_grad_()
     if s.mode == 'sync_train':

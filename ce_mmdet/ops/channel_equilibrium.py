@@ -37,6 +37,34 @@ def _check_input(x: Tensor, state: CEState, config: CEConfig) -> None:
             f'and group_size={config.group_size} need {g * d}')
 
 
+def _check_epilogue(x: Tensor, residual: Optional[Tensor],
+                    relu: bool) -> bool:
+    """Checks ``residual`` and ``relu``; returns whether the op applies
+    them itself: the residual is None or NCHW-contiguous with the dtype of
+    ``x`` (any other is added after the op, as ``out += residual``:
+    :func:`_late_epilogue`)."""
+    if not isinstance(relu, bool):
+        raise TypeError(f'relu must be a bool, got {relu!r}')
+    if residual is None:
+        return True
+    if not isinstance(residual, Tensor):
+        raise TypeError('residual must be a Tensor or None, got '
+                        f'{type(residual).__name__}')
+    if residual.shape != x.shape or residual.device != x.device:
+        raise ValueError(
+            f'residual must have the shape and device of the input '
+            f'{tuple(x.shape)} on {x.device}, got {tuple(residual.shape)} '
+            f'on {residual.device}')
+    return residual.dtype == x.dtype and residual.is_contiguous()
+
+
+def _late_epilogue(out: Tensor, residual: Tensor, relu: bool) -> Tensor:
+    """A residual the op does not read itself (another dtype or layout):
+    ``out += residual``, then ReLU, as a residual block does."""
+    out += residual
+    return out.relu_() if relu else out
+
+
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd will call the op's backward (never while exporting:
     a graph of standard ops, :mod:`ce_mmdet.ops.export`)."""
@@ -82,8 +110,12 @@ def channel_equilibrium(x: Tensor,
                         reduce_fn: Optional[Callable[[Tensor],
                                                      Tensor]] = None,
                         inplace: bool = False,
-                        impl: str = 'auto') -> Tensor:
-    """Channel Equilibrium of a contiguous (N, C, H, W) tensor.
+                        impl: str = 'auto',
+                        residual: Optional[Tensor] = None,
+                        relu: bool = False) -> Tensor:
+    """Channel Equilibrium of a contiguous (N, C, H, W) tensor, optionally
+    followed by a residual addition and a ReLU:
+    ``relu(CE(x) + residual)``.
 
     The published computation (see
     :class:`~ce_mmdet.models.layers.ChannelEquilibrium` for the formulas);
@@ -106,6 +138,13 @@ def channel_equilibrium(x: Tensor,
             demand: check the returned tensor, not ``x``.
         impl (str): ``'auto'``, ``'torch'`` or ``'triton'``
             (:func:`~ce_mmdet.ops.impl.resolve_impl`).
+        residual (Tensor, optional): added to CE's result (a residual
+            block's identity), shape and device of ``x``. Where autograd
+            records nothing it is added in the map's own pass over the
+            feature map (NCHW-contiguous, the dtype of ``x``; otherwise
+            as ``out += residual``), else after the op.
+        relu (bool): ReLU of the result (after ``residual``), in the same
+            pass where ``residual`` is. Default: False.
 
     Returns:
         Tensor: same shape and dtype as ``x``.
@@ -125,12 +164,14 @@ def channel_equilibrium(x: Tensor,
         torch.Size([2, 32, 5, 5])
     """
     _check_input(x, state, config)
+    fuse = _check_epilogue(x, residual, relu)
     call = _op_call(x, config, training, reduce_fn, inplace, impl, params,
                     params.fc1_weight.shape[0])
-    out, wm, scale = functions.channel_equilibrium(x, params, state, call)
+    out, wm, scale = functions.channel_equilibrium(
+        x, params, state, call, residual if fuse else None, relu and fuse)
     if training:
         _update_running_state(state, wm, scale, config)
-    return out
+    return out if fuse else _late_epilogue(out, residual, relu)
 
 
 def batchnorm_channel_equilibrium(z: Tensor,
@@ -143,8 +184,11 @@ def batchnorm_channel_equilibrium(z: Tensor,
                                   reduce_fn: Optional[Callable[[Tensor],
                                                                Tensor]] = None,
                                   inplace: bool = False,
-                                  impl: str = 'auto') -> Tensor:
-    """``CE(BN(z))`` as one op, for a plain BatchNorm.
+                                  impl: str = 'auto',
+                                  residual: Optional[Tensor] = None,
+                                  relu: bool = False) -> Tensor:
+    """``CE(BN(z))`` as one op, for a plain BatchNorm (optionally
+    ``relu(CE(BN(z)) + residual)``, a residual block's tail).
 
     Equal (up to rounding) to ``channel_equilibrium(F.batch_norm(z, ...))``,
     and the BN's running statistics and ``num_batches_tracked`` are updated
@@ -166,11 +210,13 @@ def batchnorm_channel_equilibrium(z: Tensor,
         inplace (bool): the caller does not read ``z`` afterwards (it is a
             convolution's output that only this op reads); the result may
             then be written into ``z`` when autograd does not need it.
+        residual, relu: as for :func:`channel_equilibrium`.
 
     Returns:
         Tensor: same shape and dtype as ``z``.
     """
     _check_input(z, state, config)
+    fuse = _check_epilogue(z, residual, relu)
     if not isinstance(bn, BatchNormArgs):
         raise TypeError('bn must be a BatchNormArgs (BatchNormArgs.'
                         f'from_module(module)), got {type(bn).__name__}')
@@ -202,8 +248,9 @@ def batchnorm_channel_equilibrium(z: Tensor,
                     bn_eps=float(bn.eps))
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
     out, wm, scale, batch_mean, batch_var = \
-        functions.batchnorm_channel_equilibrium(z, bn_tensors, params, state,
-                                                call)
+        functions.batchnorm_channel_equilibrium(
+            z, bn_tensors, params, state, call, residual if fuse else None,
+            relu and fuse)
     if batch_mean.numel() and bn.running_mean is not None:
         # the op computed the BN's batch statistics itself: the running
         # update of native_batch_norm (r + m (x - r), one launch)
@@ -215,4 +262,4 @@ def batchnorm_channel_equilibrium(z: Tensor,
             ], factor)
     if training:
         _update_running_state(state, wm, scale, config)
-    return out
+    return out if fuse else _late_epilogue(out, residual, relu)

@@ -52,6 +52,10 @@ a frozen stage) the entries run the same forward bodies (:func:`_ce_forward`,
 :func:`_bnce_forward`) without the autograd Function, whose own host time is
 ~10% of an inference layer's on the Triton path, and the implementation
 leaves out what only the backward reads (``forward_map(..., keep=False)``).
+There a residual block's tail, ``relu(out + identity)``, is applied in the
+map's own pass (``passes.apply(..., residual, relu)``: no pass of its own
+over the feature map); with autograd it follows the Function as the
+block's ``out += identity`` and in-place ReLU would (:func:`_epilogue`).
 While ``torch.compile`` or ``torch.jit`` traces, the Functions run (one
 graph; one node for the FLOP analyser), except in an export (ONNX or
 ``torch.export``: standard ops only, :mod:`ce_mmdet.ops.export`).
@@ -206,13 +210,17 @@ def _split(tensors) -> Tuple[CEParams, CEState]:
             CEState(*tensors[_NUM_PARAMS:_NUM_PARAMS + _NUM_STATE]))
 
 
-def _ce_forward(call: OpCall, x: Tensor, params: CEParams, state: CEState):
+def _ce_forward(call: OpCall, x: Tensor, params: CEParams, state: CEState,
+                residual: Optional[Tensor] = None, relu: bool = False):
     """:class:`_CEFunction`'s forward without autograd's bookkeeping:
     ``(out, wm, scale, saved)``, ``wm`` and ``scale`` None in eval,
-    ``saved`` None unless ``call.needs_grad``."""
+    ``saved`` None unless ``call.needs_grad``. ``residual`` and ``relu``
+    (never with autograd: :func:`_epilogue`) are applied in the map's
+    pass."""
     passes, d = call.passes, call.config.group_size
     result = _forward_map(x, params, state, call)
-    out = passes.apply(result.a, x, d, call.inplace and not call.needs_grad)
+    out = passes.apply(result.a, x, d, call.inplace and not call.needs_grad,
+                       None, residual, relu)
     saved = None
     if call.needs_grad:
         # the running state is not saved: training never reads it (it is
@@ -257,12 +265,14 @@ class _CEFunction(torch.autograd.Function):
 def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                   running_var: Optional[Tensor], params: CEParams,
-                  state: CEState):
+                  state: CEState, residual: Optional[Tensor] = None,
+                  relu: bool = False):
     """:class:`_BNCEFunction`'s forward without autograd's bookkeeping:
     ``(out, wm, scale, batch_mean, batch_var, saved)``, a statistic None
     where not computed (``wm`` and ``scale`` in eval, the BN's batch
     statistics unless the op computed them itself), ``saved`` None unless
-    ``call.needs_grad``."""
+    ``call.needs_grad``. ``residual`` and ``relu`` as for
+    :func:`_ce_forward`."""
     cdt = compute_dtype(z.dtype)
     passes, d = call.passes, call.config.group_size
     bn_stats = var_z = batch_mean = batch_var = None
@@ -282,7 +292,7 @@ def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
         a, a_z, bias, wm, scale, _, _, alpha, beta = result
         bn_mean, invstd, bn_var = bn_stats.mean, bn_stats.invstd, None
         out = passes.apply(a_z, z, d, call.inplace and not call.needs_grad,
-                           bias)
+                           bias, residual, relu)
         mode = 'batch_bn'
     elif call.bn_batch_stats or call.training:
         # the BN's pass (and its running-statistics update)
@@ -297,7 +307,7 @@ def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
         result = _forward_map(x, params, state, call)
         a, _, _, wm, scale = result[:5]
         # x is this op's own temporary: always free to overwrite
-        out = passes.apply(a, x, d, inplace=True)
+        out = passes.apply(a, x, d, True, None, residual, relu)
         mode = 'separate'
     else:
         # BN with running statistics, CE in eval: no BN pass
@@ -308,7 +318,7 @@ def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
         invstd = torch.rsqrt(bn_var + call.bn_eps) if call.needs_grad \
             else None
         out = passes.apply(a_z, z, d, call.inplace and not call.needs_grad,
-                           bias)
+                           bias, residual, relu)
         mode = 'folded'
     saved = None
     if call.needs_grad:
@@ -398,35 +408,55 @@ class _BNCEFunction(torch.autograd.Function):
                 *maps.params) + (None, ) * _NUM_STATE
 
 
+def _epilogue(out: Tensor, residual: Optional[Tensor],
+              relu: bool) -> Tensor:
+    """``relu(out + residual)`` after an autograd Function, in place, as a
+    residual block's ``out += identity; relu_(out)`` (the Function does
+    not read its output in backward)."""
+    if residual is not None:
+        out = out.add_(residual)
+    return out.relu_() if relu else out
+
+
 def channel_equilibrium(x: Tensor, params: CEParams, state: CEState,
-                        call: OpCall) -> Tuple[Tensor, Tensor, Tensor]:
-    """CE on a contiguous (N, C, H, W) ``x``.
+                        call: OpCall, residual: Optional[Tensor] = None,
+                        relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """CE on a contiguous (N, C, H, W) ``x``, plus ``residual`` (NCHW
+    contiguous, the dtype of ``x``) and ReLU if given: without autograd in
+    the map's pass, else after the Function.
 
     Returns:
         tuple: the output, and the batch whitening matrices and scale
         (empty in eval) for the running averages.
     """
     if _as_function(call):
-        return _CEFunction.apply(call, x, *params, *state)
+        out, wm, scale = _CEFunction.apply(call, x, *params, *state)
+        return _epilogue(out, residual, relu), wm, scale
     # nothing for autograd to record (inference, frozen stages): the body
     # alone, without the Function's host time (~10% of an eval layer's)
-    out, wm, scale, _ = _ce_forward(call, x, params, state)
+    out, wm, scale, _ = _ce_forward(call, x, params, state, residual, relu)
     return _outputs_without_autograd(x, out, (wm, scale),
                                      compute_dtype(x.dtype))
 
 
 def batchnorm_channel_equilibrium(z: Tensor, bn_tensors: Tuple,
                                   params: CEParams, state: CEState,
-                                  call: OpCall
+                                  call: OpCall,
+                                  residual: Optional[Tensor] = None,
+                                  relu: bool = False
                                   ) -> Tuple[Tensor, ...]:
-    """``CE(BN(z))`` on a contiguous (N, C, H, W) ``z``; ``bn_tensors`` are
-    the BN's weight, bias, running mean and running variance (each may be
-    None). Returns the output, CE's batch whitening matrices and scale, the
-    BN's batch mean and unbiased variance (empty where the op did not
+    """``CE(BN(z))`` on a contiguous (N, C, H, W) ``z`` (plus ``residual``
+    and ReLU as for :func:`channel_equilibrium`); ``bn_tensors`` are the
+    BN's weight, bias, running mean and running variance (each may be
+    None). Returns the output, CE's batch whitening matrices and scale,
+    the BN's batch mean and unbiased variance (empty where the op did not
     compute them itself)."""
     if _as_function(call):
-        return _BNCEFunction.apply(call, z, *bn_tensors, *params, *state)
+        out, *statistics = _BNCEFunction.apply(call, z, *bn_tensors,
+                                               *params, *state)
+        return (_epilogue(out, residual, relu), *statistics)
     # nothing for autograd to record (see channel_equilibrium)
-    out, *statistics, _ = _bnce_forward(call, z, *bn_tensors, params, state)
+    out, *statistics, _ = _bnce_forward(call, z, *bn_tensors, params, state,
+                                        residual, relu)
     return _outputs_without_autograd(z, out, statistics,
                                      compute_dtype(z.dtype))

@@ -221,6 +221,11 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
     pairs = [tuple(p.stats(x0, d, t) for p in passes) for t in (True, False)]
     pairs.append(tuple(p.cross(y, x0, d) for p in passes))
     pairs.append(tuple((p.apply(a, x0, d, False, b), ) for p in passes))
+    # inference in a residual block (the identity and the ReLU in the
+    # map's pass) and in the stem (the ReLU alone)
+    for residual in (y, None):
+        pairs.append(tuple((p.apply(a, x0, d, False, b, residual, True), )
+                           for p in passes))
     pairs.append(tuple((p.apply2(a, y, a, x0, b, d), ) for p in passes))
     base = (rand(1, scale=0.3), rand(h, c, scale=0.3),
             rand(h, scale=0.1, shift=1.0), rand(h, scale=0.1),

@@ -30,40 +30,80 @@ def _grouped(x: Tensor, group_size: int) -> Tensor:
     return x.view(n, c // group_size, group_size, h * w)
 
 
+def _map_into(maps: Tensor, cols: Tensor, acc: Tensor, dst: Tensor,
+              bias: Optional[Tensor], residual: Optional[Tensor],
+              relu: bool) -> None:
+    """``dst = maps @ cols (+ bias) (+ residual)``, then ReLU if ``relu``:
+    batched (B, d, m) columns, accumulated in ``acc`` (which must not
+    overlap ``cols``); ``dst`` may be ``cols`` (in place) or ``acc``.
+
+    With a residual the GEMM accumulates onto ``residual + bias`` (one
+    GEMM with beta = 1); ReLU is the write to ``dst``, so the sum, the
+    bias and the ReLU add no pass of their own over ``dst``.
+    """
+    if residual is None:
+        torch.bmm(maps, cols, out=acc)
+        pending = bias
+    else:
+        if bias is None:
+            acc.copy_(residual)
+        else:
+            torch.add(residual, bias, out=acc)
+        acc.baddbmm_(maps, cols)
+        pending = None
+    if pending is not None and (relu or dst is acc):
+        acc.add_(pending)
+        pending = None
+    if pending is not None:
+        torch.add(acc, pending, out=dst)
+    elif relu:
+        torch.clamp_min(acc, 0, out=dst)
+    elif dst is not acc:
+        dst.copy_(acc)
+
+
 def apply_inplace(a: Tensor, xg: Tensor, chunk_bytes: int,
-                  bias: Optional[Tensor] = None) -> None:
-    """``xg[n, g] = a[n, g] @ xg[n, g] (+ bias[n, g])`` in place.
+                  bias: Optional[Tensor] = None,
+                  residual: Optional[Tensor] = None,
+                  relu: bool = False) -> None:
+    """``xg[n, g] = a[n, g] @ xg[n, g] (+ bias[n, g]) (+ residual[n, g])``
+    in place, then ReLU if ``relu``.
 
     Columns (positions) are independent, so the product is taken over
     column chunks of about ``chunk_bytes`` through one small buffer and
-    copied back: the same arithmetic as one batched GEMM, without a new
-    activation-sized tensor.
+    written back: the same arithmetic as one batched GEMM, without a new
+    activation-sized tensor; the bias, the residual and the ReLU are
+    applied to each chunk while it is in cache.
 
     Args:
         a (Tensor): (N, G, d, d) maps, dtype of ``xg``.
         xg (Tensor): (N, G, d, HW) contiguous, overwritten.
         chunk_bytes (int): buffer size.
         bias (Tensor, optional): (N, G, d, 1), added to every column.
+        residual (Tensor, optional): (N, G, d, HW) contiguous, dtype of
+            ``xg``, added to the result (it may be ``xg`` itself).
+        relu (bool): ReLU of the result.
     """
     n, g, d, hw = xg.shape
     flat = xg.view(n * g, d, hw)
     maps = a.reshape(n * g, d, d)
     bias = None if bias is None else bias.reshape(n * g, d, 1)
+    res = None if residual is None else residual.view(n * g, d, hw)
     cols = max(1, min(hw, chunk_bytes // (n * g * d * xg.element_size())))
     buf = xg.new_empty((n * g, d, cols))
     for start in range(0, hw, cols):
         stop = min(start + cols, hw)
-        part = buf[..., :stop - start]
-        torch.bmm(maps, flat[..., start:stop], out=part)
-        if bias is None:
-            flat[..., start:stop].copy_(part)
-        else:
-            torch.add(part, bias, out=flat[..., start:stop])
+        part = flat[..., start:stop]
+        _map_into(maps, part, buf[..., :stop - start], part, bias,
+                  None if res is None else res[..., start:stop], relu)
 
 
 def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
-              bias: Optional[Tensor] = None) -> Tensor:
-    """``a[n, g] @ X[n, g] (+ bias[n, g])`` for the groups ``X`` of ``x``.
+              bias: Optional[Tensor] = None,
+              residual: Optional[Tensor] = None,
+              relu: bool = False) -> Tensor:
+    """``a[n, g] @ X[n, g] (+ bias[n, g]) (+ residual)`` for the groups
+    ``X`` of ``x``, then ReLU if ``relu``.
 
     Args:
         a (Tensor): (N, G, d, d) maps, dtype of ``x``.
@@ -73,27 +113,32 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
             larger than one chunk (:func:`apply_inplace`); elsewhere a new
             tensor is cheaper or as cheap.
         bias (Tensor, optional): (N, G, d, 1), added to every position.
+        residual (Tensor, optional): (N, C, H, W) contiguous, dtype of
+            ``x``, added to the result.
+        relu (bool): ReLU of the result.
 
     Returns:
         Tensor: ``x`` itself, or a new (N, C, H, W) tensor (not a view:
         callers may modify the output in place, ``out += identity``).
     """
     xg = _grouped(x, group_size)
+    rg = None if residual is None else _grouped(residual, group_size)
     if inplace and x.device.type == 'cpu' and x.nbytes > INPLACE_CHUNK_BYTES:
-        apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias)
+        apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias, rg, relu)
         return x
     if exporting():  # (no out=: ce_mmdet.ops.export)
         out = torch.matmul(a, xg)
-        return (out if bias is None else out + bias).reshape(x.shape)
+        if bias is not None:
+            out = out + bias
+        if rg is not None:
+            out = out + rg
+        return (torch.relu(out) if relu else out).reshape(x.shape)
     out = x.new_empty(x.shape)
-    if bias is None:
-        torch.matmul(a, xg, out=_grouped(out, group_size))
-    else:
-        n, g, d, hw = xg.shape
-        torch.baddbmm(
-            bias.reshape(n * g, d, 1).expand(n * g, d, hw),
-            a.reshape(n * g, d, d), xg.reshape(n * g, d, hw),
-            out=out.view(n * g, d, hw))
+    n, g, d, hw = xg.shape
+    flat = out.view(n * g, d, hw)
+    _map_into(a.reshape(n * g, d, d), xg.reshape(n * g, d, hw), flat, flat,
+              None if bias is None else bias.reshape(n * g, d, 1),
+              None if rg is None else rg.reshape(n * g, d, hw), relu)
     return out
 
 
@@ -505,10 +550,15 @@ class TorchPasses:
 
     @staticmethod
     def apply(a: Tensor, x: Tensor, group_size: int, inplace: bool,
-              bias: Optional[Tensor] = None) -> Tensor:
-        """``a X (+ bias)`` per sample and group (:func:`apply_map`)."""
+              bias: Optional[Tensor] = None,
+              residual: Optional[Tensor] = None,
+              relu: bool = False) -> Tensor:
+        """``a X (+ bias) (+ residual)`` per sample and group, then ReLU
+        if ``relu`` (:func:`apply_map`: the sum and the ReLU in the map's
+        own pass). ``residual``: NCHW-contiguous, the dtype of ``x``."""
         return apply_map(a.to(x.dtype), x, group_size, inplace,
-                         None if bias is None else bias.to(x.dtype))
+                         None if bias is None else bias.to(x.dtype),
+                         residual, relu)
 
     @staticmethod
     def apply2(m1: Tensor, p: Tensor, m2: Tensor, q: Tensor, b: Tensor,

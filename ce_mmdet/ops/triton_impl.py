@@ -290,11 +290,13 @@ def _stats_kernel(P, Q, OUT_PQ, OUT_PS, OUT_QS, HW, CHUNK, NSPLIT,
 
 
 @triton.jit
-def _map_kernel(M1, P, M2, Q, B, OUT, HW, D: tl.constexpr,
+def _map_kernel(M1, P, M2, Q, B, R, OUT, HW, D: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_HW: tl.constexpr,
-                HAS_Q: tl.constexpr, HAS_B: tl.constexpr):
-    """Program (ng, j): ``OUT = M1 P (+ M2 Q) (+ B)`` for the rows of
-    sample-group ``ng`` and the j-th block of positions."""
+                HAS_Q: tl.constexpr, HAS_B: tl.constexpr,
+                HAS_R: tl.constexpr, RELU: tl.constexpr):
+    """Program (ng, j): ``OUT = M1 P (+ M2 Q) (+ B) (+ R)``, then ReLU if
+    ``RELU``, for the rows of sample-group ``ng`` and the j-th block of
+    positions (``R``: a residual of ``P``'s layout, read in its dtype)."""
     ng = tl.program_id(0)
     j = tl.program_id(1)
     rows = tl.arange(0, BLOCK_D)
@@ -314,6 +316,10 @@ def _map_kernel(M1, P, M2, Q, B, OUT, HW, D: tl.constexpr,
     if HAS_B:
         b = tl.load(B + ng.to(tl.int64) * D + rows, mask=rmask, other=0.)
         acc += b[:, None]
+    if HAS_R:
+        acc += tl.load(R + offs, mask=mask, other=0.).to(tl.float32)
+    if RELU:  # (NaN stays NaN, as torch.relu)
+        acc = tl.where(acc < 0, 0., acc)
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -1259,9 +1265,11 @@ def _float32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
          b: Optional[Tensor], group_size: int, out: Tensor,
-         launch: Optional[LaunchConfig] = None) -> Tensor:
-    """``out = m1 P (+ m2 Q) (+ b)`` by :func:`_map_kernel`; ``launch``: the
-    configuration (default :func:`map_launch`)."""
+         launch: Optional[LaunchConfig] = None,
+         residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """``out = m1 P (+ m2 Q) (+ b) (+ residual)``, then ReLU if ``relu``,
+    by :func:`_map_kernel`; ``launch``: the configuration (default
+    :func:`map_launch`)."""
     n, c, h, w = p.shape
     d, hw = group_size, h * w
     block_d = _blocks(d)[0]
@@ -1270,12 +1278,15 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
     _check(p, 'P')
     if q is not None:
         _check(q, 'Q')
+    if residual is not None:
+        _check(residual, 'residual')
     grid = (n * (c // d), _cdiv(hw, block_hw))
     _launch(
         _MAP, grid,
         m1, p, m1 if m2 is None else m2, p if q is None else q,
-        m1 if b is None else b, out, hw, D=d, BLOCK_D=block_d,
-        BLOCK_HW=block_hw, HAS_Q=q is not None, HAS_B=b is not None,
+        m1 if b is None else b, p if residual is None else residual, out, hw,
+        D=d, BLOCK_D=block_d, BLOCK_HW=block_hw, HAS_Q=q is not None,
+        HAS_B=b is not None, HAS_R=residual is not None, RELU=relu,
         num_warps=warps)
     return out
 
@@ -1471,9 +1482,12 @@ class TritonPasses:
 
     @staticmethod
     def apply(a: Tensor, x: Tensor, group_size: int, inplace: bool,
-              bias: Optional[Tensor] = None) -> Tensor:
+              bias: Optional[Tensor] = None,
+              residual: Optional[Tensor] = None,
+              relu: bool = False) -> Tensor:
         out = x if inplace else torch.empty_like(x)
-        return _map(a, x, None, None, bias, group_size, out)
+        return _map(a, x, None, None, bias, group_size, out, None, residual,
+                    relu)
 
     @staticmethod
     def apply2(m1: Tensor, p: Tensor, m2: Tensor, q: Tensor, b: Tensor,

@@ -66,6 +66,16 @@ def test_every_pass_matches_torch(n, c, h, w, d, dtype):
     out = triton_p.apply(a, xc, d, True)
     assert out.data_ptr() == xc.data_ptr()
     assert rel_err(out, (ref - b).view_as(out)) < tol
+    # a residual block's tail in the same pass: + residual, ReLU
+    tail = torch.relu(ref.view_as(x) + y.float())
+    xc = x.clone()
+    out = triton_p.apply(a, xc, d, True, b, y, True)
+    assert out.data_ptr() == xc.data_ptr() and out.dtype == dtype
+    assert rel_err(out, tail) < tol and (out == 0).any()
+    assert rel_err(out, torch_p.apply(a, x.clone(), d, True, b, y, True)) \
+        < tol
+    out = triton_p.apply(a, x, d, False, b, None, True)  # the stem's ReLU
+    assert rel_err(out, torch.relu(ref.view_as(x))) < tol
 
 
 def make_pair(c, d, bn_training, ce_training, impl):

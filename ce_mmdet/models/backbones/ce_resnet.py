@@ -1,9 +1,12 @@
 """CE-ResNet: mmdet's ResNet with Channel Equilibrium after the last BN of
 each block (and after the stem BN), as in the published CE-ResNet.
 
-Every block runs conv -> BN -> CE as one explicit call in its own forward,
-``out = self.ce(self.conv3(out), bn=self.norm3, inplace=True)``, so the CE
-layer applies the BN itself (see :class:`ChannelEquilibrium`).
+Every block runs conv -> BN -> CE -> + identity -> ReLU as one explicit
+call in its own forward, ``self.ce(self.conv3(out), bn=self.norm3,
+inplace=True, residual=identity, relu=True)``, so the CE layer applies the
+BN itself and, where autograd records nothing, adds the identity and
+applies the ReLU in the same pass over the feature map (see
+:class:`ChannelEquilibrium`).
 """
 import copy
 import numbers
@@ -43,9 +46,12 @@ class CEBottleneck(Bottleneck):
     ``ce_cfg`` (keyword-only; None: no CE, exactly mmdet's Bottleneck). The
     CE layer is ``self.ce`` (state dict keys ``layerL.B.ce.*``, as
     published); ``norm3`` keeps its keys. ``forward`` calls
-    ``self.ce(self.conv3(out), bn=self.norm3, inplace=True)``: one op for
-    BN + CE, so forward hooks on ``norm3`` do not run (hook ``ce`` or the
-    block instead).
+    ``self.ce(self.conv3(out), bn=self.norm3, inplace=True,
+    residual=identity, relu=True)``: one op for BN + CE + the residual
+    addition + ReLU (the identity, ``downsample(x)`` where there is one, is
+    computed before it), so forward hooks on ``norm3`` do not run (hook
+    ``ce`` or the block instead). With plugins after conv3 the residual
+    and ReLU follow them as in mmdet.
 
     Example:
         >>> import torch
@@ -78,7 +84,8 @@ class CEBottleneck(Bottleneck):
             self.ce = build_ce_layer(ce_cfg, planes * self.expansion)
 
     def forward(self, x):
-        """mmdet's Bottleneck forward, with ``norm3`` and CE as one op."""
+        """mmdet's Bottleneck forward, with ``norm3``, CE, the residual
+        addition and the ReLU as one op (without plugins after conv3)."""
 
         def _inner_forward(x):
             identity = x
@@ -89,22 +96,25 @@ class CEBottleneck(Bottleneck):
             if self.with_plugins:
                 out = self.forward_plugin(out, self.after_conv2_plugin_names)
             out = self.conv3(out)
-            if self.with_ce:  # conv3's output is read by nothing else
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            if self.with_ce and not (self.with_plugins and
+                                     self.after_conv3_plugin_names):
+                # conv3's output is read by nothing else
+                return self.ce(out, bn=self.norm3, inplace=True,
+                               residual=identity, relu=True)
+            if self.with_ce:
                 out = self.ce(out, bn=self.norm3, inplace=True)
             else:
                 out = self.norm3(out)
             if self.with_plugins:
                 out = self.forward_plugin(out, self.after_conv3_plugin_names)
-            if self.downsample is not None:
-                identity = self.downsample(x)
             out += identity
-            return out
+            return self.relu(out)
 
         if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        else:
-            out = _inner_forward(x)
-        return self.relu(out)
+            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
 
 
 class CEBasicBlock(BasicBlock):
@@ -115,7 +125,8 @@ class CEBasicBlock(BasicBlock):
     (keyword-only; None: no CE). Unlike mmdet's BasicBlock it takes plugins,
     at position ``'after_conv2'`` only (after CE, before the residual
     addition). ``forward`` calls ``self.ce(self.conv2(out), bn=self.norm2,
-    inplace=True)``: forward hooks on ``norm2`` do not run.
+    inplace=True, residual=identity, relu=True)`` (without plugins; the
+    identity is computed first): forward hooks on ``norm2`` do not run.
 
     Example:
         >>> import torch
@@ -165,21 +176,23 @@ class CEBasicBlock(BasicBlock):
             identity = x
             out = self.relu(self.norm1(self.conv1(x)))
             out = self.conv2(out)
-            if self.with_ce:  # conv2's output is read by nothing else
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            if self.with_ce and not self.after_conv2_plugin_names:
+                # conv2's output is read by nothing else
+                return self.ce(out, bn=self.norm2, inplace=True,
+                               residual=identity, relu=True)
+            if self.with_ce:
                 out = self.ce(out, bn=self.norm2, inplace=True)
             else:
                 out = self.norm2(out)
             for name in self.after_conv2_plugin_names:
                 out = getattr(self, name)(out)
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            return out + identity
+            return self.relu(out + identity)
 
         if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        else:
-            out = _inner_forward(x)
-        return self.relu(out)
+            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
 
 
 def _check_bools(name: str, value, length: int) -> tuple:
@@ -374,12 +387,14 @@ class CEResNet(ResNet):
         if self.deep_stem and self.stem_ce:
             for i in range(6):
                 x = self.stem[i](x)
-            x = self.stem[8](self.stem[6](x), bn=self.stem[7], inplace=True)
-            x = self.stem[9](x)
+            # stem[9] is the ReLU: applied by the CE op
+            x = self.stem[8](self.stem[6](x), bn=self.stem[7], inplace=True,
+                             relu=True)
         elif self.deep_stem:
             x = self.stem(x)
         elif self.stem_ce:
-            x = self.relu(self.ce1(self.conv1(x), bn=self.norm1, inplace=True))
+            x = self.ce1(self.conv1(x), bn=self.norm1, inplace=True,
+                         relu=True)
         else:
             x = self.relu(self.norm1(self.conv1(x)))
         x = self.maxpool(x)

@@ -60,7 +60,11 @@ class ChannelEquilibrium(nn.Module):
     module); any other norm (SyncBN, GN, ``nn.Identity`` after mmcv's
     ``fuse_conv_bn``...) is called as a module and CE follows it.
     :class:`~ce_mmdet.models.CEResNet` and :class:`~ce_mmdet.models.CEFPN`
-    call their CE layers this way.
+    call their CE layers this way. ``ce(z, bn=norm, residual=identity,
+    relu=True)`` is a residual block's tail, ``relu(ce(norm(z)) +
+    identity)``: where autograd records nothing the sum and the ReLU are
+    made in the op's own pass over the feature map (CE-ResNet's blocks and
+    stem call it so).
 
     Statistics run in float32 for half/bfloat16 inputs (also under
     autocast); the output has the input dtype. channels_last inputs give
@@ -201,8 +205,12 @@ class ChannelEquilibrium(nn.Module):
                 x: Tensor,
                 bn: Optional[nn.Module] = None,
                 *,
-                inplace: bool = False) -> Tensor:
-        """``CE(x)``, or ``CE(bn(x))`` with a norm layer ``bn``.
+                inplace: bool = False,
+                residual: Optional[Tensor] = None,
+                relu: bool = False) -> Tensor:
+        """``CE(x)``, or ``CE(bn(x))`` with a norm layer ``bn``; with
+        ``residual`` and ``relu``, ``relu(CE(bn(x)) + residual)``: a
+        residual block's tail in the same op.
 
         Args:
             x (Tensor): (N, C, H, W) input; with ``bn``, the norm's input.
@@ -213,6 +221,14 @@ class ChannelEquilibrium(nn.Module):
                 (for example a convolution output only this layer reads);
                 the result may then be written into ``x``'s storage where
                 autograd does not need ``x``. Default: False.
+            residual (Tensor, optional): added to the result (the block's
+                identity), the shape of ``x``. Where autograd records
+                nothing (inference, frozen stages) the sum is made in the
+                op's own pass over the feature map, on CPU chunk by chunk
+                while it is in cache; otherwise as ``out += residual``
+                after the op. Default: None.
+            relu (bool): ReLU of the result (after ``residual``), applied
+                likewise. Default: False.
 
         Returns:
             Tensor: the shape and dtype of ``x``.
@@ -221,7 +237,10 @@ class ChannelEquilibrium(nn.Module):
             x, bn = bn(x), None
         self._check_input(x)
         if x.numel() == 0:
-            return (x if bn is None else bn(x)).clone()
+            out = (x if bn is None else bn(x)).clone()
+            if residual is not None:
+                out += residual
+            return out.relu_() if relu else out
         channels_last = (
             not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last))
@@ -229,7 +248,7 @@ class ChannelEquilibrium(nn.Module):
             x, inplace = x.contiguous(), True  # our own copy
         kwargs = dict(config=self.config, training=self.training,
                       reduce_fn=self._reduce_fn(), inplace=inplace,
-                      impl=self.impl)
+                      impl=self.impl, residual=residual, relu=relu)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if bn is None:
                 out = channel_equilibrium(x, self.ce_params(),

@@ -94,18 +94,31 @@ def record_calls(model, names):
 
 
 def test_bottleneck_order_ce_after_norm3_before_add():
-    """conv3 -> CE(bn=norm3) -> downsample/add; the stem CE gets norm1.
-    The fused norms are not called as modules (their hooks do not run)."""
+    """conv3, downsample -> CE(bn=norm3, residual=downsample's output,
+    relu=True); the stem CE gets norm1 and the ReLU. The fused norms are
+    not called as modules (their hooks do not run)."""
     model = CEResNet(depth=50, base_channels=16).train()
     block = model.layer2[0]
     calls = record_calls(model, [
         'conv1', 'norm1', 'ce1', 'layer2.0.conv3', 'layer2.0.norm3',
         'layer2.0.ce', 'layer2.0.downsample'
     ])
+    tails = {}
+    for name in ('ce1', 'layer2.0.ce'):
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, kwargs, n=name: tails.update(
+                {n: (kwargs.get('residual'), kwargs.get('relu'))}),
+            with_kwargs=True)
+    identity = []
+    block.downsample.register_forward_hook(
+        lambda m, args, out: identity.append(out))
     model(torch.rand(1, 3, 64, 64))
     assert calls == [('conv1', None), ('ce1', model.norm1),
-                     ('layer2.0.conv3', None), ('layer2.0.ce', block.norm3),
-                     ('layer2.0.downsample', None)]
+                     ('layer2.0.conv3', None), ('layer2.0.downsample', None),
+                     ('layer2.0.ce', block.norm3)]
+    assert tails['ce1'] == (None, True)
+    assert tails['layer2.0.ce'][0] is identity[0]
+    assert tails['layer2.0.ce'][1] is True
 
 
 def test_basic_block_order_ce_after_norm2():
@@ -271,6 +284,32 @@ def test_user_plugins_still_work():
     assert outs[3].shape == (1, 512, 2, 2)
 
 
+@pytest.mark.parametrize('kwargs', [
+    dict(depth=50, deep_stem=True),
+    dict(depth=18, deep_stem=True),
+    dict(depth=50, plugins=[
+        dict(cfg=dict(type='ContextBlock', ratio=1. / 4),
+             position='after_conv3', stages=(False, True, False, False))
+    ]),
+])
+def test_fused_block_tails_equal_the_blocks_own_order(kwargs, monkeypatch):
+    """The deep stem's ReLU and each block's residual addition and ReLU in
+    CE's pass (inference without autograd) give what the same model gives
+    with autograd recording (CE, then ``out += identity`` and the ReLU, as
+    in mmdet); with plugins after conv3 the plugins run between CE and the
+    residual addition, as in mmdet."""
+    from ce_mmdet.ops import torch_impl
+    monkeypatch.setattr(torch_impl, 'INPLACE_CHUNK_BYTES', 4096)
+    model = randomise(CEResNet(base_channels=16, **kwargs).double()).eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        fused = model(x)
+    unfused = model(x.clone().requires_grad_())
+    for a, b in zip(fused, unfused):
+        assert rel(a, b.detach()) < 1e-12
+        assert (a == 0).any()  # the ReLU is applied
+
+
 def test_loads_bn_resnet_checkpoint(tmp_path, caplog):
     bn = randomise(ResNet(depth=50, base_channels=16))
     state = dict(bn.state_dict())
@@ -333,14 +372,15 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_inference_matches_the_published_computation(monkeypatch):
-    """Eval mode without autograd (each BN folded into its CE, the result
-    written into the conv output): the outputs of the unfused, published
-    computation."""
+@pytest.mark.parametrize('depth', [18, 50])
+def test_inference_matches_the_published_computation(depth, monkeypatch):
+    """Eval mode without autograd (each BN folded into its CE, the residual
+    addition and the ReLU in the same pass, the result written into the
+    conv output): the outputs of the unfused, published computation."""
     from ce_mmdet.ops import torch_impl
     monkeypatch.setattr(torch_impl, 'INPLACE_CHUNK_BYTES', 4096)
     model = randomise(
-        CEResNet(depth=50, stem_channels=32, base_channels=16).double())
+        CEResNet(depth=depth, stem_channels=32, base_channels=16).double())
     model.eval()
     reference = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)

@@ -536,13 +536,102 @@ def test_bn_fused_channels_last():
     assert rel_err(out, expected) < TOL
 
 
+@pytest.mark.parametrize('bn_training,ce_training', [(False, False),
+                                                     (True, True),
+                                                     (False, True)])
+@pytest.mark.parametrize('grad', [False, True])
+@pytest.mark.parametrize('with_residual,relu', [(True, True), (True, False),
+                                                (False, True)])
+def test_residual_and_relu_are_the_block_tail_float64(
+        bn_training, ce_training, grad, with_residual, relu,
+        small_inplace_chunks):
+    """``layer(z, bn=bn, residual=r, relu=True)`` is ``relu(CE(bn(z)) +
+    r)`` by the reference: in the map's pass without autograd (written into
+    z with the permission, in chunks), after the op with autograd, whose
+    gradients (z, r, every parameter) are those of the reference."""
+    layer = make_layer(32).train(ce_training)
+    bn = make_bn(32, bn_training)
+    z = bn_like_input(2, 32, 6, 5).contiguous()
+    r = torch.randn_like(z) if with_residual else None
+    ref_z = z.clone().requires_grad_(grad)
+    ref_r = None if r is None else r.clone().requires_grad_(grad)
+    ref_layer, ref_bn = copy.deepcopy(layer), copy.deepcopy(bn)
+    with torch.set_grad_enabled(grad):
+        expected = ce_reference_module(ref_layer, ref_bn(ref_z))[0]
+        if r is not None:
+            expected = expected + ref_r
+        if relu:
+            expected = torch.relu(expected)
+        zc = z.clone().requires_grad_(grad)
+        rc = None if r is None else r.clone().requires_grad_(grad)
+        out = layer(zc, bn=bn, inplace=True, residual=rc, relu=relu)
+    assert rel_err(out, expected) < TOL
+    if relu:
+        assert (out == 0).any() and (out > 0).any()  # (the ReLU mattered)
+    # in place where allowed: a folded BN without autograd writes into z
+    # (an eval BN before CE in training into the BN's own output)
+    assert (out.data_ptr() == zc.data_ptr()) == (
+        not grad and bn_training == ce_training)
+    if r is not None:
+        assert torch.equal(rc.detach(), r)  # the residual is only read
+    if grad:
+        g = torch.randn_like(out)
+        wrt = [zc] + ([rc] if r is not None else []) + list(layer.parameters())
+        ref_wrt = [ref_z] + ([ref_r] if r is not None else []) + list(
+            ref_layer.parameters())
+        for a, b in zip(torch.autograd.grad(out, wrt, g),
+                        torch.autograd.grad(expected, ref_wrt, g)):
+            assert rel_err(a, b) < TOL
+
+
+def test_residual_of_another_dtype_or_layout_is_added_after_the_op():
+    """A residual the op cannot read in its pass (another dtype, not
+    NCHW-contiguous) is added as ``out += residual`` would add it."""
+    layer = make_layer(32).eval()
+    bn = make_bn(32, False)
+    z = bn_like_input(2, 32, 6, 5).contiguous()
+    with torch.no_grad():
+        base = layer(z, bn=bn)
+        for r in (torch.randn(2, 32, 6, 5, dtype=torch.float32),
+                  torch.randn(2, 32, 5, 6, dtype=torch.float64).transpose(
+                      2, 3)):
+            out = layer(z.clone(), bn=bn, inplace=True, residual=r,
+                        relu=True)
+            expected = base.clone()
+            expected += r
+            assert torch.equal(out, expected.relu_())
+
+
+def test_bad_residual_or_relu_raises():
+    layer = make_layer(32).eval()
+    z = bn_like_input(2, 32, 6, 5).contiguous()
+    with pytest.raises(ValueError, match=r'residual must have the shape'):
+        layer(z, residual=z[:, :, :5])
+    with pytest.raises(TypeError, match='residual must be a Tensor'):
+        layer(z, residual=1.0)
+    with pytest.raises(TypeError, match='relu must be a bool'):
+        layer(z, relu=1)
+
+
 def test_apply_inplace_matches_one_gemm():
     from ce_mmdet.ops.torch_impl import apply_inplace
     torch.manual_seed(0)
     a = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     x = torch.randn(3, 2, 4, 37, dtype=torch.float64)
     expected = a @ x
+    bias = torch.randn(3, 2, 4, 1, dtype=torch.float64)
+    residual = torch.randn_like(x)
     for chunk in (8, 3 * 2 * 4 * 8 * 5, 1 << 20):  # 1 column, 5, all
         y = x.clone()
         apply_inplace(a, y, chunk)
         assert rel_err(y, expected) < 1e-14
+        # the block tail: bias, residual and ReLU in the same chunks
+        for b, r in ((bias, residual), (None, residual), (bias, None)):
+            want = expected + (0 if b is None else b) + (0 if r is None
+                                                          else r)
+            y = x.clone()
+            apply_inplace(a, y, chunk, b, r, relu=True)
+            assert rel_err(y, want.relu()) < 1e-14
+        y = x.clone()  # the residual may be the input itself
+        apply_inplace(a, y, chunk, bias, y)
+        assert rel_err(y, expected + bias + x) < 1e-14
