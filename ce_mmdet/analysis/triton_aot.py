@@ -78,7 +78,8 @@ SM_RESOURCES = {
 
 #: What the ``mode`` of a :class:`Scenario` runs.
 MODES = {
-    'train': 'BN (batch statistics) + CE in training, forward and backward',
+    'train': 'BN (batch statistics) + CE in training, forward and backward '
+    '(alone and with a residual block\'s tail, as in every mode with a BN)',
     'norm_eval': 'BN and CE with running statistics, forward and backward '
     '(mmdet detection configs)',
     'inference': 'BN and CE in eval mode under torch.no_grad: alone, with '
@@ -263,8 +264,9 @@ def run_scenario(scenario: Scenario) -> None:
             reduce_fn=lambda t: t.clone(), impl='triton')
     elif s.mode.startswith('ce_'):
         out = ce(z)
-    else:
-        out = ce(z, bn=bn)
+    else:  # as CEFPN, and as a residual block (with its tail)
+        residual = torch.randn_like(z).requires_grad_()
+        out = ce(z, bn=bn) + ce(z, bn=bn, residual=residual, relu=True)
     out.float().square().sum().backward()
 
 

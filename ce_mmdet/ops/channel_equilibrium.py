@@ -85,7 +85,7 @@ def _update_running_state(state: CEState, wm: Tensor, scale: Tensor,
 
 def _op_call(x: Tensor, config: CEConfig, training: bool, reduce_fn,
              inplace: bool, impl: str, differentiable, hidden: int,
-             **bn) -> functions.OpCall:
+             relu: bool, **bn) -> functions.OpCall:
     return functions.OpCall(
         config=config,
         training=bool(training),
@@ -98,6 +98,7 @@ def _op_call(x: Tensor, config: CEConfig, training: bool, reduce_fn,
         inplace=bool(inplace) and not torch.compiler.is_compiling()
         and not exporting(),
         needs_grad=_needs_grad(x, *differentiable),
+        relu=relu,
         **bn)
 
 
@@ -139,12 +140,13 @@ def channel_equilibrium(x: Tensor,
         impl (str): ``'auto'``, ``'torch'`` or ``'triton'``
             (:func:`~ce_mmdet.ops.impl.resolve_impl`).
         residual (Tensor, optional): added to CE's result (a residual
-            block's identity), shape and device of ``x``. Where autograd
-            records nothing it is added in the map's own pass over the
-            feature map (NCHW-contiguous, the dtype of ``x``; otherwise
-            as ``out += residual``), else after the op.
+            block's identity), shape and device of ``x``: in the map's own
+            pass over the feature map (NCHW-contiguous, the dtype of
+            ``x``; any other is added after the op, as ``out +=
+            residual``). Its gradient is the output's, through the ReLU.
         relu (bool): ReLU of the result (after ``residual``), in the same
-            pass where ``residual`` is. Default: False.
+            pass; with autograd the output is saved for its backward (as a
+            ReLU module would save it). Default: False.
 
     Returns:
         Tensor: same shape and dtype as ``x``.
@@ -165,10 +167,12 @@ def channel_equilibrium(x: Tensor,
     """
     _check_input(x, state, config)
     fuse = _check_epilogue(x, residual, relu)
-    call = _op_call(x, config, training, reduce_fn, inplace, impl, params,
-                    params.fc1_weight.shape[0])
-    out, wm, scale = functions.channel_equilibrium(
-        x, params, state, call, residual if fuse else None, relu and fuse)
+    fused = residual if fuse else None
+    call = _op_call(x, config, training, reduce_fn, inplace, impl,
+                    params + (fused, ), params.fc1_weight.shape[0],
+                    relu and fuse)
+    out, wm, scale = functions.channel_equilibrium(x, params, state, call,
+                                                   fused)
     if training:
         _update_running_state(state, wm, scale, config)
     return out if fuse else _late_epilogue(out, residual, relu)
@@ -241,16 +245,16 @@ def batchnorm_channel_equilibrium(z: Tensor,
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
+    fused = residual if fuse else None
     call = _op_call(z, config, training, reduce_fn, inplace, impl,
-                    (bn.weight, bn.bias) + tuple(params),
-                    params.fc1_weight.shape[0],
+                    (bn.weight, bn.bias, fused) + tuple(params),
+                    params.fc1_weight.shape[0], relu and fuse,
                     bn_batch_stats=batch_stats, bn_momentum=float(factor),
                     bn_eps=float(bn.eps))
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
     out, wm, scale, batch_mean, batch_var = \
-        functions.batchnorm_channel_equilibrium(
-            z, bn_tensors, params, state, call, residual if fuse else None,
-            relu and fuse)
+        functions.batchnorm_channel_equilibrium(z, bn_tensors, params, state,
+                                                call, fused)
     if batch_mean.numel() and bn.running_mean is not None:
         # the op computed the BN's batch statistics itself: the running
         # update of native_batch_norm (r + m (x - r), one launch)

@@ -13,7 +13,7 @@ passes over the feature map are computed (``call.passes``: PyTorch GEMMs,
   - backward: ``dA = dout X^T``, the small graph's hand-derived backward
     maps ``dA`` onto the statistics and the parameters, then ``dX = A^T
     dout + S X + b`` in one pass. Only the input and small tensors are
-    saved.
+    saved (and, with the block tail's ReLU, the output: below).
 
 * :class:`_BNCEFunction`, ``CE(BN(Z))`` for a plain BatchNorm: the BN is
   applied inside the op, and only the BN's input ``Z`` is saved (the tensor
@@ -52,13 +52,17 @@ a frozen stage) the entries run the same forward bodies (:func:`_ce_forward`,
 :func:`_bnce_forward`) without the autograd Function, whose own host time is
 ~10% of an inference layer's on the Triton path, and the implementation
 leaves out what only the backward reads (``forward_map(..., keep=False)``).
-There a residual block's tail, ``relu(out + identity)``, is applied in the
-map's own pass (``passes.apply(..., residual, relu)``: no pass of its own
-over the feature map); with autograd it follows the Function as the
-block's ``out += identity`` and in-place ReLU would (:func:`_epilogue`).
 While ``torch.compile`` or ``torch.jit`` traces, the Functions run (one
 graph; one node for the FLOP analyser), except in an export (ONNX or
 ``torch.export``: standard ops only, :mod:`ce_mmdet.ops.export`).
+
+Both ops may end a residual block, ``relu(CE(...) + identity)``: the
+``residual`` input and ``call.relu`` are applied in the map's own pass
+(``passes.apply(..., residual, relu)``), not in passes of their own over
+the feature map. With autograd the ReLU's backward is the first step of
+the op's (the output is saved, as the ReLU would save it, and
+``threshold_backward`` masks ``dout``), and that masked gradient is also
+the residual's.
 
 Statistics, Gram matrices and Newton iterations run in float32 (float64 for
 float64 inputs) whatever the input dtype; outputs have the input dtype.
@@ -98,6 +102,7 @@ class OpCall:
             statistics.
         bn_momentum (float): the BN's running-average factor for this call.
         bn_eps (float): the BN's eps.
+        relu (bool): the op ends with a ReLU (after the residual, if any).
     """
     config: CEConfig
     training: bool
@@ -108,6 +113,7 @@ class OpCall:
     bn_batch_stats: bool = False
     bn_momentum: float = 0.0
     bn_eps: float = 1e-5
+    relu: bool = False
 
 
 def _forward_map(x: Tensor, params: CEParams, state: CEState, call: OpCall,
@@ -160,7 +166,9 @@ def _finish_forward(ctx, call: OpCall, inp: Tensor, out: Tensor,
     # no zero-filled gradients for the statistics outputs
     ctx.set_materialize_grads(False)
     if saved is not None:
-        ctx.save_for_backward(*saved.tensors)
+        # the output after a ReLU, for the ReLU's backward (as the ReLU
+        # itself would keep it)
+        ctx.save_for_backward(*saved.tensors, out if call.relu else None)
         ctx.call, ctx.cache = call, saved.cache
         ctx.mode, ctx.bias_dtype = saved.mode, saved.bias_dtype
 
@@ -187,6 +195,16 @@ def _distinct_empties(inp: Tensor, statistics,
                  for t in statistics)
 
 
+def _tail_grad(grad_out: Tensor, out: Optional[Tensor]) -> Tensor:
+    """dL/d(the sum before the ReLU) from dL/d(out) (``out``: the saved
+    output after a ReLU, or None without one), contiguous: the gradient
+    of CE's result and of the residual."""
+    grad_out = grad_out.contiguous()
+    if out is None:
+        return grad_out
+    return torch.ops.aten.threshold_backward(grad_out, out, 0)
+
+
 def _backward_maps(ctx, grad_out: Tensor, kept: Tensor, a: Tensor,
                    params: CEParams, call: OpCall, need_params, affine=None,
                    fold=None):
@@ -210,17 +228,16 @@ def _split(tensors) -> Tuple[CEParams, CEState]:
             CEState(*tensors[_NUM_PARAMS:_NUM_PARAMS + _NUM_STATE]))
 
 
-def _ce_forward(call: OpCall, x: Tensor, params: CEParams, state: CEState,
-                residual: Optional[Tensor] = None, relu: bool = False):
+def _ce_forward(call: OpCall, x: Tensor, residual: Optional[Tensor],
+                params: CEParams, state: CEState):
     """:class:`_CEFunction`'s forward without autograd's bookkeeping:
     ``(out, wm, scale, saved)``, ``wm`` and ``scale`` None in eval,
-    ``saved`` None unless ``call.needs_grad``. ``residual`` and ``relu``
-    (never with autograd: :func:`_epilogue`) are applied in the map's
-    pass."""
+    ``saved`` None unless ``call.needs_grad``; ``residual`` (or None) and
+    ``call.relu`` in the map's pass."""
     passes, d = call.passes, call.config.group_size
     result = _forward_map(x, params, state, call)
     out = passes.apply(result.a, x, d, call.inplace and not call.needs_grad,
-                       None, residual, relu)
+                       None, residual, call.relu)
     saved = None
     if call.needs_grad:
         # the running state is not saved: training never reads it (it is
@@ -232,13 +249,15 @@ def _ce_forward(call: OpCall, x: Tensor, params: CEParams, state: CEState,
 
 
 class _CEFunction(torch.autograd.Function):
-    """CE on its input (see the module doc). Inputs: ``call, x, *params,
-    *state``; outputs: the result, the batch whitening matrices and scale
-    (empty in eval)."""
+    """CE on its input (see the module doc). Inputs: ``call, x, residual
+    (or None), *params, *state``; outputs: the result, the batch whitening
+    matrices and scale (empty in eval)."""
 
     @staticmethod
-    def forward(ctx, call: OpCall, x: Tensor, *tensors: Tensor):
-        out, wm, scale, saved = _ce_forward(call, x, *_split(tensors))
+    def forward(ctx, call: OpCall, x: Tensor, residual: Optional[Tensor],
+                *tensors: Tensor):
+        out, wm, scale, saved = _ce_forward(call, x, residual,
+                                            *_split(tensors))
         statistics = _distinct_empties(x, (wm, scale),
                                        compute_dtype(x.dtype))
         _finish_forward(ctx, call, x, out, saved, statistics)
@@ -247,31 +266,33 @@ class _CEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
         if grad_out is None:  # the output did not reach the loss
-            return (None, ) * (2 + _NUM_PARAMS + _NUM_STATE)
-        x, a, *rest = ctx.saved_tensors
+            return (None, ) * (3 + _NUM_PARAMS + _NUM_STATE)
+        x, a, *rest, out = ctx.saved_tensors
         params = CEParams(*rest)
         call = ctx.call
         passes, d = call.passes, call.config.group_size
-        grad_out = grad_out.contiguous()
+        grad_out = _tail_grad(grad_out, out)
         maps = _backward_maps(ctx, grad_out, x, a, params, call,
-                              ctx.needs_input_grad[2:2 + _NUM_PARAMS])
+                              ctx.needs_input_grad[3:3 + _NUM_PARAMS])
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = passes.apply2(maps.m1, grad_out, maps.m2, x, maps.shift,
                                    d)
-        return (None, grad_x, *maps.params) + (None, ) * _NUM_STATE
+        grad_residual = grad_out if ctx.needs_input_grad[2] else None
+        return (None, grad_x, grad_residual, *maps.params) + \
+            (None, ) * _NUM_STATE
 
 
-def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
-                  bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+def _bnce_forward(call: OpCall, z: Tensor, residual: Optional[Tensor],
+                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                  running_mean: Optional[Tensor],
                   running_var: Optional[Tensor], params: CEParams,
-                  state: CEState, residual: Optional[Tensor] = None,
-                  relu: bool = False):
+                  state: CEState):
     """:class:`_BNCEFunction`'s forward without autograd's bookkeeping:
     ``(out, wm, scale, batch_mean, batch_var, saved)``, a statistic None
     where not computed (``wm`` and ``scale`` in eval, the BN's batch
     statistics unless the op computed them itself), ``saved`` None unless
-    ``call.needs_grad``. ``residual`` and ``relu`` as for
+    ``call.needs_grad``. ``residual`` and ``call.relu`` as for
     :func:`_ce_forward`."""
     cdt = compute_dtype(z.dtype)
     passes, d = call.passes, call.config.group_size
@@ -292,7 +313,7 @@ def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
         a, a_z, bias, wm, scale, _, _, alpha, beta = result
         bn_mean, invstd, bn_var = bn_stats.mean, bn_stats.invstd, None
         out = passes.apply(a_z, z, d, call.inplace and not call.needs_grad,
-                           bias, residual, relu)
+                           bias, residual, call.relu)
         mode = 'batch_bn'
     elif call.bn_batch_stats or call.training:
         # the BN's pass (and its running-statistics update)
@@ -307,7 +328,7 @@ def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
         result = _forward_map(x, params, state, call)
         a, _, _, wm, scale = result[:5]
         # x is this op's own temporary: always free to overwrite
-        out = passes.apply(a, x, d, True, None, residual, relu)
+        out = passes.apply(a, x, d, True, None, residual, call.relu)
         mode = 'separate'
     else:
         # BN with running statistics, CE in eval: no BN pass
@@ -318,7 +339,7 @@ def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
         invstd = torch.rsqrt(bn_var + call.bn_eps) if call.needs_grad \
             else None
         out = passes.apply(a_z, z, d, call.inplace and not call.needs_grad,
-                           bias, residual, relu)
+                           bias, residual, call.relu)
         mode = 'folded'
     saved = None
     if call.needs_grad:
@@ -338,20 +359,22 @@ def _bnce_forward(call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
 
 class _BNCEFunction(torch.autograd.Function):
     """``CE(BN(z))`` for a plain BatchNorm (see the module doc). Inputs:
-    ``call, z, bn_weight, bn_bias, bn_running_mean, bn_running_var, *params,
-    *state``; outputs as :class:`_CEFunction`, then the BN's batch mean and
-    unbiased variance where the op computed them itself (the folded
-    batch-statistics BN; empty otherwise, ``native_batch_norm`` updated the
-    running statistics): the caller updates the running statistics, as it
-    updates CE's (a traced graph then shows the update outside the op)."""
+    ``call, z, residual (or None), bn_weight, bn_bias, bn_running_mean,
+    bn_running_var, *params, *state``; outputs as :class:`_CEFunction`,
+    then the BN's batch mean and unbiased variance where the op computed
+    them itself (the folded batch-statistics BN; empty otherwise,
+    ``native_batch_norm`` updated the running statistics): the caller
+    updates the running statistics, as it updates CE's (a traced graph
+    then shows the update outside the op)."""
 
     @staticmethod
-    def forward(ctx, call: OpCall, z: Tensor, bn_weight: Optional[Tensor],
-                bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+    def forward(ctx, call: OpCall, z: Tensor, residual: Optional[Tensor],
+                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], *tensors: Tensor):
-        out, *statistics, saved = _bnce_forward(call, z, bn_weight, bn_bias,
-                                                running_mean, running_var,
-                                                *_split(tensors))
+        out, *statistics, saved = _bnce_forward(call, z, residual, bn_weight,
+                                                bn_bias, running_mean,
+                                                running_var, *_split(tensors))
         statistics = _distinct_empties(z, statistics,
                                        compute_dtype(z.dtype))
         _finish_forward(ctx, call, z, out, saved, statistics)
@@ -360,15 +383,15 @@ class _BNCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, *_grad_statistics):
         if grad_out is None:  # the output did not reach the loss
-            return (None, ) * (6 + _NUM_PARAMS + _NUM_STATE)
+            return (None, ) * (7 + _NUM_PARAMS + _NUM_STATE)
         (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, var_z, mean_z,
-         gram_z, a, *rest) = ctx.saved_tensors
+         gram_z, a, *rest, out) = ctx.saved_tensors
         params = CEParams(*rest)
         call = ctx.call
         passes, d = call.passes, call.config.group_size
-        grad_out = grad_out.contiguous()
-        need_z, need_w, need_b = ctx.needs_input_grad[1:4]
-        need_params = ctx.needs_input_grad[6:6 + _NUM_PARAMS]
+        grad_out = _tail_grad(grad_out, out)
+        need_z, need_residual, need_w, need_b = ctx.needs_input_grad[1:5]
+        need_params = ctx.needs_input_grad[7:7 + _NUM_PARAMS]
         grad_z = grad_w = grad_b = None
         if ctx.mode == 'separate':
             maps = _backward_maps(ctx, grad_out, z, a, params, call,
@@ -403,38 +426,27 @@ class _BNCEFunction(torch.autograd.Function):
                 grad_w = maps.bn_weight.to(bn_weight.dtype)
             if need_b:
                 grad_b = maps.bn_bias.to(ctx.bias_dtype)
-        return (None, grad_z if need_z else None, grad_w if need_w else None,
-                grad_b if need_b else None, None, None,
-                *maps.params) + (None, ) * _NUM_STATE
-
-
-def _epilogue(out: Tensor, residual: Optional[Tensor],
-              relu: bool) -> Tensor:
-    """``relu(out + residual)`` after an autograd Function, in place, as a
-    residual block's ``out += identity; relu_(out)`` (the Function does
-    not read its output in backward)."""
-    if residual is not None:
-        out = out.add_(residual)
-    return out.relu_() if relu else out
+        return (None, grad_z if need_z else None,
+                grad_out if need_residual else None,
+                grad_w if need_w else None, grad_b if need_b else None, None,
+                None, *maps.params) + (None, ) * _NUM_STATE
 
 
 def channel_equilibrium(x: Tensor, params: CEParams, state: CEState,
-                        call: OpCall, residual: Optional[Tensor] = None,
-                        relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                        call: OpCall, residual: Optional[Tensor] = None
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """CE on a contiguous (N, C, H, W) ``x``, plus ``residual`` (NCHW
-    contiguous, the dtype of ``x``) and ReLU if given: without autograd in
-    the map's pass, else after the Function.
+    contiguous, the dtype of ``x``) if given, then ReLU if ``call.relu``.
 
     Returns:
         tuple: the output, and the batch whitening matrices and scale
         (empty in eval) for the running averages.
     """
     if _as_function(call):
-        out, wm, scale = _CEFunction.apply(call, x, *params, *state)
-        return _epilogue(out, residual, relu), wm, scale
+        return _CEFunction.apply(call, x, residual, *params, *state)
     # nothing for autograd to record (inference, frozen stages): the body
     # alone, without the Function's host time (~10% of an eval layer's)
-    out, wm, scale, _ = _ce_forward(call, x, params, state, residual, relu)
+    out, wm, scale, _ = _ce_forward(call, x, residual, params, state)
     return _outputs_without_autograd(x, out, (wm, scale),
                                      compute_dtype(x.dtype))
 
@@ -442,21 +454,19 @@ def channel_equilibrium(x: Tensor, params: CEParams, state: CEState,
 def batchnorm_channel_equilibrium(z: Tensor, bn_tensors: Tuple,
                                   params: CEParams, state: CEState,
                                   call: OpCall,
-                                  residual: Optional[Tensor] = None,
-                                  relu: bool = False
+                                  residual: Optional[Tensor] = None
                                   ) -> Tuple[Tensor, ...]:
     """``CE(BN(z))`` on a contiguous (N, C, H, W) ``z`` (plus ``residual``
-    and ReLU as for :func:`channel_equilibrium`); ``bn_tensors`` are the
+    and the ReLU as for :func:`channel_equilibrium`); ``bn_tensors`` are the
     BN's weight, bias, running mean and running variance (each may be
     None). Returns the output, CE's batch whitening matrices and scale,
     the BN's batch mean and unbiased variance (empty where the op did not
     compute them itself)."""
     if _as_function(call):
-        out, *statistics = _BNCEFunction.apply(call, z, *bn_tensors,
-                                               *params, *state)
-        return (_epilogue(out, residual, relu), *statistics)
+        return _BNCEFunction.apply(call, z, residual, *bn_tensors, *params,
+                                   *state)
     # nothing for autograd to record (see channel_equilibrium)
-    out, *statistics, _ = _bnce_forward(call, z, *bn_tensors, params, state,
-                                        residual, relu)
+    out, *statistics, _ = _bnce_forward(call, z, residual, *bn_tensors,
+                                        params, state)
     return _outputs_without_autograd(z, out, statistics,
                                      compute_dtype(z.dtype))

@@ -221,10 +221,11 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
     pairs = [tuple(p.stats(x0, d, t) for p in passes) for t in (True, False)]
     pairs.append(tuple(p.cross(y, x0, d) for p in passes))
     pairs.append(tuple((p.apply(a, x0, d, False, b), ) for p in passes))
-    # inference in a residual block (the identity and the ReLU in the
-    # map's pass) and in the stem (the ReLU alone)
-    for residual in (y, None):
-        pairs.append(tuple((p.apply(a, x0, d, False, b, residual, True), )
+    # a residual block's tail (the identity and the ReLU in the map's
+    # pass; without a bias after a BN with its own pass) and the stem's
+    # ReLU alone
+    for bias, residual in ((b, y), (None, y), (b, None)):
+        pairs.append(tuple((p.apply(a, x0, d, False, bias, residual, True), )
                            for p in passes))
     pairs.append(tuple((p.apply2(a, y, a, x0, b, d), ) for p in passes))
     base = (rand(1, scale=0.3), rand(h, c, scale=0.3),

@@ -126,12 +126,15 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
     if inplace and x.device.type == 'cpu' and x.nbytes > INPLACE_CHUNK_BYTES:
         apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias, rg, relu)
         return x
-    if exporting():  # (no out=: ce_mmdet.ops.export)
-        out = torch.matmul(a, xg)
-        if bias is not None:
-            out = out + bias
-        if rg is not None:
-            out = out + rg
+    if exporting():  # (no out=: ce_mmdet.ops.export); _map_into's order
+        if rg is None:
+            out = torch.matmul(a, xg)
+            out = out if bias is None else out + bias
+        else:
+            d, hw = xg.shape[2:]
+            start = rg if bias is None else rg + bias
+            out = torch.baddbmm(start.reshape(-1, d, hw),
+                                a.reshape(-1, d, d), xg.reshape(-1, d, hw))
         return (torch.relu(out) if relu else out).reshape(x.shape)
     out = x.new_empty(x.shape)
     n, g, d, hw = xg.shape

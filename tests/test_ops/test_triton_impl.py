@@ -132,6 +132,37 @@ def test_layer_matches_float64_reference(n, c, h, w, d, bn_training,
         assert rel_err(a, b) < 1e-3, name
 
 
+@pytest.mark.parametrize('bn_training,ce_training', [(True, True),
+                                                     (False, False),
+                                                     (False, True)])
+@pytest.mark.parametrize('grad', [True, False])
+def test_block_tail_matches_float64_reference(bn_training, ce_training,
+                                              grad):
+    """``relu(CE(BN(z)) + r)`` with the sum and the ReLU in the map kernel:
+    the float64 computation's output and, with autograd, the gradients of
+    z, r and the parameters (the ReLU's backward masks dout first)."""
+    ce, bn = make_pair(32, 16, bn_training, ce_training, 'triton')
+    ref_ce, ref_bn = copy.deepcopy(ce).double(), copy.deepcopy(bn).double()
+    ref_ce.impl = 'torch'
+    torch.manual_seed(1)
+    z = (2 * torch.randn(2, 32, 5, 7, device=DEVICE) + 1)
+    r = torch.randn_like(z)
+    zr, rr = z.double().requires_grad_(), r.double().requires_grad_()
+    ref = torch.relu(ref_ce(zr, bn=ref_bn) + rr)
+    z.requires_grad_(grad)
+    r.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = ce(z, bn=bn, inplace=True, residual=r, relu=True)
+    assert rel_err(out, ref) < 1e-3 and (out == 0).any()
+    if grad:
+        g = torch.randn_like(out)
+        wrt = [z, r] + list(ce.parameters())
+        ref_wrt = [zr, rr] + list(ref_ce.parameters())
+        for a, b in zip(torch.autograd.grad(out, wrt, g),
+                        torch.autograd.grad(ref, ref_wrt, g.double())):
+            assert rel_err(a, b) < 1e-3
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_layer_low_precision(dtype):
     ce, bn = make_pair(32, 16, True, True, 'triton')

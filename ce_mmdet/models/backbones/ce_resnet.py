@@ -4,9 +4,8 @@ each block (and after the stem BN), as in the published CE-ResNet.
 Every block runs conv -> BN -> CE -> + identity -> ReLU as one explicit
 call in its own forward, ``self.ce(self.conv3(out), bn=self.norm3,
 inplace=True, residual=identity, relu=True)``, so the CE layer applies the
-BN itself and, where autograd records nothing, adds the identity and
-applies the ReLU in the same pass over the feature map (see
-:class:`ChannelEquilibrium`).
+BN itself and adds the identity and applies the ReLU in the same pass over
+the feature map (see :class:`ChannelEquilibrium`).
 """
 import copy
 import numbers

@@ -62,9 +62,8 @@ class ChannelEquilibrium(nn.Module):
     :class:`~ce_mmdet.models.CEResNet` and :class:`~ce_mmdet.models.CEFPN`
     call their CE layers this way. ``ce(z, bn=norm, residual=identity,
     relu=True)`` is a residual block's tail, ``relu(ce(norm(z)) +
-    identity)``: where autograd records nothing the sum and the ReLU are
-    made in the op's own pass over the feature map (CE-ResNet's blocks and
-    stem call it so).
+    identity)``, with the sum and the ReLU made in the op's own pass over
+    the feature map (CE-ResNet's blocks and stem call it so).
 
     Statistics run in float32 for half/bfloat16 inputs (also under
     autocast); the output has the input dtype. channels_last inputs give
@@ -222,13 +221,12 @@ class ChannelEquilibrium(nn.Module):
                 the result may then be written into ``x``'s storage where
                 autograd does not need ``x``. Default: False.
             residual (Tensor, optional): added to the result (the block's
-                identity), the shape of ``x``. Where autograd records
-                nothing (inference, frozen stages) the sum is made in the
-                op's own pass over the feature map, on CPU chunk by chunk
-                while it is in cache; otherwise as ``out += residual``
-                after the op. Default: None.
-            relu (bool): ReLU of the result (after ``residual``), applied
-                likewise. Default: False.
+                identity), the shape of ``x``, in the op's own pass over
+                the feature map (on CPU chunk by chunk while it is in
+                cache; see :func:`ce_mmdet.ops.channel_equilibrium`).
+                Default: None.
+            relu (bool): ReLU of the result (after ``residual``), in the
+                same pass. Default: False.
 
         Returns:
             Tensor: the shape and dtype of ``x``.

@@ -584,6 +584,42 @@ def test_residual_and_relu_are_the_block_tail_float64(
             assert rel_err(a, b) < TOL
 
 
+@pytest.mark.parametrize('bn_training,ce_training', [(True, True),
+                                                     (False, False)])
+def test_block_tail_gradcheck_float64(bn_training, ce_training):
+    """The tail's hand-written backward (the ReLU's mask, then CE's) by
+    gradcheck, through z, the residual and every parameter."""
+    layer = make_layer(8, group_size=4, num_iters=2).train(ce_training)
+    layer.momentum = 0.0  # keep buffers fixed across gradcheck's calls
+    bn = make_bn(8, bn_training, momentum=0.0)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(z, r, *ps):
+        return torch.func.functional_call(
+            layer, dict(zip(names, ps)), (z, ),
+            dict(bn=bn, residual=r, relu=True))
+
+    z = bn_like_input(2, 8, 3, 3).requires_grad_()
+    r = torch.randn_like(z).requires_grad_()
+    inputs = (z, r) + tuple(p.detach().clone().requires_grad_()
+                            for p in layer.parameters())
+    assert (fn(*inputs) == 0).any()  # (the mask is exercised)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_block_tail_saves_what_the_relu_would():
+    """With the tail, backward keeps z and the output (the tensor the ReLU
+    after CE would keep), nothing else of the feature map's size."""
+    layer = make_layer(32).train()
+    bn = make_bn(32, True)
+    z = bn_like_input(2, 32, 6, 5).contiguous().requires_grad_()
+    r = torch.randn_like(z).requires_grad_()
+    out, saved = saved_storages(
+        lambda: layer(z, bn=bn, residual=r, relu=True))
+    big = {t.data_ptr() for t in saved.values() if t.numel() >= z.numel()}
+    assert big == {z.data_ptr(), out.data_ptr()}
+
+
 def test_residual_of_another_dtype_or_layout_is_added_after_the_op():
     """A residual the op cannot read in its pass (another dtype, not
     NCHW-contiguous) is added as ``out += residual`` would add it."""
@@ -627,8 +663,8 @@ def test_apply_inplace_matches_one_gemm():
         assert rel_err(y, expected) < 1e-14
         # the block tail: bias, residual and ReLU in the same chunks
         for b, r in ((bias, residual), (None, residual), (bias, None)):
-            want = expected + (0 if b is None else b) + (0 if r is None
-                                                          else r)
+            want = expected + (0 if b is None else b)
+            want = want + (0 if r is None else r)
             y = x.clone()
             apply_inplace(a, y, chunk, b, r, relu=True)
             assert rel_err(y, want.relu()) < 1e-14
