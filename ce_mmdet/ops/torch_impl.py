@@ -89,12 +89,17 @@ def apply_inplace(a: Tensor, xg: Tensor, chunk_bytes: int,
     maps = a.reshape(n * g, d, d)
     bias = None if bias is None else bias.reshape(n * g, d, 1)
     res = None if residual is None else residual.view(n * g, d, hw)
+    # chunks of equal width (a narrow last one would run ATen's per-matrix
+    # loop), each accumulated in a contiguous view of one buffer
     cols = max(1, min(hw, chunk_bytes // (n * g * d * xg.element_size())))
-    buf = xg.new_empty((n * g, d, cols))
+    chunks = -(-hw // cols)
+    cols = -(-hw // chunks)
+    buf = xg.new_empty(n * g * d * cols)
     for start in range(0, hw, cols):
         stop = min(start + cols, hw)
         part = flat[..., start:stop]
-        _map_into(maps, part, buf[..., :stop - start], part, bias,
+        acc = buf[:n * g * d * (stop - start)].view(n * g, d, stop - start)
+        _map_into(maps, part, acc, part, bias,
                   None if res is None else res[..., start:stop], relu)
 
 
