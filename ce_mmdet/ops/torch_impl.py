@@ -41,22 +41,20 @@ def _map_into(maps: Tensor, cols: Tensor, acc: Tensor, dst: Tensor,
     GEMM with beta = 1); ReLU is the write to ``dst``, so the sum, the
     bias and the ReLU add no pass of their own over ``dst``.
     """
-    if residual is None:
-        torch.bmm(maps, cols, out=acc)
-        pending = bias
-    else:
+    if residual is not None:
         if bias is None:
             acc.copy_(residual)
         else:
             torch.add(residual, bias, out=acc)
         acc.baddbmm_(maps, cols)
-        pending = None
-    if pending is not None and (relu or dst is acc):
-        acc.add_(pending)
-        pending = None
-    if pending is not None:
-        torch.add(acc, pending, out=dst)
-    elif relu:
+    else:
+        torch.bmm(maps, cols, out=acc)
+        if bias is not None and not relu and dst is not acc:
+            torch.add(acc, bias, out=dst)  # the bias is the write-back
+            return
+        if bias is not None:
+            acc.add_(bias)
+    if relu:
         torch.clamp_min(acc, 0, out=dst)
     elif dst is not acc:
         dst.copy_(acc)
