@@ -9,8 +9,10 @@ is, loses its ``memory``, ``network`` and ``timing`` sections on a lent GPU:
   and CE are one explicit op); the BN-node lines are dropped, the memory
   measurements kept;
 * ``naive_ce`` replaces a CE layer's ``forward`` by ``f(x)``, but blocks
-  call ``self.ce(z, bn=norm, inplace=True)``; the replacement then takes
-  ``bn`` (applied first, as its own module) and ``inplace`` (ignored).
+  call ``self.ce(z, bn=norm, inplace=True, residual=identity,
+  relu=True)``; the replacement then takes ``bn`` (applied first, as its
+  own module), ``inplace`` (ignored) and the block's tail (the residual
+  added and the ReLU applied after it, as separate ops).
 
 It also adds pytest's wheels to the kit's (``run.sh`` installs every wheel
 it carries), so that the same device run can run the Triton tests on the
@@ -39,12 +41,23 @@ EDITS = [
         """    from ce_mmdet.models.layers.batchnorm_handoff import batchnorm_affine
     res['handoff_affine_found'] = batchnorm_affine(m, y) is not None
 """, '', 'batchnorm_handoff'),
-    (  # the block's call ce(z, bn=norm, inplace=True)
+    (  # the block's call ce(z, bn=norm, inplace=True, residual=identity,
+        # relu=True)
         """            def f(x, mod=mod):
                 out, wm, sc = ce_reference(""",
-        """            def f(x, bn=None, *, inplace=False, mod=mod):
+        """            def f(x, bn=None, *, inplace=False, residual=None,
+                  relu=False, mod=mod):
                 x = x if bn is None else bn(x)
                 out, wm, sc = ce_reference(""", 'def f(x, mod=mod):'),
+    (  # ... and its tail, as separate ops
+        """                    mod.eps, mod.momentum, mod.training)
+                return out
+            mod.forward = f""",
+        """                    mod.eps, mod.momentum, mod.training)
+                if residual is not None:
+                    out = out + residual
+                return out.relu() if relu else out
+            mod.forward = f""", 'return out\n            mod.forward = f'),
 ]
 
 
