@@ -15,6 +15,9 @@ CE layer makes over its feature map (``ce_mmdet/ops/triton_impl.py``):
   channel sums), reads X;
 * ``stats-eval``: eval statistics (sums and sums of squares), reads X;
 * ``apply``: ``A X + b`` per sample and group, reads X, writes the output;
+* ``tail``: the same with a residual block's tail, ``relu(A X + b + R)``
+  (what CE-ResNet's blocks run), reads X and R, writes the output; a
+  diagnostic row, not in the sums below (the floor is a BN's passes);
 * ``cross``: the backward reductions ``dout Z^T`` and ``dout 1``, reads
   dout and Z;
 * ``grad``: the input gradient ``M1 dout + M2 Z + c``, reads both, writes
@@ -62,7 +65,8 @@ import ce_mmdet  # noqa: E402,F401  (registers the modules)
 from ce_mmdet.models import CEResNet, ChannelEquilibrium  # noqa: E402
 
 #: tensors of the feature map's size each pass reads or writes
-TRAFFIC = {'stats': 1, 'stats-eval': 1, 'apply': 2, 'cross': 2, 'grad': 3}
+TRAFFIC = {'stats': 1, 'stats-eval': 1, 'apply': 2, 'tail': 3, 'cross': 2,
+           'grad': 3}
 #: the passes by the statistics kernel (the rest by the map kernel)
 STATS_PASSES = ('stats', 'stats-eval', 'cross')
 #: the passes of one CE layer in a training step and in an inference call
@@ -127,9 +131,10 @@ def run_pass(ti, name: str, case: dict, launch):
         return ti._partials(x, None, d, name == 'stats', launch)
     if name == 'cross':
         return ti._partials(case['dout'], x, d, True, launch)
-    if name == 'apply':
+    if name in ('apply', 'tail'):  # (the tail's residual: dout)
         return ti._map(case['a'], x, None, None, case['b'], d, case['out'],
-                       launch)
+                       launch, case['dout'] if name == 'tail' else None,
+                       name == 'tail')
     return ti._map(case['a'], case['dout'], case['m2'], x, case['b'], d,
                    case['out'], launch)
 
