@@ -4,18 +4,19 @@
   functional ops (input, parameters and state positional, the rest
   keyword-only);
 * :class:`CEParams`, :class:`CEState`, :class:`CEConfig`,
-  :class:`BatchNormArgs`, their arguments;
+  :class:`BatchNormArgs`, their arguments; :class:`Epilogue`, the block
+  tail (``relu(out + residual)``) split into what the op fuses and the rest;
 * :func:`resolve_impl`, the one place that picks the implementation
   (``'auto'``, ``'torch'``, ``'triton'``; environment ``CE_MMDET_IMPL``).
 """
-from .channel_equilibrium import (batchnorm_channel_equilibrium,
+from .channel_equilibrium import (Epilogue, batchnorm_channel_equilibrium,
                                   channel_equilibrium)
 from .impl import IMPLS, check_impl, resolve_impl
 from .types import (BatchNormArgs, CEConfig, CEParams, CEState,
                     is_plain_batchnorm)
 
 __all__ = [
-    'BatchNormArgs', 'CEConfig', 'CEParams', 'CEState', 'IMPLS',
+    'BatchNormArgs', 'CEConfig', 'CEParams', 'CEState', 'Epilogue', 'IMPLS',
     'batchnorm_channel_equilibrium', 'channel_equilibrium', 'check_impl',
     'is_plain_batchnorm', 'resolve_impl'
 ]

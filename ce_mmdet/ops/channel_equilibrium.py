@@ -10,7 +10,7 @@ in the autograd Functions (:mod:`ce_mmdet.ops.functions`) and the
 implementation of their big passes (:mod:`ce_mmdet.ops.torch_impl`,
 :mod:`ce_mmdet.ops.triton_impl`).
 """
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -37,32 +37,48 @@ def _check_input(x: Tensor, state: CEState, config: CEConfig) -> None:
             f'and group_size={config.group_size} need {g * d}')
 
 
-def _check_epilogue(x: Tensor, residual: Optional[Tensor],
-                    relu: bool) -> bool:
-    """Checks ``residual`` and ``relu``; returns whether the op applies
-    them itself: the residual is None or NCHW-contiguous with the dtype of
-    ``x`` (any other is added after the op, as ``out += residual``:
-    :func:`_late_epilogue`)."""
-    if not isinstance(relu, bool):
-        raise TypeError(f'relu must be a bool, got {relu!r}')
-    if residual is None:
-        return True
-    if not isinstance(residual, Tensor):
-        raise TypeError('residual must be a Tensor or None, got '
-                        f'{type(residual).__name__}')
-    if residual.shape != x.shape or residual.device != x.device:
-        raise ValueError(
-            f'residual must have the shape and device of the input '
-            f'{tuple(x.shape)} on {x.device}, got {tuple(residual.shape)} '
-            f'on {residual.device}')
-    return residual.dtype == x.dtype and residual.is_contiguous()
+class Epilogue(NamedTuple):
+    """A residual block's tail, ``relu(out + residual)``, split into the
+    part the op applies in its own pass over the feature map and the part
+    applied after it (:meth:`finish`).
 
+    The op reads a residual itself when it is NCHW-contiguous with the
+    op's dtype; any other is added after the op (``out += residual``, then
+    ReLU), as a residual block would add it.
+    """
+    residual: Optional[Tensor]  # read by the op
+    relu: bool  # applied by the op
+    late_residual: Optional[Tensor]  # added after the op
+    late_relu: bool
 
-def _late_epilogue(out: Tensor, residual: Tensor, relu: bool) -> Tensor:
-    """A residual the op does not read itself (another dtype or layout):
-    ``out += residual``, then ReLU, as a residual block does."""
-    out += residual
-    return out.relu_() if relu else out
+    @classmethod
+    def of(cls, x: Tensor, residual: Optional[Tensor], relu: bool,
+           fuse: bool = True) -> 'Epilogue':
+        """Checks ``residual`` (a Tensor of the shape and device of ``x``,
+        or None) and ``relu`` (a bool); ``fuse=False``: all after the op."""
+        if not isinstance(relu, bool):
+            raise TypeError(f'relu must be a bool, got {relu!r}')
+        if residual is not None:
+            if not isinstance(residual, Tensor):
+                raise TypeError('residual must be a Tensor or None, got '
+                                f'{type(residual).__name__}')
+            if residual.shape != x.shape or residual.device != x.device:
+                raise ValueError(
+                    f'residual must have the shape and device of the input '
+                    f'{tuple(x.shape)} on {x.device}, got '
+                    f'{tuple(residual.shape)} on {residual.device}')
+            fuse = fuse and residual.dtype == x.dtype and \
+                residual.is_contiguous()
+        if fuse:
+            return cls(residual, relu, None, False)
+        return cls(None, False, residual, relu)
+
+    def finish(self, out: Tensor) -> Tensor:
+        """What the op left to do: ``out += late_residual``, then ReLU (in
+        place: ``out`` is the op's own result)."""
+        if self.late_residual is not None:
+            out += self.late_residual
+        return out.relu_() if self.late_relu else out
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
@@ -143,7 +159,8 @@ def channel_equilibrium(x: Tensor,
             block's identity), shape and device of ``x``: in the map's own
             pass over the feature map (NCHW-contiguous, the dtype of
             ``x``; any other is added after the op, as ``out +=
-            residual``). Its gradient is the output's, through the ReLU.
+            residual``: :class:`Epilogue`). Its gradient is the
+            output's, through the ReLU.
         relu (bool): ReLU of the result (after ``residual``), in the same
             pass; with autograd the output is saved for its backward (as a
             ReLU module would save it). Default: False.
@@ -166,16 +183,15 @@ def channel_equilibrium(x: Tensor,
         torch.Size([2, 32, 5, 5])
     """
     _check_input(x, state, config)
-    fuse = _check_epilogue(x, residual, relu)
-    fused = residual if fuse else None
+    tail = Epilogue.of(x, residual, relu)
     call = _op_call(x, config, training, reduce_fn, inplace, impl,
-                    params + (fused, ), params.fc1_weight.shape[0],
-                    relu and fuse)
+                    params + (tail.residual, ), params.fc1_weight.shape[0],
+                    tail.relu)
     out, wm, scale = functions.channel_equilibrium(x, params, state, call,
-                                                   fused)
+                                                   tail.residual)
     if training:
         _update_running_state(state, wm, scale, config)
-    return out if fuse else _late_epilogue(out, residual, relu)
+    return tail.finish(out)
 
 
 def batchnorm_channel_equilibrium(z: Tensor,
@@ -220,7 +236,7 @@ def batchnorm_channel_equilibrium(z: Tensor,
         Tensor: same shape and dtype as ``z``.
     """
     _check_input(z, state, config)
-    fuse = _check_epilogue(z, residual, relu)
+    tail = Epilogue.of(z, residual, relu)
     if not isinstance(bn, BatchNormArgs):
         raise TypeError('bn must be a BatchNormArgs (BatchNormArgs.'
                         f'from_module(module)), got {type(bn).__name__}')
@@ -245,16 +261,15 @@ def batchnorm_channel_equilibrium(z: Tensor,
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
-    fused = residual if fuse else None
     call = _op_call(z, config, training, reduce_fn, inplace, impl,
-                    (bn.weight, bn.bias, fused) + tuple(params),
-                    params.fc1_weight.shape[0], relu and fuse,
+                    (bn.weight, bn.bias, tail.residual) + tuple(params),
+                    params.fc1_weight.shape[0], tail.relu,
                     bn_batch_stats=batch_stats, bn_momentum=float(factor),
                     bn_eps=float(bn.eps))
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
     out, wm, scale, batch_mean, batch_var = \
         functions.batchnorm_channel_equilibrium(z, bn_tensors, params, state,
-                                                call, fused)
+                                                call, tail.residual)
     if batch_mean.numel() and bn.running_mean is not None:
         # the op computed the BN's batch statistics itself: the running
         # update of native_batch_norm (r + m (x - r), one launch)
@@ -266,4 +281,4 @@ def batchnorm_channel_equilibrium(z: Tensor,
             ], factor)
     if training:
         _update_running_state(state, wm, scale, config)
-    return out if fuse else _late_epilogue(out, residual, relu)
+    return tail.finish(out)

@@ -1275,6 +1275,10 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
     block_d = _blocks(d)[0]
     block_hw, warps, _ = launch or map_launch(d)
     m1, m2, b = _float32(m1), _float32(m2), _float32(b)
+    if residual is not None and b is None:
+        # a zero bias: ptxas spills the variant with a residual and no bias
+        # at d = 64 on sm_90 (~1 KB a thread), not this one
+        b = m1.new_zeros(m1.shape[:-1] + (1, ))
     _check(p, 'P')
     if q is not None:
         _check(q, 'Q')
@@ -1486,10 +1490,6 @@ class TritonPasses:
               residual: Optional[Tensor] = None,
               relu: bool = False) -> Tensor:
         out = x if inplace else torch.empty_like(x)
-        if residual is not None and bias is None:
-            # a zero bias: ptxas spills the variant with a residual and no
-            # bias at d = 64 on sm_90 (~1 KB a thread), not this one
-            bias = a.new_zeros(a.shape[:-1] + (1, ))
         return _map(a, x, None, None, bias, group_size, out, None, residual,
                     relu)
 

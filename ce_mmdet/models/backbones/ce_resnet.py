@@ -48,9 +48,11 @@ class CEBottleneck(Bottleneck):
     ``self.ce(self.conv3(out), bn=self.norm3, inplace=True,
     residual=identity, relu=True)``: one op for BN + CE + the residual
     addition + ReLU (the identity, ``downsample(x)`` where there is one, is
-    computed before it), so forward hooks on ``norm3`` do not run (hook
-    ``ce`` or the block instead). With plugins after conv3 the residual
-    and ReLU follow them as in mmdet.
+    computed before it), so forward hooks on ``norm3`` do not run, and
+    ``self.relu`` is not called for the block's last ReLU (hook ``ce`` or
+    the block instead; replacing ``self.relu`` changes only the first two).
+    With plugins after conv3 the residual and ``self.relu`` follow them as
+    in mmdet.
 
     Example:
         >>> import torch
@@ -125,7 +127,9 @@ class CEBasicBlock(BasicBlock):
     at position ``'after_conv2'`` only (after CE, before the residual
     addition). ``forward`` calls ``self.ce(self.conv2(out), bn=self.norm2,
     inplace=True, residual=identity, relu=True)`` (without plugins; the
-    identity is computed first): forward hooks on ``norm2`` do not run.
+    identity is computed first): forward hooks on ``norm2`` do not run,
+    and ``self.relu`` is not called for the last ReLU (it still is after
+    conv1, and with plugins after the residual addition, as in mmdet).
 
     Example:
         >>> import torch
@@ -220,7 +224,9 @@ class CEResNet(ResNet):
       (+ identity).
 
     Each norm + CE pair runs as one op (:class:`ChannelEquilibrium` with
-    ``bn=``): forward hooks on those norms do not run.
+    ``bn=``): forward hooks on those norms do not run, and the ReLU that
+    follows each pair (the stem's, a block's last) is applied inside that
+    op, not by the block's or stem's ``relu`` module.
 
     Detection semantics: ``norm_eval=True`` also keeps every CE layer in eval
     mode (running statistics frozen, as mmdet does for BN);

@@ -8,7 +8,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from ...ops import (BatchNormArgs, CEConfig, CEParams, CEState,
+from ...ops import (BatchNormArgs, CEConfig, CEParams, CEState, Epilogue,
                     batchnorm_channel_equilibrium, channel_equilibrium,
                     check_impl, is_plain_batchnorm)
 from ...ops.types import check_int
@@ -236,9 +236,7 @@ class ChannelEquilibrium(nn.Module):
         self._check_input(x)
         if x.numel() == 0:
             out = (x if bn is None else bn(x)).clone()
-            if residual is not None:
-                out += residual
-            return out.relu_() if relu else out
+            return Epilogue.of(x, residual, relu, fuse=False).finish(out)
         channels_last = (
             not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last))

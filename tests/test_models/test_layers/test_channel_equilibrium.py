@@ -649,6 +649,24 @@ def test_bad_residual_or_relu_raises():
         layer(z, relu=1)
 
 
+@pytest.mark.parametrize('training', [False, True])
+def test_empty_input_gets_the_same_tail_and_checks(training):
+    """No sample (an empty batch, as a detector's RoI branch can see): no
+    statistics, the norm's output plus the tail, and the same checks."""
+    layer = make_layer(32).train(training)
+    bn = torch.nn.BatchNorm2d(32).to(torch.float64).train(training)
+    z = torch.randn(0, 32, 6, 5, dtype=torch.float64)
+    identity = torch.randn(0, 32, 6, 5, dtype=torch.float64)
+    before = layer.running_wm.clone()
+    out = layer(z, bn=bn, residual=identity, relu=True)
+    assert out.shape == z.shape and out.dtype == z.dtype
+    assert torch.equal(layer.running_wm, before)
+    with pytest.raises(ValueError, match=r'residual must have the shape'):
+        layer(z, bn=bn, residual=identity[:, :, :5])
+    with pytest.raises(TypeError, match='relu must be a bool'):
+        layer(z, relu='yes')
+
+
 def test_apply_inplace_matches_one_gemm():
     from ce_mmdet.ops.torch_impl import apply_inplace
     torch.manual_seed(0)
