@@ -67,11 +67,13 @@ def apply_inplace(a: Tensor, xg: Tensor, chunk_bytes: int,
     """``xg[n, g] = a[n, g] @ xg[n, g] (+ bias[n, g]) (+ residual[n, g])``
     in place, then ReLU if ``relu``.
 
-    Columns (positions) are independent, so the product is taken over
-    column chunks of about ``chunk_bytes`` through one small buffer and
+    Groups and columns (positions) are independent, so the product is
+    taken over chunks of about ``chunk_bytes`` through one small buffer and
     written back: the same arithmetic as one batched GEMM, without a new
     activation-sized tensor; the bias, the residual and the ReLU are
-    applied to each chunk while it is in cache.
+    applied to each chunk while it is in cache. A chunk is a run of whole
+    (sample, group) blocks where one fits (contiguous memory for the input,
+    the residual and the write-back), else a run of columns of all blocks.
 
     Args:
         a (Tensor): (N, G, d, d) maps, dtype of ``xg``.
@@ -83,20 +85,35 @@ def apply_inplace(a: Tensor, xg: Tensor, chunk_bytes: int,
         relu (bool): ReLU of the result.
     """
     n, g, d, hw = xg.shape
-    flat = xg.view(n * g, d, hw)
-    maps = a.reshape(n * g, d, d)
-    bias = None if bias is None else bias.reshape(n * g, d, 1)
-    res = None if residual is None else residual.view(n * g, d, hw)
+    blocks = n * g
+    flat = xg.view(blocks, d, hw)
+    maps = a.reshape(blocks, d, d)
+    bias = None if bias is None else bias.reshape(blocks, d, 1)
+    res = None if residual is None else residual.view(blocks, d, hw)
+    per_block = d * hw * xg.element_size()
+    if per_block <= chunk_bytes:
+        # runs of whole blocks, as equal as the count allows
+        step = min(blocks, chunk_bytes // per_block)
+        step = -(-blocks // -(-blocks // step))
+        buf = xg.new_empty(step * d * hw)
+        for start in range(0, blocks, step):
+            stop = min(start + step, blocks)
+            part = flat[start:stop]
+            acc = buf[:(stop - start) * d * hw].view(stop - start, d, hw)
+            _map_into(maps[start:stop], part, acc, part,
+                      None if bias is None else bias[start:stop],
+                      None if res is None else res[start:stop], relu)
+        return
     # chunks of equal width (a narrow last one would run ATen's per-matrix
     # loop), each accumulated in a contiguous view of one buffer
-    cols = max(1, min(hw, chunk_bytes // (n * g * d * xg.element_size())))
+    cols = max(1, chunk_bytes // (blocks * d * xg.element_size()))
     chunks = -(-hw // cols)
     cols = -(-hw // chunks)
-    buf = xg.new_empty(n * g * d * cols)
+    buf = xg.new_empty(blocks * d * cols)
     for start in range(0, hw, cols):
         stop = min(start + cols, hw)
         part = flat[..., start:stop]
-        acc = buf[:n * g * d * (stop - start)].view(n * g, d, stop - start)
+        acc = buf[:blocks * d * (stop - start)].view(blocks, d, stop - start)
         _map_into(maps, part, acc, part, bias,
                   None if res is None else res[..., start:stop], relu)
 

@@ -667,25 +667,30 @@ def test_empty_input_gets_the_same_tail_and_checks(training):
         layer(z, relu='yes')
 
 
-def test_apply_inplace_matches_one_gemm():
+# (N, G) and chunk sizes in bytes: one block is 4 x 37 float64 = 1184 bytes;
+# below that, runs of columns (1 column, 5 columns of every block); from
+# there, runs of whole blocks (2 of 6, 3 of 7 with a last run of 1, all)
+@pytest.mark.parametrize('ng,chunk', [((3, 2), 8), ((3, 2), 3 * 2 * 4 * 8 * 5),
+                                      ((3, 2), 2 * 1184), ((1, 7), 3 * 1184),
+                                      ((3, 2), 1 << 20)])
+def test_apply_inplace_matches_one_gemm(ng, chunk):
     from ce_mmdet.ops.torch_impl import apply_inplace
     torch.manual_seed(0)
-    a = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    x = torch.randn(3, 2, 4, 37, dtype=torch.float64)
+    a = torch.randn(*ng, 4, 4, dtype=torch.float64)
+    x = torch.randn(*ng, 4, 37, dtype=torch.float64)
     expected = a @ x
-    bias = torch.randn(3, 2, 4, 1, dtype=torch.float64)
+    bias = torch.randn(*ng, 4, 1, dtype=torch.float64)
     residual = torch.randn_like(x)
-    for chunk in (8, 3 * 2 * 4 * 8 * 5, 1 << 20):  # 1 column, 5, all
+    y = x.clone()
+    apply_inplace(a, y, chunk)
+    assert rel_err(y, expected) < 1e-14
+    # the block tail: bias, residual and ReLU in the same chunks
+    for b, r in ((bias, residual), (None, residual), (bias, None)):
+        want = expected + (0 if b is None else b)
+        want = want + (0 if r is None else r)
         y = x.clone()
-        apply_inplace(a, y, chunk)
-        assert rel_err(y, expected) < 1e-14
-        # the block tail: bias, residual and ReLU in the same chunks
-        for b, r in ((bias, residual), (None, residual), (bias, None)):
-            want = expected + (0 if b is None else b)
-            want = want + (0 if r is None else r)
-            y = x.clone()
-            apply_inplace(a, y, chunk, b, r, relu=True)
-            assert rel_err(y, want.relu()) < 1e-14
-        y = x.clone()  # the residual may be the input itself
-        apply_inplace(a, y, chunk, bias, y)
-        assert rel_err(y, expected + bias + x) < 1e-14
+        apply_inplace(a, y, chunk, b, r, relu=True)
+        assert rel_err(y, want.relu()) < 1e-14
+    y = x.clone()  # the residual may be the input itself
+    apply_inplace(a, y, chunk, bias, y)
+    assert rel_err(y, expected + bias + x) < 1e-14
