@@ -143,7 +143,10 @@ def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
         scale = state.running_scale.to(dt).clamp_min(eps)
     fc1, ln_w, ln_b, fc2 = (params.fc1_weight.to(dt), params.ln_weight.to(dt),
                             params.ln_bias.to(dt), params.fc2_weight.to(dt))
-    hidden = var @ fc1.t()
+    # the IR MLP's weights as the left operand, the (tiny) batch on the
+    # right: MKL reads a weight that is not in cache ~25% faster this way
+    # than as a transposed right operand (the results are transposed views)
+    hidden = (fc1 @ var.t()).t()
     if exporting_onnx():  # (the statistics are for the backward only)
         pre_relu = torch.nn.functional.layer_norm(
             hidden, (fc1.shape[0], ), ln_w, ln_b, eps)
@@ -152,7 +155,7 @@ def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
         pre_relu, ln_mean, ln_rstd = torch.native_layer_norm(
             hidden, hidden.shape[-1:], ln_w, ln_b, eps)
     post_relu = torch.relu(pre_relu)
-    y = torch.sigmoid(post_relu @ fc2.t())
+    y = torch.sigmoid((fc2 @ post_relu.t()).t())
     lam = torch.sigmoid(params.gate.to(dt))
     diag = ((1 - lam) / scale * y).reshape(n, g, d)
     if exporting_onnx():  # (ONNX has no diag_embed)
