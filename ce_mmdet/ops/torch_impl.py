@@ -186,10 +186,10 @@ def bn_affine(weight: Optional[Tensor], bias: Optional[Tensor],
     alpha = invstd.to(dtype)
     if weight is not None:
         alpha = alpha * weight.to(dtype)
-    beta = -mean.to(dtype) * alpha
-    if bias is not None:
-        beta = beta + bias.to(dtype)
-    return alpha, beta
+    if bias is None:
+        return alpha, -mean.to(dtype) * alpha
+    return alpha, torch.addcmul(bias.to(dtype), mean.to(dtype), alpha,
+                                value=-1)
 
 
 class BNAffine(NamedTuple):
@@ -242,7 +242,7 @@ def map_from_stats(mean: Tensor, second: Tensor, hw: int, params, state,
     if affine is not None:  # eval: mean and variance of alpha x + beta
         alpha, beta = affine.alpha_beta(mean.dtype)
         var_in = second
-        mean = mean * alpha + beta
+        mean = torch.addcmul(beta, mean, alpha)
         second = second * alpha * alpha
     a, wm, scale, cache = small_graph.forward(mean, second, hw, params,
                                               state, config, training,

@@ -1,4 +1,5 @@
 """Channel Equilibrium (CE) layer, Shao et al., ICML 2020."""
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -245,7 +246,12 @@ class ChannelEquilibrium(nn.Module):
         kwargs = dict(config=self.config, training=self.training,
                       reduce_fn=self._reduce_fn(), inplace=inplace,
                       impl=self.impl, residual=residual, relu=relu)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # the op casts itself (statistics in float32, output in x's dtype);
+        # no autocast context where autocast is off (its cost is that of a
+        # few small ops)
+        device = x.device.type
+        with (torch.autocast(device_type=device, enabled=False)
+              if torch.is_autocast_enabled(device) else nullcontext()):
             if bn is None:
                 out = channel_equilibrium(x, self.ce_params(),
                                           self.ce_state(), **kwargs)
