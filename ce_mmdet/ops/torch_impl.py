@@ -37,9 +37,10 @@ def _map_into(maps: Tensor, cols: Tensor, acc: Tensor, dst: Tensor,
     batched (B, d, m) columns, accumulated in ``acc`` (which must not
     overlap ``cols``); ``dst`` may be ``cols`` (in place) or ``acc``.
 
-    With a residual the GEMM accumulates onto ``residual + bias`` (one
-    GEMM with beta = 1); ReLU is the write to ``dst``, so the sum, the
-    bias and the ReLU add no pass of their own over ``dst``.
+    The GEMM accumulates onto ``residual + bias``, ``residual`` or the
+    broadcast ``bias`` (one GEMM with beta = 1, which first writes that
+    term into ``acc``); ReLU is the write to ``dst``, so the sum, the bias
+    and the ReLU add no pass of their own over ``dst``.
     """
     if residual is not None:
         if bias is None:
@@ -47,13 +48,10 @@ def _map_into(maps: Tensor, cols: Tensor, acc: Tensor, dst: Tensor,
         else:
             torch.add(residual, bias, out=acc)
         acc.baddbmm_(maps, cols)
+    elif bias is not None:
+        torch.baddbmm(bias.expand_as(acc), maps, cols, out=acc)
     else:
         torch.bmm(maps, cols, out=acc)
-        if bias is not None and not relu and dst is not acc:
-            torch.add(acc, bias, out=dst)  # the bias is the write-back
-            return
-        if bias is not None:
-            acc.add_(bias)
     if relu:
         torch.clamp_min(acc, 0, out=dst)
     elif dst is not acc:
