@@ -691,6 +691,39 @@ def test_apply_inplace_matches_one_gemm(ng, chunk):
         y = x.clone()
         apply_inplace(a, y, chunk, b, r, relu=True)
         assert rel_err(y, want.relu()) < 1e-14
+    y = x.clone()  # the bias alone, no ReLU: written back from the buffer
+    apply_inplace(a, y, chunk, bias)
+    assert rel_err(y, expected + bias) < 1e-14
     y = x.clone()  # the residual may be the input itself
     apply_inplace(a, y, chunk, bias, y)
     assert rel_err(y, expected + bias + x) < 1e-14
+
+
+@pytest.mark.parametrize('with_bias,with_residual,relu',
+                         [(b, r, u) for b in (False, True)
+                          for r in (False, True) for u in (False, True)])
+def test_apply_map_new_tensor_matches_reference(with_bias, with_residual,
+                                                relu):
+    """The out-of-place map (a new tensor: inplace=False, or a tensor
+    smaller than one chunk): the GEMM onto the bias and/or the residual,
+    then the ReLU, against the float64 products."""
+    from ce_mmdet.ops.torch_impl import apply_map
+    torch.manual_seed(0)
+    n, g, d, h, w = 2, 3, 4, 5, 7
+    a = torch.randn(n, g, d, d, dtype=torch.float64)
+    x = torch.randn(n, g * d, h, w, dtype=torch.float64)
+    bias = torch.randn(n, g, d, 1, dtype=torch.float64) if with_bias \
+        else None
+    residual = torch.randn_like(x) if with_residual else None
+    want = a @ x.view(n, g, d, h * w)
+    if bias is not None:
+        want = want + bias
+    want = want.reshape(x.shape)
+    if residual is not None:
+        want = want + residual
+    if relu:
+        want = want.relu()
+    before = x.clone()
+    out = apply_map(a, x, d, False, bias, residual, relu)
+    assert out.data_ptr() != x.data_ptr() and torch.equal(x, before)
+    assert rel_err(out, want) < 1e-14
