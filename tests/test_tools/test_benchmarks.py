@@ -21,13 +21,21 @@ def load(name):
 def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     results, ratios = load('benchmark_backbone').main([
-        '--depth', '18', '--shape', '64', '64', '--repeats', '1', '--warmup',
+        '--depth', '18', '--shape', '64', '64', '--repeats', '2', '--warmup',
         '0', '--json',
         str(out)
     ])
     printed = capsys.readouterr().out
     assert 'CE/BN' in printed
-    for metric in ('train step (s)', 'inference (s)',
+    # the spread of the paired ratios, and each model's fastest call
+    assert 'CE/BN per repeat, inference: min ' in printed
+    per_repeat = json.loads(out.read_text())['paired_per_repeat']
+    assert len(per_repeat['ce/bn train step (s)']) == 2
+    for k in ('bn', 'ce'):
+        for phase in ('train step', 'inference'):
+            assert 0 < results[k][f'{phase}, best (s)'] <= results[k][
+                f'{phase} (s)']
+    for metric in ('train step (s)', 'inference (s)', 'inference, best (s)',
                    'saved for backward (MiB)', 'peak RSS, train step (MiB)',
                    'params (M)', 'FLOPs, 1 image (G)', 'ops per train step',
                    'ops per inference'):

@@ -48,7 +48,12 @@ implementations are compared side by side with the paired ratios
 
 The last column is CE / BN; for times it is the median over repeats of the
 ratio within each repeat (both measured within a second of each other), which
-a shared machine's slow drifts do not bias. ``--profile ROWS`` also prints
+a shared machine's slow drifts do not bias; below the table, the spread of
+those per-repeat ratios (min, quartiles, max: how much one repeat moves),
+and the ``best (s)`` rows give each model's fastest call and their ratio,
+the ratio of the least disturbed calls (a short burst from another
+process on a shared host slows one call of a pair, and moves the paired
+ratio, not the minima). ``--profile ROWS`` also prints
 ``torch.profiler``'s key_averages table (top ROWS ops by self time) of two
 training steps and two inference passes of each model: where the time goes.
 """
@@ -121,6 +126,16 @@ def ratio(b, a) -> float:
     return 1.0 if b == 0 else float('inf')
 
 
+def spread_summary(values) -> str:
+    """``min  q1-q3  max`` of the paired ratios (the noise of a shared
+    machine: how far one repeat's ratio moves)."""
+    lo, hi = min(values), max(values)
+    if len(values) < 2:
+        return f'{lo:.3f}'
+    q1, _, q3 = statistics.quantiles(values, n=4, method='inclusive')
+    return f'min {lo:.3f}, quartiles {q1:.3f}-{q3:.3f}, max {hi:.3f}'
+
+
 def cuda_peak(model, x, device):
     if device.type != 'cuda':
         return None
@@ -169,7 +184,7 @@ def main(argv=None):
     x = torch.randn(args.batch_size, 3, h, w, device=device)
 
     results = {k: {} for k in models}
-    paired = {}
+    paired, spread = {}, {}
     timed = () if args.counts_only else (
         ('train step (s)', 'train'), ('inference (s)', 'eval'))
     if args.inference_first:
@@ -182,9 +197,12 @@ def main(argv=None):
         samples = alternating_samples(fns, args.repeats, args.warmup, device,
                                       reverse=True)
         for k in models:
+            per_repeat = [c / b for b, c in zip(samples['bn'], samples[k])]
             results[k][name] = statistics.median(samples[k])
-            paired[k, name] = statistics.median(
-                c / b for b, c in zip(samples['bn'], samples[k]))
+            paired[k, name] = statistics.median(per_repeat)
+            spread[k, name] = per_repeat
+            # the least disturbed call of each (its ratio: of the minima)
+            results[k][name.replace(' (s)', ', best (s)')] = min(samples[k])
         if args.profile:
             for k, m in models.items():
                 print(f'--- {k}, {phase}: torch.profiler, 2 calls')
@@ -232,11 +250,20 @@ def main(argv=None):
             by_model[k][metric] = paired.get((k, metric), ratio(b, a))
             row += f'{by_model[k][metric]:>15.3f}'
         print(row)
+    for (k, metric), values in spread.items():
+        if k != 'bn':
+            print(f'{k.upper()}/BN per repeat, {metric[:-4]}: '
+                  f'{spread_summary(values)}')
     ratios = by_model['ce']
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(args=vars(args), results=results, ratios=ratios,
-                           ratios_by_model=by_model), f, indent=2)
+                           ratios_by_model=by_model,
+                           paired_per_repeat={
+                               f'{k}/bn {metric}': values
+                               for (k, metric), values in spread.items()
+                               if k != 'bn'
+                           }), f, indent=2)
     return results, ratios
 
 
