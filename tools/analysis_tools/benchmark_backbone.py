@@ -127,8 +127,8 @@ def ratio(b, a) -> float:
 
 
 def spread_summary(values) -> str:
-    """``min  q1-q3  max`` of the paired ratios (the noise of a shared
-    machine: how far one repeat's ratio moves)."""
+    """``min, quartiles q1-q3, max`` of the paired ratios (the noise of a
+    shared machine: how far one repeat's ratio moves)."""
     lo, hi = min(values), max(values)
     if len(values) < 2:
         return f'{lo:.3f}'
@@ -184,7 +184,7 @@ def main(argv=None):
     x = torch.randn(args.batch_size, 3, h, w, device=device)
 
     results = {k: {} for k in models}
-    paired, spread = {}, {}
+    per_repeat = {}  # (CE model, metric): its CE/BN ratio in each repeat
     timed = () if args.counts_only else (
         ('train step (s)', 'train'), ('inference (s)', 'eval'))
     if args.inference_first:
@@ -197,10 +197,11 @@ def main(argv=None):
         samples = alternating_samples(fns, args.repeats, args.warmup, device,
                                       reverse=True)
         for k in models:
-            per_repeat = [c / b for b, c in zip(samples['bn'], samples[k])]
+            if k != 'bn':
+                per_repeat[k, name] = [
+                    c / b for b, c in zip(samples['bn'], samples[k])
+                ]
             results[k][name] = statistics.median(samples[k])
-            paired[k, name] = statistics.median(per_repeat)
-            spread[k, name] = per_repeat
             # the least disturbed call of each (its ratio: of the minima)
             results[k][name.replace(' (s)', ', best (s)')] = min(samples[k])
         if args.profile:
@@ -247,13 +248,15 @@ def main(argv=None):
             f'{results[k].get(metric, float("nan")):>12.4g}' for k in models)
         for k in ces:
             b = results[k].get(metric, float('nan'))
-            by_model[k][metric] = paired.get((k, metric), ratio(b, a))
+            if (k, metric) in per_repeat:  # times: the paired median
+                by_model[k][metric] = statistics.median(per_repeat[k, metric])
+            else:
+                by_model[k][metric] = ratio(b, a)
             row += f'{by_model[k][metric]:>15.3f}'
         print(row)
-    for (k, metric), values in spread.items():
-        if k != 'bn':
-            print(f'{k.upper()}/BN per repeat, {metric[:-4]}: '
-                  f'{spread_summary(values)}')
+    for (k, metric), values in per_repeat.items():
+        print(f'{k.upper()}/BN per repeat, {metric.replace(" (s)", "")}: '
+              f'{spread_summary(values)}')
     ratios = by_model['ce']
     if args.json:
         with open(args.json, 'w') as f:
@@ -261,8 +264,7 @@ def main(argv=None):
                            ratios_by_model=by_model,
                            paired_per_repeat={
                                f'{k}/bn {metric}': values
-                               for (k, metric), values in spread.items()
-                               if k != 'bn'
+                               for (k, metric), values in per_repeat.items()
                            }), f, indent=2)
     return results, ratios
 
