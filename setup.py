@@ -29,6 +29,8 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.8',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
+    # the fused CPU kernels (ce_mmdet.ops.cpu_kernels) build from it
+    package_data={'ce_mmdet.ops': ['csrc/*.c']},
     install_requires=read_requirements('runtime'),
     extras_require={
         'tests': read_requirements('tests'),

@@ -5,7 +5,9 @@ that dominates small-batch detection training steps on a GPU.
 below autograd, forward and backward, and counts those that do work, not
 views and metadata ops (``view``, ``reshape``, ``expand``, ``transpose``,
 ``detach``, ``empty``, ``as_strided`` ...), plus one per Triton kernel launch
-of :mod:`ce_mmdet.ops.triton_impl`. The torch ops Triton's interpreter runs
+of :mod:`ce_mmdet.ops.triton_impl` and one per call of the fused CPU kernels
+of :mod:`ce_mmdet.ops.cpu_kernels` (ctypes calls the dispatcher does not
+see). The torch ops Triton's interpreter runs
 inside a launch (on CPU) are not counted, so a CPU count under
 ``TRITON_INTERPRET=1`` is what the GPU would launch.
 
@@ -64,6 +66,11 @@ def _triton_stats():
     return None if module is None else module.LaunchStats
 
 
+def _cpu_kernel_calls() -> int:
+    module = sys.modules.get('ce_mmdet.ops.cpu_kernels')
+    return 0 if module is None else module.KernelStats.calls
+
+
 class LaunchCounter(TorchDispatchMode):
     """Count working aten ops and Triton launches while active.
 
@@ -88,16 +95,20 @@ class LaunchCounter(TorchDispatchMode):
         self.syncs = Counter()
         self._triton_start = 0
         self._triton_end = None
+        self._cpu_start = 0
+        self._cpu_end = None
 
     def __enter__(self):
         stats = _triton_stats()
         self._triton_start = 0 if stats is None else stats.launches
         self._triton_end = None
+        self._cpu_start, self._cpu_end = _cpu_kernel_calls(), None
         return super().__enter__()
 
     def __exit__(self, *exc):
         stats = _triton_stats()
         self._triton_end = 0 if stats is None else stats.launches
+        self._cpu_end = _cpu_kernel_calls()
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -122,11 +133,20 @@ class LaunchCounter(TorchDispatchMode):
         return end - self._triton_start
 
     @property
+    def cpu_kernel_calls(self) -> int:
+        """Calls of :mod:`ce_mmdet.ops.cpu_kernels`' fused kernels."""
+        end = _cpu_kernel_calls() if self._cpu_end is None else \
+            self._cpu_end
+        return end - self._cpu_start
+
+    @property
     def host_syncs(self) -> int:
         """Ops that make a GPU's host wait for the device (module doc)."""
         return sum(self.syncs.values())
 
     @property
     def total(self) -> int:
-        """Working aten ops plus Triton launches."""
-        return sum(self.ops.values()) + self.triton_launches
+        """Working aten ops plus Triton launches and fused CPU kernel
+        calls."""
+        return sum(self.ops.values()) + self.triton_launches + \
+            self.cpu_kernel_calls

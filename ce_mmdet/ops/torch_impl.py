@@ -6,7 +6,10 @@ CPU-specific: an output may be written into a tensor that nobody reads
 afterwards (:func:`apply_inplace`), through a cache-sized buffer. A fresh
 activation-sized allocation costs more than the GEMM there (page faults on
 first touch); on CUDA the caching allocator makes it free, so new tensors
-are written there.
+are written there. Float32 maps and eval statistics on an x86-64 CPU with
+AVX2 go to the fused C kernels of :mod:`ce_mmdet.ops.cpu_kernels` where
+they can run (one pass each instead of ATen's two or three, the same
+numbers to float32 rounding).
 
 Statistics and gradients are accumulated in float32 (float64 for float64
 inputs) whatever the input dtype; outputs have the input dtype.
@@ -16,7 +19,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import small_graph
+from . import cpu_kernels, small_graph
 from .export import exporting
 from .small_graph import compute_dtype
 
@@ -139,6 +142,10 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
         Tensor: ``x`` itself, or a new (N, C, H, W) tensor (not a view:
         callers may modify the output in place, ``out += identity``).
     """
+    if cpu_kernels.usable(x, group_size, residual):  # one fused pass
+        out = x if inplace else torch.empty_like(x)
+        return cpu_kernels.apply_map(a, x, group_size, out, bias, residual,
+                                     relu)
     xg = _grouped(x, group_size)
     rg = None if residual is None else _grouped(residual, group_size)
     if inplace and x.device.type == 'cpu' and x.nbytes > INPLACE_CHUNK_BYTES:
@@ -517,6 +524,8 @@ class TorchPasses:
         cdt = compute_dtype(x.dtype)
         xg = _grouped(x, group_size)
         if not training:
+            if cpu_kernels.usable(x, group_size):  # one read, not two
+                return cpu_kernels.moments(x)
             return instance_moments(xg, cdt)
         # float32 copy for half inputs: Gram entries sum HW products and
         # would overflow / round badly in fp16

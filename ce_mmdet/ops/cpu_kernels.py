@@ -1,0 +1,252 @@
+"""Fused C kernels for CE's passes over an eval feature map on an x86-64 CPU
+(AVX2 + FMA), used by the torch implementation (:mod:`ce_mmdet.ops.torch_impl`)
+where they can run, the PyTorch ops elsewhere.
+
+Contract:
+
+* :func:`apply_map` computes ``out = relu?(A X + bias + residual)`` per sample
+  and group in one pass over the map (ATen needs three: the residual plus
+  bias, the batched GEMM onto it, the ReLU's write-back), in place or into a
+  new tensor; :func:`moments` gives the per-sample channel means and unbiased
+  variances in one read (ATen: a sum and a norm). The arithmetic is float32
+  with ATen's order for the map (the products summed, then the residual and
+  bias added) and double across blocks of positions for the moments, so the
+  results match the PyTorch ops to float32 rounding (tested against a
+  float64 reference).
+* They take float32, contiguous, plain CPU tensors, group sizes that are
+  multiples of 4 up to 64, in eager mode only: under ``torch.compile``,
+  ``torch.jit`` tracing and the exporters (:mod:`ce_mmdet.ops.export`) the
+  PyTorch ops run, so a graph holds standard ops only. :func:`usable` says
+  whether a call can take them.
+* The library is built from ``csrc/ce_cpu.c`` with the system C compiler
+  (``$CC``, else ``cc``; flags :data:`FLAGS`, about a second) the first time
+  a process needs it, into ``$CE_MMDET_CACHE_DIR`` (default
+  ``~/.cache/ce_mmdet``), under a name that hashes the source, the compiler
+  and the flags; later processes load it. Its OpenMP loops run on
+  ``torch.get_num_threads()`` threads (with PyPI's torch wheels, in
+  torch's own ``libgomp.so.1``, which the library then shares). Off Linux,
+  or where the CPU lacks AVX2, the PyTorch ops run without a word; where
+  the build fails (no compiler, no OpenMP) they run too, with one warning
+  that says why.
+* ``CE_MMDET_CPU_KERNELS=0`` turns the kernels off for the process (to
+  compare, or to silence the warning); they are not part of ``impl``
+  (:mod:`ce_mmdet.ops.impl`): both are the torch implementation, with the
+  same numbers.
+
+Each call is counted in :attr:`KernelStats.calls`, which
+:class:`ce_mmdet.analysis.launches.LaunchCounter` adds to its count (the
+dispatcher does not see a ctypes call).
+"""
+import ctypes
+import hashlib
+import os
+import os.path as osp
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .export import exporting
+
+ENV_VAR = 'CE_MMDET_CPU_KERNELS'
+CACHE_ENV_VAR = 'CE_MMDET_CACHE_DIR'
+SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'ce_cpu.c')
+FLAGS = ('-O3', '-std=gnu99', '-mavx2', '-mfma', '-fopenmp', '-fPIC',
+         '-shared')
+#: group sizes :func:`apply_map` takes
+MAX_GROUP_SIZE = 64
+
+
+class KernelStats:
+    """Calls of the kernels in this process (for the launch counter)."""
+    calls = 0
+
+
+#: [the loaded library, or None], once tried
+_LIBRARY = []
+
+
+def enabled() -> bool:
+    """Whether ``CE_MMDET_CPU_KERNELS`` leaves the kernels on (unset, or
+    anything but ``0``, ``false``, ``no``, ``off``)."""
+    value = os.environ.get(ENV_VAR, '1').strip().lower()
+    return value not in ('0', 'false', 'no', 'off')
+
+
+def cpu_supported() -> bool:
+    """Whether this machine runs the kernels: Linux on an x86-64 CPU with
+    AVX2 (torch's own dispatch level,
+    ``torch.backends.cpu.get_cpu_capability()``; its ``AVX2`` includes
+    FMA). Elsewhere (macOS's clang has no ``-fopenmp``) the PyTorch ops run
+    without a build attempt or a warning."""
+    if not sys.platform.startswith('linux') or \
+            platform.machine().lower() not in ('x86_64', 'amd64'):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
+
+
+def cache_dir() -> str:
+    """Where the built library lives: ``$CE_MMDET_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/ce_mmdet``, else ``~/.cache/ce_mmdet``."""
+    path = os.environ.get(CACHE_ENV_VAR)
+    if not path:
+        base = os.environ.get('XDG_CACHE_HOME') or osp.join(
+            osp.expanduser('~'), '.cache')
+        path = osp.join(base, 'ce_mmdet')
+    return path
+
+
+def build(directory: Optional[str] = None,
+          compiler: Optional[str] = None) -> str:
+    """Build the library unless it is there; returns its path.
+
+    Args:
+        directory (str, optional): where to put it (:func:`cache_dir`).
+        compiler (str, optional): the C compiler (``$CC``, else ``cc``).
+
+    Raises:
+        RuntimeError: no compiler, or it failed (its output in the
+            message).
+    """
+    directory = directory or cache_dir()
+    compiler = compiler or os.environ.get('CC') or 'cc'
+    with open(SOURCE, 'rb') as f:
+        source = f.read()
+    key = hashlib.sha256(source + repr((compiler, FLAGS)).encode())
+    path = osp.join(directory, f'ce_cpu_{key.hexdigest()[:16]}.so')
+    if osp.exists(path):
+        return path
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise RuntimeError(f'no C compiler {compiler!r} on PATH (set CC)')
+    os.makedirs(directory, exist_ok=True)
+    # built under a temporary name, then renamed: processes that build at
+    # once never load a half-written file
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
+    os.close(fd)
+    try:
+        proc = subprocess.run([exe, *FLAGS, SOURCE, '-o', tmp],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f'{compiler} {" ".join(FLAGS)} failed '
+                               f'(exit {proc.returncode}): '
+                               f'{(proc.stderr or proc.stdout)[-2000:]}')
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ce_map.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
+    lib.ce_map.restype = i32
+    lib.ce_moments.argtypes = [ptr, ptr, ptr, i64, i64, i32]
+    lib.ce_moments.restype = None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded library, built on first use; None where the kernels are
+    off, the CPU cannot run them or the build failed (warned once)."""
+    if not enabled() or not cpu_supported():
+        return None
+    if not _LIBRARY:
+        lib = None
+        try:
+            lib = _load(build())
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            warnings.warn(
+                f'ce_mmdet: the fused CPU kernels are not available ({err}); '
+                'CE runs on PyTorch ops on the CPU (the same numbers, '
+                f'slower). {ENV_VAR}=0 silences this.')
+        _LIBRARY.append(lib)
+    return _LIBRARY[0]
+
+
+def _plain(t: Optional[Tensor]) -> bool:
+    return t is None or (type(t) is Tensor and t.device.type == 'cpu'
+                         and t.dtype == torch.float32
+                         and t.layout == torch.strided
+                         and t.is_contiguous())
+
+
+def usable(x: Tensor, group_size: int,
+           residual: Optional[Tensor] = None) -> bool:
+    """Whether :func:`apply_map` / :func:`moments` take this call: eager
+    mode, a plain float32 contiguous CPU ``x`` (and ``residual``), a group
+    size that is a multiple of 4 up to 64, and the library there."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
+            exporting():
+        return False
+    if not (_plain(x) and _plain(residual)) or group_size % 4 or \
+            not 4 <= group_size <= MAX_GROUP_SIZE:
+        return False
+    return library() is not None
+
+
+def _small(t: Tensor) -> Tensor:
+    """A small operand as the kernels read it: float32, contiguous."""
+    return t.to(torch.float32).contiguous()
+
+
+def apply_map(a: Tensor, x: Tensor, group_size: int, out: Tensor,
+              bias: Optional[Tensor] = None,
+              residual: Optional[Tensor] = None,
+              relu: bool = False) -> Tensor:
+    """``out[n, g] = relu?(a[n, g] @ X[n, g] + bias[n, g] + residual[n, g])``
+    for the groups ``X`` of ``x`` (call where :func:`usable` says so).
+
+    Args:
+        a (Tensor): (N, G, d, d) maps.
+        x (Tensor): (N, C, H, W).
+        group_size (int): d.
+        out (Tensor): (N, C, H, W) float32 contiguous: ``x`` itself (in
+            place; autograd's version counter is bumped) or a new tensor.
+        bias (Tensor, optional): (N, G, d, 1).
+        residual (Tensor, optional): like ``x`` (it may be ``x``).
+        relu (bool): ReLU of the result (NaN stays NaN).
+
+    Returns:
+        Tensor: ``out``.
+    """
+    n, c, h, w = x.shape
+    d = group_size
+    if out.shape != x.shape or not _plain(out):
+        raise ValueError(f'out must be a float32 contiguous CPU tensor of '
+                         f'shape {tuple(x.shape)}, got {out.dtype} '
+                         f'{tuple(out.shape)}')
+    a = _small(a)
+    bias = None if bias is None else _small(bias)
+    status = library().ce_map(
+        a.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        0 if residual is None else residual.data_ptr(), out.data_ptr(),
+        n * (c // d), d, h * w, int(relu), torch.get_num_threads())
+    if status:
+        raise ValueError(f'group_size must be a multiple of 4 from 4 to '
+                         f'{MAX_GROUP_SIZE}, got {d}')
+    KernelStats.calls += 1
+    if out is x:
+        torch.autograd.graph.increment_version(x)
+    return out
+
+
+def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-sample channel means and unbiased variances of (N, C, H, W), as
+    two (N, C) float32 tensors (variances clamped at 0; 0 where H*W = 1).
+    Call where :func:`usable` says so."""
+    n, c, h, w = x.shape
+    mean = x.new_empty((n, c))
+    var = x.new_empty((n, c))
+    library().ce_moments(x.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                         n * c, h * w, torch.get_num_threads())
+    KernelStats.calls += 1
+    return mean, var

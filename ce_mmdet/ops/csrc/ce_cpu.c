@@ -1,0 +1,149 @@
+/*
+ * CE's two passes over an eval feature map on an x86-64 CPU with AVX2 and
+ * FMA, float32, for ce_mmdet.ops.cpu_kernels (built there with the system C
+ * compiler on first use, loaded by ctypes; the PyTorch ops are used where it
+ * cannot be built or run).
+ *
+ *   ce_map:     out[b] = relu?((A[b] z[b] + bias[b]) + res[b]), one pass
+ *               over the (d, hw) blocks b, where ATen needs three (the sum
+ *               of residual and bias, the batched GEMM onto it, the ReLU's
+ *               write-back); out may be z (in place) and res may be z.
+ *   ce_moments: per-row mean and unbiased variance of (rows, hw), one read
+ *               (ATen: a sum and a norm, two reads), accumulated in float32
+ *               lanes over 1024 positions and in double across them.
+ *
+ * The order of the map's arithmetic is ATen's: the products summed first
+ * (FMA, over j in order), then the residual-plus-bias term added.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <immintrin.h>
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+#define LD(p) (*(const v8 *)(p))
+#define ST(p, v) (*(v8 *)(p) = (v))
+#define SPLAT(s) ((v8){(s), (s), (s), (s), (s), (s), (s), (s)})
+
+#define MAX_D 64
+#define COLS 16 /* columns of one tile: two vectors */
+
+/* Columns [p0, p1) of one block; rows of z, res and out are hw apart. */
+static void map_columns(const float *A, const float *z, const float *bias,
+                        const float *res, float *out, int64_t d, int64_t hw,
+                        int64_t p0, int64_t p1, int relu) {
+  float zt[MAX_D * COLS] __attribute__((aligned(32)));
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t p = p0;
+  for (; p + COLS <= p1; p += COLS) {
+    /* the tile of z first: out may be z */
+    for (int64_t j = 0; j < d; j++) {
+      ST(zt + j * COLS, LD(z + j * hw + p));
+      ST(zt + j * COLS + 8, LD(z + j * hw + p + 8));
+    }
+    for (int64_t i = 0; i < d; i += 4) {
+      v8 c[4][2];
+      for (int k = 0; k < 4; k++) c[k][0] = c[k][1] = SPLAT(0.f);
+      for (int64_t j = 0; j < d; j++) {
+        v8 z0 = LD(zt + j * COLS), z1 = LD(zt + j * COLS + 8);
+        for (int k = 0; k < 4; k++) {
+          v8 a = SPLAT(A[(i + k) * d + j]);
+          c[k][0] += a * z0;
+          c[k][1] += a * z1;
+        }
+      }
+      for (int k = 0; k < 4; k++) {
+        int64_t row = (i + k) * hw + p;
+        v8 b = SPLAT(bias ? bias[i + k] : 0.f);
+        v8 s0 = b, s1 = b;
+        if (res) {
+          s0 = LD(res + row) + b;
+          s1 = LD(res + row + 8) + b;
+        }
+        s0 += c[k][0];
+        s1 += c[k][1];
+        if (relu) {
+          /* max(0, s): NaN stays NaN, as torch's ReLU keeps it */
+          s0 = (v8)_mm256_max_ps(zero, (__m256)s0);
+          s1 = (v8)_mm256_max_ps(zero, (__m256)s1);
+        }
+        ST(out + row, s0);
+        ST(out + row + 8, s1);
+      }
+    }
+  }
+  if (p < p1) { /* the last, narrower tile */
+    int64_t w = p1 - p;
+    for (int64_t j = 0; j < d; j++)
+      memcpy(zt + j * COLS, z + j * hw + p, (size_t)w * sizeof(float));
+    for (int64_t i = 0; i < d; i++) {
+      for (int64_t q = 0; q < w; q++) {
+        float t = 0.f;
+        for (int64_t j = 0; j < d; j++) t += A[i * d + j] * zt[j * COLS + q];
+        float s = bias ? bias[i] : 0.f;
+        if (res) s = res[i * hw + p + q] + s;
+        s += t;
+        out[i * hw + p + q] = relu && s < 0.f ? 0.f : s;
+      }
+    }
+  }
+}
+
+/* Returns 0, or 1 for a d it does not take (a multiple of 4 up to 64). */
+int ce_map(const float *A, const float *z, const float *bias, const float *res,
+           float *out, int64_t blocks, int64_t d, int64_t hw, int relu,
+           int threads) {
+  if (d < 4 || d > MAX_D || d % 4) return 1;
+  /* tasks: column ranges of blocks, about four per thread where blocks are
+     few (the stem of one image is one block) */
+  int64_t per = 1;
+  if (blocks < 4 * (int64_t)threads)
+    per = (4 * (int64_t)threads + blocks - 1) / blocks;
+  int64_t width = (hw + per - 1) / per;
+  width = (width + COLS - 1) / COLS * COLS;
+  if (width < 256) width = 256;
+  int64_t chunks = (hw + width - 1) / width;
+  int64_t tasks = blocks * chunks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tasks; t++) {
+    int64_t b = t / chunks, p0 = (t % chunks) * width;
+    int64_t p1 = p0 + width < hw ? p0 + width : hw;
+    map_columns(A + b * d * d, z + b * d * hw, bias ? bias + b * d : 0,
+                res ? res + b * d * hw : 0, out + b * d * hw, d, hw, p0, p1,
+                relu);
+  }
+  return 0;
+}
+
+void ce_moments(const float *x, float *mean, float *var, int64_t rows,
+                int64_t hw, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *v = x + r * hw;
+    double s = 0, q = 0;
+    int64_t p = 0;
+    while (p + COLS <= hw) {
+      v8 s0 = SPLAT(0.f), s1 = SPLAT(0.f), q0 = SPLAT(0.f), q1 = SPLAT(0.f);
+      int64_t e = p + 1024 < hw ? p + 1024 : hw;
+      for (; p + COLS <= e; p += COLS) {
+        v8 a = LD(v + p), b = LD(v + p + 8);
+        s0 += a;
+        s1 += b;
+        q0 += a * a;
+        q1 += b * b;
+      }
+      v8 ss = s0 + s1, qq = q0 + q1;
+      for (int k = 0; k < 8; k++) {
+        s += ss[k];
+        q += qq[k];
+      }
+    }
+    for (; p < hw; p++) {
+      s += v[p];
+      q += (double)v[p] * v[p];
+    }
+    double m = s / (double)hw;
+    double u = (q - s * m) / (double)(hw > 1 ? hw - 1 : 1);
+    mean[r] = (float)m;
+    var[r] = u > 0 ? (float)u : 0.f;
+  }
+}

@@ -1,0 +1,250 @@
+"""The fused CPU kernels (ce_mmdet.ops.cpu_kernels): against a float64
+reference, against the PyTorch ops they replace, and where they must not
+run (other dtypes, tracing, a failed build)."""
+import subprocess
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ce_mmdet.analysis.launches import LaunchCounter
+from ce_mmdet.models import ChannelEquilibrium
+from ce_mmdet.ops import cpu_kernels, torch_impl
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.library() is None,
+    reason='the CPU kernels do not build or run here (no AVX2 or no C '
+    'compiler with OpenMP)')
+
+
+def rel_err(got, want):
+    return ((got.double() - want).abs().max() /
+            want.abs().max().clamp_min(1e-30)).item()
+
+
+def reference_map(a, x, bias, residual, relu):
+    n, g, d, _ = a.shape
+    h, w = x.shape[2:]
+    want = a.double() @ x.double().reshape(n, g, d, h * w)
+    if bias is not None:
+        want = want + bias.double()
+    want = want.reshape(x.shape)
+    if residual is not None:
+        want = want + residual.double()
+    return want.relu() if relu else want
+
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 7, 7), (1, 2, 13, 13), (2, 1, 40, 40),
+          (3, 1, 1, 17)]
+
+
+@needs_kernels
+@pytest.mark.parametrize('d', [4, 8, 16, 32, 64])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_map_matches_float64_reference(d, shape):
+    """Every epilogue (bias, residual, ReLU), in place and into a new
+    tensor; N = 1, H*W = 1 and H*W not a multiple of the 16-column tile."""
+    torch.manual_seed(0)
+    n, g, h, w = shape
+    x = torch.randn(n, g * d, h, w)
+    a = torch.randn(n, g, d, d) / d**0.5
+    b = torch.randn(n, g, d, 1)
+    r = torch.randn_like(x)
+    for bias in (None, b):
+        for residual in (None, r):
+            for relu in (False, True):
+                want = reference_map(a, x, bias, residual, relu)
+                out = torch.empty_like(x)
+                before = x.clone()
+                cpu_kernels.apply_map(a, x, d, out, bias, residual, relu)
+                assert torch.equal(x, before)
+                assert rel_err(out, want) < 1e-6
+                y = x.clone()
+                cpu_kernels.apply_map(a, y, d, y, bias, residual, relu)
+                assert torch.equal(y, out)
+    y = x.clone()  # the residual may be the input itself
+    cpu_kernels.apply_map(a, y, d, y, b, y, True)
+    assert rel_err(y, reference_map(a, x, b, x, True)) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', SHAPES + [(2, 4, 80, 80)])
+def test_moments_match_float64_reference(shape):
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    x = torch.randn(n, c * 16, h, w) * 2 + 3
+    mean, var = cpu_kernels.moments(x)
+    want_mean = x.double().mean((2, 3))
+    want_var = x.double().flatten(2).var(-1) if h * w > 1 else \
+        torch.zeros_like(want_mean)
+    assert mean.dtype == var.dtype == torch.float32
+    assert mean.shape == var.shape == (n, c * 16)
+    assert (mean.double() - want_mean).abs().max() < 1e-5
+    if h * w == 1:
+        assert torch.equal(var, torch.zeros_like(var))
+    else:
+        assert rel_err(var, want_var) < 1e-5
+
+
+@needs_kernels
+def test_relu_keeps_nan_as_torch_does():
+    torch.manual_seed(0)
+    a = torch.randn(1, 2, 4, 4)
+    for hw in (16, 3):  # the vector tile and the narrow last tile
+        x = torch.randn(1, 8, 1, hw)
+        x[0, 5, 0, 1] = float('nan')  # a NaN in group 1 at position 1
+        out = cpu_kernels.apply_map(a, x, 4, torch.empty_like(x), relu=True)
+        want = torch.relu(a @ x.view(1, 2, 4, hw)).view(x.shape)
+        assert out.isnan().sum() == 4
+        assert torch.equal(out.isnan(), want.isnan())
+        assert rel_err(out.nan_to_num(), want.nan_to_num().double()) < 1e-6
+
+
+@needs_kernels
+def test_same_result_on_any_thread_count():
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 37, 41)  # one block: split by columns
+    a = torch.randn(1, 1, 64, 64)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append((cpu_kernels.apply_map(a, x, 64, torch.empty_like(x)),
+                         *cpu_kernels.moments(x)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(outs[0], other))
+
+
+@needs_kernels
+def test_in_place_bumps_autograd_version():
+    x = torch.randn(1, 16, 4, 4)
+    version = x._version
+    cpu_kernels.apply_map(torch.randn(1, 1, 16, 16), x, 16, x)
+    assert x._version > version
+
+
+@needs_kernels
+def test_bad_out_and_group_size_raise():
+    x = torch.randn(1, 16, 4, 4)
+    a = torch.randn(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r'shape \(1, 16, 4, 4\), got '
+                       r'torch.float64'):
+        cpu_kernels.apply_map(a, x, 16, x.double())
+    x6 = torch.randn(1, 6, 4, 4)
+    with pytest.raises(ValueError, match='multiple of 4 from 4 to 64, got 6'):
+        cpu_kernels.apply_map(torch.randn(1, 1, 6, 6), x6, 6,
+                              torch.empty_like(x6))
+
+
+def trained_layer(c, d, seed=0):
+    torch.manual_seed(seed)
+    layer = ChannelEquilibrium(c, group_size=d)
+    bn = nn.BatchNorm2d(c)
+    for p in (layer.gate, bn.weight, bn.bias):
+        p.data.normal_()
+    layer.train()
+    for _ in range(2):  # running whitening matrices away from identity
+        layer(torch.randn(4, c, 6, 6) * 2 + 1)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    return layer.eval(), bn.eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize('d,hw', [(16, 9), (16, 40), (64, 25)])
+def test_layer_eval_matches_pytorch_ops(monkeypatch, d, hw):
+    """An eval CE layer, alone and as BN + CE with the block tail, with the
+    kernels and without them (the PyTorch ops): the same numbers to float32
+    rounding, and the kernels ran (two calls per layer)."""
+    layer, bn = trained_layer(64, d)
+    torch.manual_seed(1)
+    z = torch.randn(2, 64, hw, hw) * 3 + 1
+    res = torch.randn_like(z)
+    calls = (lambda: layer(z), lambda: layer(z, bn, residual=res, relu=True))
+    with torch.no_grad():
+        monkeypatch.setenv(cpu_kernels.ENV_VAR, '0')
+        want = [f() for f in calls]
+        monkeypatch.delenv(cpu_kernels.ENV_VAR)
+        for f, expected in zip(calls, want):
+            with LaunchCounter() as counter:
+                got = f()
+            assert counter.cpu_kernel_calls == 2
+            assert rel_err(got, expected.double()) < 1e-5
+
+
+@needs_kernels
+def test_not_used_where_they_cannot_run():
+    """float64, a group size the kernels do not take (2) and torch.jit
+    tracing take the PyTorch ops (the call count does not move); the traced
+    graph gives the eager result."""
+    layer, bn = trained_layer(32, 16)
+    small, _ = trained_layer(32, 2)
+    z = torch.randn(2, 32, 8, 8)
+    start = cpu_kernels.KernelStats.calls
+    with torch.no_grad():
+        layer.double()(z.double())
+        layer.float()
+        small(z)
+        traced = torch.jit.trace(layer, (z, ), check_trace=False)
+    assert cpu_kernels.KernelStats.calls == start
+    with torch.no_grad():
+        assert rel_err(traced(z), layer(z).double()) < 1e-5
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, '_LIBRARY', [])
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv('CC', 'no-such-compiler-ce')
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(cpu_kernels, 'cpu_supported', lambda: True)
+    x = torch.randn(1, 16, 5, 5)
+    with pytest.warns(UserWarning, match="no C compiler 'no-such-compiler-ce'"
+                      ".*PyTorch ops"):
+        assert not cpu_kernels.usable(x, 16)
+    assert not cpu_kernels.usable(x, 16)  # warned once, then quiet
+    a = torch.randn(1, 1, 16, 16)
+    out = torch_impl.apply_map(a, x, 16, False)
+    assert rel_err(out, reference_map(a, x, None, None, False)) < 1e-6
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, '0')
+    assert cpu_kernels.library() is None
+    assert not cpu_kernels.usable(torch.randn(1, 16, 2, 2), 16)
+
+
+def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
+    if subprocess.run(['sh', '-c', 'command -v "${CC:-cc}"'],
+                      capture_output=True).returncode:
+        pytest.skip('no C compiler')
+    path = cpu_kernels.build(str(tmp_path))
+    assert path.startswith(str(tmp_path)) and path.endswith('.so')
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError('rebuilt')
+
+    monkeypatch.setattr(subprocess, 'run', no_compiler)
+    assert cpu_kernels.build(str(tmp_path)) == path
+    monkeypatch.setattr(cpu_kernels, 'FLAGS', cpu_kernels.FLAGS + ('-g', ))
+    with pytest.raises(AssertionError, match='rebuilt'):
+        cpu_kernels.build(str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == [path.split('/')[-1]]
+
+
+def test_not_tried_off_linux(monkeypatch, recwarn):
+    """macOS's clang has no -fopenmp: off Linux no build is tried and no
+    warning is given."""
+    monkeypatch.setattr(cpu_kernels, '_LIBRARY', [])
+    monkeypatch.setattr(cpu_kernels.sys, 'platform', 'darwin')
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError('a build was tried')
+
+    monkeypatch.setattr(cpu_kernels, 'build', no_build)
+    assert not cpu_kernels.cpu_supported()
+    assert not cpu_kernels.usable(torch.randn(1, 16, 2, 2), 16)
+    assert cpu_kernels._LIBRARY == [] and len(recwarn) == 0
