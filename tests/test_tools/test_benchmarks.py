@@ -1,6 +1,7 @@
 """The benchmark scripts run and report what they promise (no timing
 assertions: speed is read from their output, not tested)."""
 import json
+import os
 import os.path as osp
 import sys
 
@@ -67,6 +68,25 @@ def test_benchmark_backbone_reports_ratios(tmp_path, capsys):
     assert 'Self CPU' in printed
     assert 'peak RSS, train step (MiB)' not in ratios
     assert ratios['saved for backward (MiB)'] < 1.1
+
+
+def test_benchmark_backbone_times_the_aten_ops_beside(capsys, monkeypatch):
+    """--aten-ops: a CE model with the fused CPU kernels off, in the same
+    alternating run; the switch is set around its calls only."""
+    from ce_mmdet.ops import cpu_kernels
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    results, _ = load('benchmark_backbone').main([
+        '--depth', '18', '--shape', '64', '64', '--repeats', '1', '--warmup',
+        '0', '--no-rss', '--aten-ops'
+    ])
+    assert 'CE-ATEN/BN' in capsys.readouterr().out
+    assert results['ce-aten']['inference (s)'] > 0
+    assert cpu_kernels.ENV_VAR not in os.environ
+    ops = 'ops per inference'
+    if cpu_kernels.library() is None:  # both run the PyTorch ops
+        assert results['ce-aten'][ops] == results['ce'][ops]
+    else:  # a fused call stands for several ATen ops
+        assert results['ce-aten'][ops] > results['ce'][ops]
 
 
 def test_benchmark_ce_layer_prints_ratios(capsys):

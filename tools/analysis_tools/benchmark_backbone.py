@@ -5,7 +5,8 @@ Usage:
         [--batch-size 2] [--shape 512 512] [--depth 50] [--repeats 5]
         [--warmup 2] [--norm-eval] [--json OUT.json] [--profile ROWS]
         [--no-rss]
-        [--counts-only] [--impls torch triton] [--inference-first]
+        [--counts-only] [--impls torch triton] [--aten-ops]
+        [--inference-first]
 
 Both backbones are built with the same depth and the CE one gets the BN one's
 weights (the shared tensors). They are timed alternately (A/B within every
@@ -44,7 +45,9 @@ a warm-up) and the medians are reported:
 weights, ``impl`` set on every CE layer) to the same alternating run, so the
 implementations are compared side by side with the paired ratios
 ``CE-<impl>/BN``; the plain ``CE`` column is ``impl='auto'`` (or
-``CE_MMDET_IMPL``).
+``CE_MMDET_IMPL``). ``--aten-ops`` adds a ``CE-ATEN`` model run with the
+fused CPU kernels off (``CE_MMDET_CPU_KERNELS=0`` around its calls): the
+PyTorch ops they replace, side by side with them.
 
 The last column is CE / BN; for times it is the median over repeats of the
 ratio within each repeat (both measured within a second of each other), which
@@ -58,8 +61,10 @@ ratio, not the minima). ``--profile ROWS`` also prints
 training steps and two inference passes of each model: where the time goes.
 """
 import argparse
+import contextlib
 import copy
 import json
+import os
 import statistics
 
 import torch
@@ -68,12 +73,38 @@ from mmengine.analysis import FlopAnalyzer
 import ce_mmdet  # noqa: F401  (registers the modules)
 from ce_mmdet.analysis import ce_flop_handles
 from ce_mmdet.analysis.launches import LaunchCounter
+from ce_mmdet.ops import cpu_kernels
 from ce_mmdet.analysis.benchmark import (alternating_samples,
                                          backbone_train_step,
                                          build_backbone_pair,
                                          make_backbone_train_step,
                                          peak_rss_increase,
                                          saved_for_backward_bytes, synchronize)
+
+
+#: models run with the fused CPU kernels off (``--aten-ops``)
+ATEN_MODEL = 'ce-aten'
+
+
+@contextlib.contextmanager
+def cpu_kernels_off():
+    """``CE_MMDET_CPU_KERNELS=0`` while the block runs."""
+    old = os.environ.get(cpu_kernels.ENV_VAR)
+    os.environ[cpu_kernels.ENV_VAR] = '0'
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[cpu_kernels.ENV_VAR]
+        else:
+            os.environ[cpu_kernels.ENV_VAR] = old
+
+
+def kernels_for(name):
+    """The context a model's calls run in: kernels off for
+    :data:`ATEN_MODEL`."""
+    return cpu_kernels_off() if name == ATEN_MODEL else \
+        contextlib.nullcontext()
 
 
 def run_phase(model, x, phase):
@@ -109,13 +140,19 @@ def with_impl(model, impl):
     return model
 
 
-def count_ops(model, x, phase):
-    """Working ops (and Triton launches) and host syncs of one call after a
-    warm-up."""
-    model.train(phase == 'train')
-    run_phase(model, x, phase)
-    with LaunchCounter() as counter:
+def run_phase_in(name, model, x, phase):
+    """:func:`run_phase` in the model's context (:func:`kernels_for`)."""
+    with kernels_for(name):
         run_phase(model, x, phase)
+
+
+def count_ops(name, model, x, phase):
+    """Working ops (and Triton launches, fused CPU kernel calls) and host
+    syncs of one call after a warm-up."""
+    model.train(phase == 'train')
+    run_phase_in(name, model, x, phase)
+    with LaunchCounter() as counter:
+        run_phase_in(name, model, x, phase)
     return counter.total, counter.host_syncs
 
 
@@ -170,6 +207,9 @@ def main(argv=None):
     parser.add_argument('--impls', nargs='+', default=(),
                         choices=('torch', 'triton'),
                         help='also time CE with these implementations')
+    parser.add_argument('--aten-ops', action='store_true',
+                        help='also time CE with the fused CPU kernels off '
+                        '(the PyTorch ops they replace)')
     parser.add_argument('--inference-first', action='store_true',
                         help='time inference before the training steps (a '
                         'fresh process, as tools/test.py runs it)')
@@ -180,6 +220,8 @@ def main(argv=None):
     models = {'bn': bn, 'ce': ce}
     for impl in args.impls:
         models[f'ce-{impl}'] = with_impl(ce, impl)
+    if args.aten_ops:
+        models[ATEN_MODEL] = copy.deepcopy(ce)
     torch.manual_seed(1)
     x = torch.randn(args.batch_size, 3, h, w, device=device)
 
@@ -192,7 +234,7 @@ def main(argv=None):
     for name, phase in timed:
         for m in models.values():
             m.train(phase == 'train')
-        fns = {k: (lambda m=m: run_phase(m, x, phase))
+        fns = {k: (lambda k=k, m=m: run_phase_in(k, m, x, phase))
                for k, m in models.items()}
         samples = alternating_samples(fns, args.repeats, args.warmup, device,
                                       reverse=True)
@@ -210,7 +252,7 @@ def main(argv=None):
                 print(profile_table(fns[k], args.profile, device))
     for k, m in models.items():
         for phase, call in (('train', 'train step'), ('eval', 'inference')):
-            ops, syncs = count_ops(m, x, phase)
+            ops, syncs = count_ops(k, m, x, phase)
             results[k][f'ops per {call}'] = ops
             results[k][f'host syncs per {call}'] = syncs
         results[k]['params (M)'] = sum(p.numel()
