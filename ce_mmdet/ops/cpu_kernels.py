@@ -218,21 +218,36 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, out: Tensor,
     Returns:
         Tensor: ``out``.
     """
+    if x.dim() != 4:
+        raise ValueError(f'x must be (N, C, H, W), got {tuple(x.shape)}')
     n, c, h, w = x.shape
     d = group_size
-    if out.shape != x.shape or not _plain(out):
-        raise ValueError(f'out must be a float32 contiguous CPU tensor of '
-                         f'shape {tuple(x.shape)}, got {out.dtype} '
-                         f'{tuple(out.shape)}')
+    if d % 4 or not 4 <= d <= MAX_GROUP_SIZE or c % d:
+        raise ValueError(f'group_size must be a multiple of 4 from 4 to '
+                         f'{MAX_GROUP_SIZE} that divides C = {c}, got {d}')
+    # the kernel reads and writes through raw pointers: every operand's
+    # shape is checked here (a and bias are made float32 and contiguous)
+    for name, t, shape, plain in (('x', x, x.shape, True),
+                                  ('out', out, x.shape, True),
+                                  ('residual', residual, x.shape, True),
+                                  ('a', a, (n, c // d, d, d), False),
+                                  ('bias', bias, (n, c // d, d, 1), False)):
+        if t is None:
+            continue
+        ok = _plain(t) if plain else t.device.type == 'cpu'
+        if t.shape != shape or not ok:
+            kind = 'float32 contiguous CPU' if plain else 'CPU'
+            raise ValueError(f'{name} must be a {kind} tensor of shape '
+                             f'{tuple(shape)}, got {t.dtype} '
+                             f'{tuple(t.shape)} on {t.device}')
     a = _small(a)
     bias = None if bias is None else _small(bias)
     status = library().ce_map(
         a.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
         0 if residual is None else residual.data_ptr(), out.data_ptr(),
         n * (c // d), d, h * w, int(relu), torch.get_num_threads())
-    if status:
-        raise ValueError(f'group_size must be a multiple of 4 from 4 to '
-                         f'{MAX_GROUP_SIZE}, got {d}')
+    if status:  # checked above; the C side checks d too
+        raise RuntimeError(f'ce_map refused group_size {d}')
     KernelStats.calls += 1
     if out is x:
         torch.autograd.graph.increment_version(x)
@@ -243,6 +258,10 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-sample channel means and unbiased variances of (N, C, H, W), as
     two (N, C) float32 tensors (variances clamped at 0; 0 where H*W = 1).
     Call where :func:`usable` says so."""
+    if x.dim() != 4 or not _plain(x):  # read through a raw pointer
+        raise ValueError(f'x must be a float32 contiguous (N, C, H, W) CPU '
+                         f'tensor, got {x.dtype} {tuple(x.shape)} on '
+                         f'{x.device}')
     n, c, h, w = x.shape
     mean = x.new_empty((n, c))
     var = x.new_empty((n, c))

@@ -127,16 +127,43 @@ def test_in_place_bumps_autograd_version():
 
 
 @needs_kernels
-def test_bad_out_and_group_size_raise():
+def test_bad_operands_raise_before_the_kernel_runs():
+    """The kernel works through raw pointers: a wrong shape, dtype or
+    device of any operand is a ValueError that names it, not a read out of
+    bounds."""
     x = torch.randn(1, 16, 4, 4)
     a = torch.randn(1, 1, 16, 16)
-    with pytest.raises(ValueError, match=r'shape \(1, 16, 4, 4\), got '
+    out = torch.empty_like(x)
+    calls = cpu_kernels.KernelStats.calls
+    with pytest.raises(ValueError, match=r'out must be a float32 contiguous '
+                       r'CPU tensor of shape \(1, 16, 4, 4\), got '
                        r'torch.float64'):
         cpu_kernels.apply_map(a, x, 16, x.double())
     x6 = torch.randn(1, 6, 4, 4)
-    with pytest.raises(ValueError, match='multiple of 4 from 4 to 64, got 6'):
+    with pytest.raises(ValueError, match='multiple of 4 from 4 to 64 that '
+                       'divides C = 6, got 6'):
         cpu_kernels.apply_map(torch.randn(1, 1, 6, 6), x6, 6,
                               torch.empty_like(x6))
+    with pytest.raises(ValueError, match='divides C = 16, got 12'):
+        cpu_kernels.apply_map(a, x, 12, out)
+    with pytest.raises(ValueError, match=r'a must be a CPU tensor of shape '
+                       r'\(1, 1, 16, 16\), got torch.float32 \(1, 2, 8, 8\)'):
+        cpu_kernels.apply_map(torch.randn(1, 2, 8, 8), x, 16, out)
+    with pytest.raises(ValueError, match=r'bias must .* \(1, 1, 16, 1\)'):
+        cpu_kernels.apply_map(a, x, 16, out, torch.randn(1, 1, 16))
+    with pytest.raises(ValueError, match=r'residual must .* got torch.float32 '
+                       r'\(1, 16, 2, 2\)'):
+        cpu_kernels.apply_map(a, x, 16, out, residual=torch.randn(1, 16, 2, 2))
+    with pytest.raises(ValueError, match=r'residual must be a float32 '
+                       'contiguous'):
+        cpu_kernels.apply_map(a, x, 16, out,
+                              residual=torch.randn(1, 4, 4, 16).permute(
+                                  0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r'x must be \(N, C, H, W\)'):
+        cpu_kernels.apply_map(a, x[0], 16, out)
+    with pytest.raises(ValueError, match='x must be a float32 contiguous'):
+        cpu_kernels.moments(x.transpose(2, 3))
+    assert cpu_kernels.KernelStats.calls == calls  # no kernel ran
 
 
 def trained_layer(c, d, seed=0):
