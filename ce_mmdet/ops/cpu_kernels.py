@@ -37,6 +37,7 @@ Each call is counted in :attr:`KernelStats.calls`, which
 :class:`ce_mmdet.analysis.launches.LaunchCounter` adds to its count (the
 dispatcher does not see a ctypes call).
 """
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -77,6 +78,22 @@ def enabled() -> bool:
     anything but ``0``, ``false``, ``no``, ``off``)."""
     value = os.environ.get(ENV_VAR, '1').strip().lower()
     return value not in ('0', 'false', 'no', 'off')
+
+
+@contextlib.contextmanager
+def switched_off():
+    """``CE_MMDET_CPU_KERNELS=0`` while the block runs, the previous value
+    after (for benchmarks that run the PyTorch ops beside the kernels, or
+    instead of them)."""
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = '0'
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 def cpu_supported() -> bool:

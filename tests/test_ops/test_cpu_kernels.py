@@ -1,6 +1,7 @@
 """The fused CPU kernels (ce_mmdet.ops.cpu_kernels): against a float64
 reference, against the PyTorch ops they replace, and where they must not
 run (other dtypes, tracing, a failed build)."""
+import os
 import subprocess
 
 import pytest
@@ -241,6 +242,19 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV_VAR, '0')
     assert cpu_kernels.library() is None
     assert not cpu_kernels.usable(torch.randn(1, 16, 2, 2), 16)
+
+
+def test_switched_off_restores_the_environment(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    with cpu_kernels.switched_off():
+        assert not cpu_kernels.enabled()
+    assert cpu_kernels.ENV_VAR not in os.environ
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, 'yes')
+    with pytest.raises(KeyError):
+        with cpu_kernels.switched_off():
+            assert cpu_kernels.library() is None
+            raise KeyError('inside')
+    assert os.environ[cpu_kernels.ENV_VAR] == 'yes'
 
 
 def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):

@@ -136,10 +136,14 @@ def test_benchmark_host_reports_every_mode(tmp_path):
     """The host-time benchmark: every mode of every CE-ResNet-18 layer
     shape, the network's sums and their ratios to the BN alone (the Triton
     implementation too where triton imports: its kernels are skipped)."""
+    from ce_mmdet.ops import cpu_kernels
     from ce_mmdet.ops.impl import triton_importable
     out = tmp_path / 'host.json'
+    calls = cpu_kernels.KernelStats.calls
     totals, ratios = load('benchmark_host').main(
         ['--depth', '18', '--repeats', '2', '--json', str(out)])
+    # a GPU host's dispatch: the fused CPU kernels never ran
+    assert cpu_kernels.KernelStats.calls == calls
     impls = ['torch'] + (['triton'] if triton_importable() else [])
     assert set(totals) == {'train', 'norm_eval', 'inference'}
     for mode, total in totals.items():

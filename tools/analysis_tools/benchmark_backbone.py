@@ -64,7 +64,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import statistics
 
 import torch
@@ -86,24 +85,10 @@ from ce_mmdet.analysis.benchmark import (alternating_samples,
 ATEN_MODEL = 'ce-aten'
 
 
-@contextlib.contextmanager
-def cpu_kernels_off():
-    """``CE_MMDET_CPU_KERNELS=0`` while the block runs."""
-    old = os.environ.get(cpu_kernels.ENV_VAR)
-    os.environ[cpu_kernels.ENV_VAR] = '0'
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[cpu_kernels.ENV_VAR]
-        else:
-            os.environ[cpu_kernels.ENV_VAR] = old
-
-
 def kernels_for(name):
     """The context a model's calls run in: kernels off for
     :data:`ATEN_MODEL`."""
-    return cpu_kernels_off() if name == ATEN_MODEL else \
+    return cpu_kernels.switched_off() if name == ATEN_MODEL else \
         contextlib.nullcontext()
 
 

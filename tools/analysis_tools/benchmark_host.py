@@ -17,7 +17,9 @@ configs), and inference. The kernels are not run: the Triton
 implementation's launches are recorded and skipped
 (``triton_impl.LaunchStats.recorder``; on a CPU Triton's interpreter is
 selected but never runs), and the tensors are tiny (2 x C x 2 x 2), so the
-torch ops cost little more than their dispatch. Not included: Triton's own
+torch ops cost little more than their dispatch; the fused CPU kernels
+(:mod:`ce_mmdet.ops.cpu_kernels`) are switched off, since a GPU host never
+calls them and dispatches the PyTorch ops. Not included: Triton's own
 launcher and the driver's launch per kernel (``benchmark_backbone.py``'s op
 counts give their number).
 
@@ -42,6 +44,7 @@ if not torch.cuda.is_available():
 import ce_mmdet  # noqa: E402,F401  (registers the modules)
 from ce_mmdet.analysis.benchmark import alternating_samples  # noqa: E402
 from ce_mmdet.models import CEResNet, ChannelEquilibrium  # noqa: E402
+from ce_mmdet.ops import cpu_kernels  # noqa: E402
 from ce_mmdet.ops.impl import triton_importable  # noqa: E402
 
 MODES = ('train', 'norm_eval', 'inference')
@@ -98,19 +101,20 @@ def main(argv=None):
         from ce_mmdet.ops.triton_impl import LaunchStats
         skipped, LaunchStats.recorder = LaunchStats.recorder, (
             lambda *launch: True)  # record nothing, run nothing
+    shapes = layer_shapes(args.depth)
+    per_layer, totals = {}, {}
     try:
-        shapes = layer_shapes(args.depth)
-        per_layer, totals = {}, {}
-        for mode in MODES:
-            totals[mode] = Counter()
-            for (c, d), count in sorted(shapes.items()):
-                fns = {k: host_call(c, d, None if k == 'bn' else k, mode,
-                                    device)
-                       for k in ['bn'] + list(impls)}
-                us = median_us(fns, args.repeats)
-                per_layer[f'{mode} C={c} d={d}'] = us
-                for k, v in us.items():
-                    totals[mode][k] += count * v
+        with cpu_kernels.switched_off():  # a GPU host's dispatch
+            for mode in MODES:
+                totals[mode] = Counter()
+                for (c, d), count in sorted(shapes.items()):
+                    fns = {k: host_call(c, d, None if k == 'bn' else k, mode,
+                                        device)
+                           for k in ['bn'] + list(impls)}
+                    us = median_us(fns, args.repeats)
+                    per_layer[f'{mode} C={c} d={d}'] = us
+                    for k, v in us.items():
+                        totals[mode][k] += count * v
     finally:
         if 'triton' in impls:
             LaunchStats.recorder = skipped
