@@ -64,6 +64,12 @@ FLAGS = ('-O3', '-std=gnu99', '-mavx2', '-mfma', '-fopenmp', '-fPIC',
 MAX_GROUP_SIZE = 64
 
 
+def _takes_group_size(d: int) -> bool:
+    """Whether the map kernel takes group size ``d``: a multiple of 4 from
+    4 to :data:`MAX_GROUP_SIZE` (its 4-row tiles)."""
+    return d % 4 == 0 and 4 <= d <= MAX_GROUP_SIZE
+
+
 class KernelStats:
     """Calls of the kernels in this process (for the launch counter)."""
     calls = 0
@@ -204,8 +210,8 @@ def usable(x: Tensor, group_size: int,
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
             exporting():
         return False
-    if not (_plain(x) and _plain(residual)) or group_size % 4 or \
-            not 4 <= group_size <= MAX_GROUP_SIZE:
+    if not (_plain(x) and _plain(residual) and
+            _takes_group_size(group_size)):
         return False
     return library() is not None
 
@@ -239,7 +245,7 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, out: Tensor,
         raise ValueError(f'x must be (N, C, H, W), got {tuple(x.shape)}')
     n, c, h, w = x.shape
     d = group_size
-    if d % 4 or not 4 <= d <= MAX_GROUP_SIZE or c % d:
+    if not _takes_group_size(d) or c % d:
         raise ValueError(f'group_size must be a multiple of 4 from 4 to '
                          f'{MAX_GROUP_SIZE} that divides C = {c}, got {d}')
     # the kernel reads and writes through raw pointers: every operand's
