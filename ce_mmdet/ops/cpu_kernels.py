@@ -7,8 +7,10 @@ Contract:
 * :func:`apply_map` computes ``out = relu?(A X + bias + residual)`` per sample
   and group in one pass over the map (ATen needs three: the residual plus
   bias, the batched GEMM onto it, the ReLU's write-back), in place or into a
-  new tensor; :func:`moments` gives the per-sample channel means and unbiased
-  variances in one read (ATen: a sum and a norm). The arithmetic is float32
+  new tensor, in AVX-512 registers where torch's own CPU dispatch uses them
+  (:func:`default_isa`; the same bits as the AVX2 tile); :func:`moments`
+  gives the per-sample channel means and unbiased variances in one read
+  (ATen: a sum and a norm). The arithmetic is float32
   with ATen's order for the map (the products summed, then the residual and
   bias added) and double across blocks of positions for the moments, so the
   results match the PyTorch ops to float32 rounding (tested against a
@@ -62,6 +64,8 @@ FLAGS = ('-O3', '-std=gnu99', '-mavx2', '-mfma', '-fopenmp', '-fPIC',
          '-shared')
 #: group sizes :func:`apply_map` takes
 MAX_GROUP_SIZE = 64
+#: the instruction sets of :func:`apply_map`'s tile
+ISAS = ('avx2', 'avx512')
 
 
 def _takes_group_size(d: int) -> bool:
@@ -112,6 +116,15 @@ def cpu_supported() -> bool:
             platform.machine().lower() not in ('x86_64', 'amd64'):
         return False
     return torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
+
+
+def default_isa() -> str:
+    """The instruction set :func:`apply_map` uses unless told: ``'avx512'``
+    where torch's CPU dispatch runs AVX-512 (its convolutions and GEMMs then
+    do too; ``ATEN_CPU_CAPABILITY=avx2`` turns both down), else
+    ``'avx2'``."""
+    return 'avx512' if torch.backends.cpu.get_cpu_capability() == 'AVX512' \
+        else 'avx2'
 
 
 def cache_dir() -> str:
@@ -170,7 +183,8 @@ def build(directory: Optional[str] = None,
 def _load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.ce_map.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
+    lib.ce_map.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32,
+                           i32]
     lib.ce_map.restype = i32
     lib.ce_moments.argtypes = [ptr, ptr, ptr, i64, i64, i32]
     lib.ce_moments.restype = None
@@ -224,7 +238,8 @@ def _small(t: Tensor) -> Tensor:
 def apply_map(a: Tensor, x: Tensor, group_size: int, out: Tensor,
               bias: Optional[Tensor] = None,
               residual: Optional[Tensor] = None,
-              relu: bool = False) -> Tensor:
+              relu: bool = False,
+              isa: Optional[str] = None) -> Tensor:
     """``out[n, g] = relu?(a[n, g] @ X[n, g] + bias[n, g] + residual[n, g])``
     for the groups ``X`` of ``x`` (call where :func:`usable` says so).
 
@@ -237,9 +252,16 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, out: Tensor,
         bias (Tensor, optional): (N, G, d, 1).
         residual (Tensor, optional): like ``x`` (it may be ``x``).
         relu (bool): ReLU of the result (NaN stays NaN).
+        isa (str, optional): the tile's instruction set, one of
+            :data:`ISAS` (:func:`default_isa`); both give the same bits.
 
     Returns:
         Tensor: ``out``.
+
+    Raises:
+        ValueError: a bad operand or ``isa`` (checked before the kernel
+            runs).
+        RuntimeError: ``isa='avx512'`` on a CPU without AVX-512F.
     """
     if x.dim() != 4:
         raise ValueError(f'x must be (N, C, H, W), got {tuple(x.shape)}')
@@ -248,6 +270,9 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, out: Tensor,
     if not _takes_group_size(d) or c % d:
         raise ValueError(f'group_size must be a multiple of 4 from 4 to '
                          f'{MAX_GROUP_SIZE} that divides C = {c}, got {d}')
+    isa = default_isa() if isa is None else isa
+    if isa not in ISAS:
+        raise ValueError(f'isa must be one of {ISAS}, got {isa!r}')
     # the kernel reads and writes through raw pointers: every operand's
     # shape is checked here (a and bias are made float32 and contiguous)
     for name, t, shape, plain in (('x', x, x.shape, True),
@@ -268,7 +293,10 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, out: Tensor,
     status = library().ce_map(
         a.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
         0 if residual is None else residual.data_ptr(), out.data_ptr(),
-        n * (c // d), d, h * w, int(relu), torch.get_num_threads())
+        n * (c // d), d, h * w, int(relu), torch.get_num_threads(),
+        int(isa == 'avx512'))
+    if status == 2:
+        raise RuntimeError("isa='avx512' on a CPU without AVX-512F")
     if status:  # checked above; the C side checks d too
         raise RuntimeError(f'ce_map refused group_size {d}')
     KernelStats.calls += 1

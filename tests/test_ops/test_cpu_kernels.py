@@ -35,16 +35,22 @@ def reference_map(a, x, bias, residual, relu):
     return want.relu() if relu else want
 
 
+# H*W: 1; 49 and 169 (whole tiles, then columns one at a time); 1600
+# (whole tiles only); 51 (a 32-column tile, a 16-column one, 3 columns)
 SHAPES = [(1, 1, 1, 1), (2, 3, 7, 7), (1, 2, 13, 13), (2, 1, 40, 40),
-          (3, 1, 1, 17)]
+          (3, 1, 3, 17)]
+# the tiles this CPU runs: AVX2, and AVX-512 where it has it
+RUNNABLE_ISAS = ['avx2'] + (
+    ['avx512'] if torch.backends.cpu.get_cpu_capability() == 'AVX512' else [])
 
 
 @needs_kernels
+@pytest.mark.parametrize('isa', RUNNABLE_ISAS)
 @pytest.mark.parametrize('d', [4, 8, 16, 32, 64])
 @pytest.mark.parametrize('shape', SHAPES)
-def test_map_matches_float64_reference(d, shape):
+def test_map_matches_float64_reference(d, shape, isa):
     """Every epilogue (bias, residual, ReLU), in place and into a new
-    tensor; N = 1, H*W = 1 and H*W not a multiple of the 16-column tile."""
+    tensor; N = 1, H*W = 1 and H*W not a multiple of the tiles' widths."""
     torch.manual_seed(0)
     n, g, h, w = shape
     x = torch.randn(n, g * d, h, w)
@@ -57,15 +63,44 @@ def test_map_matches_float64_reference(d, shape):
                 want = reference_map(a, x, bias, residual, relu)
                 out = torch.empty_like(x)
                 before = x.clone()
-                cpu_kernels.apply_map(a, x, d, out, bias, residual, relu)
+                cpu_kernels.apply_map(a, x, d, out, bias, residual, relu,
+                                      isa=isa)
                 assert torch.equal(x, before)
                 assert rel_err(out, want) < 1e-6
                 y = x.clone()
-                cpu_kernels.apply_map(a, y, d, y, bias, residual, relu)
+                cpu_kernels.apply_map(a, y, d, y, bias, residual, relu,
+                                      isa=isa)
                 assert torch.equal(y, out)
     y = x.clone()  # the residual may be the input itself
-    cpu_kernels.apply_map(a, y, d, y, b, y, True)
+    cpu_kernels.apply_map(a, y, d, y, b, y, True, isa=isa)
     assert rel_err(y, reference_map(a, x, b, x, True)) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.skipif(len(RUNNABLE_ISAS) < 2, reason='no AVX-512 on this CPU')
+@pytest.mark.parametrize('d', [16, 64])
+def test_avx512_tile_gives_the_avx2_tiles_bits(d):
+    """The same operations in the same order per element: equal bits, with
+    every epilogue, at CE-ResNet-like maps (20x20: a 16-column tail)."""
+    torch.manual_seed(0)
+    for shape in ((2, 4 * d, 20, 20), (1, d, 160, 160), (2, 2 * d, 3, 17)):
+        x = torch.randn(shape)
+        n, c = shape[:2]
+        a = torch.randn(n, c // d, d, d) / d**0.5
+        b = torch.randn(n, c // d, d, 1)
+        r = torch.randn_like(x)
+        outs = [cpu_kernels.apply_map(a, x, d, torch.empty_like(x), b, r, True,
+                                      isa=isa) for isa in ('avx2', 'avx512')]
+        assert torch.equal(outs[0], outs[1])
+        assert rel_err(outs[1], reference_map(a, x, b, r, True)) < 1e-6
+
+
+def test_default_isa_follows_torchs_cpu_dispatch(monkeypatch):
+    for capability, isa in (('AVX512', 'avx512'), ('AVX2', 'avx2'),
+                            ('DEFAULT', 'avx2')):
+        monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability',
+                            lambda capability=capability: capability)
+        assert cpu_kernels.default_isa() == isa
 
 
 @needs_kernels
@@ -162,6 +197,9 @@ def test_bad_operands_raise_before_the_kernel_runs():
                                   0, 3, 1, 2))
     with pytest.raises(ValueError, match=r'x must be \(N, C, H, W\)'):
         cpu_kernels.apply_map(a, x[0], 16, out)
+    with pytest.raises(ValueError, match=r"isa must be one of \('avx2', "
+                       r"'avx512'\), got 'sse'"):
+        cpu_kernels.apply_map(a, x, 16, out, isa='sse')
     with pytest.raises(ValueError, match='x must be a float32 contiguous'):
         cpu_kernels.moments(x.transpose(2, 3))
     assert cpu_kernels.KernelStats.calls == calls  # no kernel ran
