@@ -1,6 +1,7 @@
-"""Fused C kernels for CE's passes over an eval feature map on an x86-64 CPU
-(AVX2 + FMA), used by the torch implementation (:mod:`ce_mmdet.ops.torch_impl`)
-where they can run, the PyTorch ops elsewhere.
+"""Fused C kernels for an eval CE layer on an x86-64 CPU (AVX2 + FMA): its
+passes over the feature map and its small graph, used by the torch
+implementation (:mod:`ce_mmdet.ops.torch_impl`) where they can run, the
+PyTorch ops elsewhere.
 
 Contract:
 
@@ -10,11 +11,18 @@ Contract:
   new tensor, in AVX-512 registers where torch's own CPU dispatch uses them
   (:func:`default_isa`; the same bits as the AVX2 tile); :func:`moments`
   gives the per-sample channel means and unbiased variances in one read
-  (ATen: a sum and a norm). The arithmetic is float32
-  with ATen's order for the map (the products summed, then the residual and
-  bias added) and double across blocks of positions for the moments, so the
-  results match the PyTorch ops to float32 rounding (tested against a
-  float64 reference).
+  (ATen: a sum and a norm). The arithmetic is float32 with ATen's order
+  for the map (the products summed, then the residual and bias added) and
+  double across blocks of positions for the moments, so the results match
+  the PyTorch ops to float32 rounding (tested against a float64
+  reference).
+* :func:`eval_small_graph` computes the small graph of an eval CE layer
+  (the IR MLP, the gate and an eval-mode BN folded in) from the moments'
+  variances to the maps :func:`apply_map` applies, in one call where the
+  PyTorch ops make some 30 small ones: an eval layer without autograd is
+  three calls (:meth:`ce_mmdet.ops.torch_impl.TorchPasses.forward_map`;
+  with autograd the PyTorch small graph runs). Its sums are
+  float32 lanes (the MLP's products) and double (the LayerNorm's moments).
 * They take float32, contiguous, plain CPU tensors, group sizes that are
   multiples of 4 up to 64, in eager mode only: under ``torch.compile``,
   ``torch.jit`` tracing and the exporters (:mod:`ce_mmdet.ops.export`) the
@@ -62,6 +70,8 @@ CACHE_ENV_VAR = 'CE_MMDET_CACHE_DIR'
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'ce_cpu.c')
 FLAGS = ('-O3', '-std=gnu99', '-mavx2', '-mfma', '-fopenmp', '-fPIC',
          '-shared')
+#: linked after the source
+LIBS = ('-lm', )
 #: group sizes :func:`apply_map` takes
 MAX_GROUP_SIZE = 64
 #: the instruction sets of :func:`apply_map`'s tile
@@ -154,7 +164,7 @@ def build(directory: Optional[str] = None,
     compiler = compiler or os.environ.get('CC') or 'cc'
     with open(SOURCE, 'rb') as f:
         source = f.read()
-    key = hashlib.sha256(source + repr((compiler, FLAGS)).encode())
+    key = hashlib.sha256(source + repr((compiler, FLAGS, LIBS)).encode())
     path = osp.join(directory, f'ce_cpu_{key.hexdigest()[:16]}.so')
     if osp.exists(path):
         return path
@@ -167,7 +177,7 @@ def build(directory: Optional[str] = None,
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
     os.close(fd)
     try:
-        proc = subprocess.run([exe, *FLAGS, SOURCE, '-o', tmp],
+        proc = subprocess.run([exe, *FLAGS, SOURCE, *LIBS, '-o', tmp],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f'{compiler} {" ".join(FLAGS)} failed '
@@ -188,6 +198,12 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ce_map.restype = i32
     lib.ce_moments.argtypes = [ptr, ptr, ptr, i64, i64, i32]
     lib.ce_moments.restype = None
+    f32 = ctypes.c_float
+    lib.ce_eval_small.argtypes = [
+        ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32,
+        i64, i64, i64, i64, ptr, ptr, i32
+    ]
+    lib.ce_eval_small.restype = i32
     return lib
 
 
@@ -320,3 +336,90 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
                          n * c, h * w, torch.get_num_threads())
     KernelStats.calls += 1
     return mean, var
+
+
+def _small_operand(t: Optional[Tensor]) -> bool:
+    """A parameter or buffer the small-graph kernel reads through a raw
+    pointer: float32, contiguous, on the CPU (or None)."""
+    return t is None or (isinstance(t, Tensor) and t.device.type == 'cpu'
+                         and t.dtype == torch.float32
+                         and t.layout == torch.strided and t.is_contiguous())
+
+
+def takes_eval_small(params, state, affine=None) -> bool:
+    """Whether :func:`eval_small_graph` takes these parameters, running
+    state and BN (:class:`~ce_mmdet.ops.torch_impl.BNAffine` or None): all
+    float32 contiguous CPU tensors (a model in float64 or half runs the
+    PyTorch ops)."""
+    tensors = (*params, *state)
+    if affine is not None:
+        tensors += (affine.weight, affine.bias, affine.mean, affine.var)
+    return all(_small_operand(t) for t in tensors)
+
+
+def eval_small_graph(var: Tensor, params, state, eps: float,
+                     group_size: int,
+                     affine=None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The small graph of a CE layer in eval in one call
+    (:func:`ce_mmdet.ops.small_graph.forward` with the running state, and
+    :func:`ce_mmdet.ops.torch_impl.map_from_stats`' BN fold), where the
+    PyTorch ops make some 30 small ops: the maps ``(a_in, bias)`` with
+    ``CE(X) = a_in z + bias`` per sample and group, from the per-sample
+    channel variances of ``z`` (:func:`moments`).
+
+    Args:
+        var (Tensor): (N, C) float32 unbiased variances of ``z``.
+        params (CEParams), state (CEState): the layer's (float32,
+            contiguous, CPU: :func:`takes_eval_small`).
+        eps (float): CE's eps (the IR scale's floor and the LayerNorm's).
+        group_size (int): d.
+        affine (BNAffine, optional): an eval-mode BN before CE, ``X = alpha
+            z + beta``; without it ``X = z``.
+
+    Returns:
+        tuple: ``a_in`` (N, G, d, d) and ``bias`` (N, G, d, 1), None
+        without ``affine``.
+    """
+    n, c = var.shape if var.dim() == 2 else (None, None)
+    hidden = params.fc1_weight.shape[0]
+    d = group_size
+    if n is None or not _plain(var) or d < 1 or c % d:
+        raise ValueError(f'var must be a float32 contiguous (N, C) CPU '
+                         f'tensor with C a multiple of group_size {d}, got '
+                         f'{var.dtype} {tuple(var.shape)} on {var.device}')
+    g = c // d
+    shapes = {'gate': (1, ), 'fc1_weight': (hidden, c),
+              'ln_weight': (hidden, ), 'ln_bias': (hidden, ),
+              'fc2_weight': (c, hidden), 'running_wm': (g, d, d),
+              'running_scale': (1, )}
+    named = list(zip(params._fields + state._fields, (*params, *state)))
+    if affine is not None:
+        named += [('bn weight', affine.weight), ('bn bias', affine.bias),
+                  ('bn running_mean', affine.mean),
+                  ('bn running_var', affine.var)]
+    for name, t in named:  # read through raw pointers: checked here
+        want = shapes.get(name, (c, ))
+        optional = name in ('bn weight', 'bn bias')
+        if (t is None and not optional) or not _small_operand(t) or \
+                (t is not None and t.shape != want):
+            got = 'None' if t is None else \
+                f'{t.dtype} {tuple(t.shape)} on {t.device}'
+            raise ValueError(f'{name} must be a float32 contiguous CPU '
+                             f'tensor of shape {want}, got {got}')
+    a_in = var.new_empty((n, g, d, d))
+    bias = None if affine is None else var.new_empty((n, g, d, 1))
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    bn = (None, ) * 4 if affine is None else \
+        (affine.weight, affine.bias, affine.mean, affine.var)
+    status = library().ce_eval_small(
+        var.data_ptr(), *map(ptr, bn),
+        0.0 if affine is None else affine.eps, *map(ptr, params),
+        *map(ptr, state), eps, n, c, hidden, d, a_in.data_ptr(), ptr(bias),
+        torch.get_num_threads())
+    if status:
+        raise MemoryError('ce_eval_small could not allocate its work space')
+    KernelStats.calls += 1
+    return a_in, bias

@@ -541,7 +541,19 @@ class TorchPasses:
         without it an implementation may leave out what only the backward
         reads (the small graph's cache, ``a`` where ``a_in`` differs, and
         in eval ``var_in`` and ``scale``), which are then None. Here
-        everything is made (the torch small graph computes it anyway)."""
+        everything is made (the torch small graph computes it anyway),
+        except in eval without ``keep`` where the fused CPU kernels take the
+        call (:mod:`ce_mmdet.ops.cpu_kernels`): the statistics and the
+        small graph are then two kernel calls, and only ``a_in`` and
+        ``bias`` are made (``a`` too without ``affine``)."""
+        d = config.group_size
+        if not training and not keep and cpu_kernels.usable(x, d) and \
+                cpu_kernels.takes_eval_small(params, state, affine):
+            _, var = cpu_kernels.moments(x)
+            a_in, bias = cpu_kernels.eval_small_graph(var, params, state,
+                                                      config.eps, d, affine)
+            return MapResult(a_in if affine is None else None, a_in, bias,
+                             None, None, None, None)
         return forward_map_by(TorchPasses, x, params, state, config,
                               training, reduce_fn, affine)
 

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from ce_mmdet.analysis.launches import LaunchCounter
 from ce_mmdet.models import ChannelEquilibrium
-from ce_mmdet.ops import cpu_kernels, torch_impl
+from ce_mmdet.ops import CEConfig, CEParams, CEState, cpu_kernels, torch_impl
+from ce_mmdet.ops.torch_impl import BNAffine
 
 needs_kernels = pytest.mark.skipif(
     cpu_kernels.library() is None,
@@ -224,7 +225,8 @@ def trained_layer(c, d, seed=0):
 def test_layer_eval_matches_pytorch_ops(monkeypatch, d, hw):
     """An eval CE layer, alone and as BN + CE with the block tail, with the
     kernels and without them (the PyTorch ops): the same numbers to float32
-    rounding, and the kernels ran (two calls per layer)."""
+    rounding, and the kernels ran (three calls per layer: the moments, the
+    small graph, the map)."""
     layer, bn = trained_layer(64, d)
     torch.manual_seed(1)
     z = torch.randn(2, 64, hw, hw) * 3 + 1
@@ -237,8 +239,95 @@ def test_layer_eval_matches_pytorch_ops(monkeypatch, d, hw):
         for f, expected in zip(calls, want):
             with LaunchCounter() as counter:
                 got = f()
-            assert counter.cpu_kernel_calls == 2
+            assert counter.cpu_kernel_calls == 3
             assert rel_err(got, expected.double()) < 1e-5
+
+
+def random_ce_tensors(n, c, d, hidden, dtype=torch.float32, seed=0):
+    """Variances, CEParams and CEState with values away from their
+    initial ones."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    var = randn(n, c).abs() * 2 + 0.1
+    params = CEParams(randn(1), randn(hidden, c) / c**0.5, randn(hidden),
+                      randn(hidden), randn(c, hidden) / hidden**0.5)
+    state = CEState(
+        torch.eye(d, dtype=dtype) + 0.1 * randn(c // d, d, d),
+        torch.tensor([1.3], dtype=dtype))
+    return var, params, state
+
+
+def bn_affine_of(c, weight, bias, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return BNAffine(
+        torch.randn(c, generator=g, dtype=dtype) if weight else None,
+        torch.randn(c, generator=g, dtype=dtype) if bias else None,
+        torch.randn(c, generator=g, dtype=dtype),
+        torch.rand(c, generator=g, dtype=dtype) + 0.5, 1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize('n,c,d,hidden', [(2, 64, 64, 16), (1, 64, 16, 16),
+                                          (3, 48, 16, 12), (2, 1024, 16, 256),
+                                          (2, 40, 4, 5)])
+@pytest.mark.parametrize('bn', ['none', 'affine', 'plain'])
+def test_eval_small_graph_matches_float64_reference(n, c, d, hidden, bn):
+    """The kernel's (a_in, bias) against the PyTorch small graph and BN
+    fold (map_from_stats) in float64, with a BN (with and without its
+    weight and bias) and without one."""
+    var, params, state = random_ce_tensors(n, c, d, hidden)
+    affine = None if bn == 'none' else \
+        bn_affine_of(c, bn == 'affine', bn == 'affine')
+    config = CEConfig(group_size=d, eps=1e-4)
+    a_in, bias = cpu_kernels.eval_small_graph(var, params, state, config.eps,
+                                              d, affine)
+    dbl = [t.double() for t in (var, *params, *state)]
+    daffine = None if affine is None else BNAffine(
+        *(None if t is None else t.double() for t in affine[:4]), affine.eps)
+    want = torch_impl.map_from_stats(
+        torch.zeros(n, c, dtype=torch.float64), dbl[0], 7,
+        CEParams(*dbl[1:6]), CEState(*dbl[6:]), config, False, None, daffine)
+    assert a_in.shape == (n, c // d, d, d) and a_in.dtype == torch.float32
+    assert rel_err(a_in, want.a_in) < 1e-5
+    if affine is None:
+        assert bias is None
+    else:
+        assert bias.shape == (n, c // d, d, 1)
+        assert rel_err(bias, want.bias) < 1e-5
+
+
+@needs_kernels
+def test_eval_small_graph_checks_its_operands():
+    var, params, state = random_ce_tensors(2, 32, 16, 8)
+    calls = cpu_kernels.KernelStats.calls
+    bad = [
+        (var.double(), params, state, None, 'var must be a float32'),
+        (var[:, :30], params, state, None, 'multiple of group_size 16'),
+        (var, params._replace(fc1_weight=params.fc1_weight.double()), state,
+         None, r'fc1_weight must .* shape \(8, 32\), got torch.float64'),
+        (var, params._replace(fc2_weight=params.fc2_weight.t()), state, None,
+         r'fc2_weight must be a float32 contiguous'),
+        (var, params, state._replace(running_wm=state.running_wm[:1]), None,
+         r'running_wm must .* \(2, 16, 16\), got torch.float32 '
+         r'\(1, 16, 16\)'),
+        (var, params, state, bn_affine_of(32, True, True)._replace(var=None),
+         'bn running_var must be .* got None'),
+        (var, params, state, bn_affine_of(16, True, True),
+         r'bn weight must .* shape \(32,\)'),
+    ]
+    for v, p, st, affine, message in bad:
+        with pytest.raises(ValueError, match=message):
+            cpu_kernels.eval_small_graph(v, p, st, 1e-5, 16, affine)
+    assert cpu_kernels.KernelStats.calls == calls  # no kernel ran
+    assert cpu_kernels.takes_eval_small(params, state,
+                                        bn_affine_of(32, False, True))
+    assert not cpu_kernels.takes_eval_small(
+        params._replace(gate=params.gate.double()), state)
+    assert not cpu_kernels.takes_eval_small(
+        params, state, bn_affine_of(32, True, True, torch.float16))
 
 
 @needs_kernels

@@ -15,6 +15,10 @@
  *   ce_moments: per-row mean and unbiased variance of (rows, hw), one read
  *               (ATen: a sum and a norm, two reads), accumulated in float32
  *               lanes over 1024 positions and in double across them.
+ *   ce_eval_small: the small graph of a CE layer in eval (the IR MLP, the
+ *               gate, an eval BN folded in) from those variances to the
+ *               maps ce_map applies, in one call where PyTorch makes some
+ *               30 small ops.
  *
  * The order of the map's arithmetic is ATen's: the products summed first
  * (FMA, over j in order), then the residual-plus-bias term added. Both
@@ -22,6 +26,8 @@
  * the same bits.
  */
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
 
@@ -210,4 +216,107 @@ void ce_moments(const float *x, float *mean, float *var, int64_t rows,
     mean[r] = (float)m;
     var[r] = u > 0 ? (float)u : 0.f;
   }
+}
+
+/* sum of a[i] b[i], i < k: float32 lanes, then across them */
+static float dot(const float *a, const float *b, int64_t k) {
+  v8 s0 = SPLAT(0.f), s1 = SPLAT(0.f);
+  int64_t i = 0;
+  for (; i + COLS <= k; i += COLS) {
+    s0 += LD(a + i) * LD(b + i);
+    s1 += LD(a + i + 8) * LD(b + i + 8);
+  }
+  v8 s = s0 + s1;
+  float t = 0.f;
+  for (int l = 0; l < 8; l++) t += s[l];
+  for (; i < k; i++) t += a[i] * b[i];
+  return t;
+}
+
+/* out[s, r] = w[r] . v[s] for the rows r of w (rows, k) and the samples s
+   of v (n, k): a GEMV per sample, the rows spread over the threads where
+   the weight is large enough to pay for them */
+static void gemv_rows(const float *w, const float *v, float *out, int64_t n,
+                      int64_t rows, int64_t k, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (rows * k >= 32768)
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t s = 0; s < n; s++)
+      out[s * rows + r] = dot(w + r * k, v + s * k, k);
+}
+
+/* The small graph of one CE layer in eval (ce_mmdet.ops.small_graph.forward
+   with the running state), for n samples, from the per-sample channel
+   variances v (n, c) of its input z. Where an eval-mode BN precedes CE
+   (bn_var non-null; bn_w and bn_b may be null) X = alpha z + beta with
+   alpha = bn_w / sqrt(bn_var + bn_eps), beta = bn_b - bn_mean alpha, and
+     v_X = v alpha^2, h = fc1 v_X, p = relu(LayerNorm(h)), y = sigmoid(fc2 p),
+     A = lam W + diag((1 - lam) y / max(s, eps)), lam = sigmoid(gate),
+     a_in = A diag(alpha), bias = A beta      (A X = a_in z + bias);
+   without a BN a_in = A and bias is not written. The LayerNorm's moments
+   are summed in double. Returns 0, or 1 where the work space could not be
+   allocated. */
+int ce_eval_small(const float *v, const float *bn_w, const float *bn_b,
+                  const float *bn_mean, const float *bn_var, float bn_eps,
+                  const float *gate, const float *fc1, const float *ln_w,
+                  const float *ln_b, const float *fc2, const float *wm,
+                  const float *scale, float eps, int64_t n, int64_t c,
+                  int64_t hid, int64_t d, float *a_in, float *bias,
+                  int threads) {
+  int64_t g = c / d;
+  /* alpha, beta (c each), v_X (n, c), h (n, hid), fc2 p (n, c) */
+  float *alpha = malloc(sizeof(float) * (size_t)(2 * c + 2 * n * c + n * hid));
+  if (!alpha) return 1;
+  float *beta = alpha + c, *vx = beta + c, *h = vx + n * c, *y = h + n * hid;
+  for (int64_t i = 0; i < c; i++) {
+    if (bn_var) {
+      float inv = 1.f / sqrtf(bn_var[i] + bn_eps);
+      alpha[i] = bn_w ? inv * bn_w[i] : inv;
+      beta[i] = (bn_b ? bn_b[i] : 0.f) - bn_mean[i] * alpha[i];
+    } else {
+      alpha[i] = 1.f;
+      beta[i] = 0.f;
+    }
+  }
+  for (int64_t s = 0; s < n; s++)
+    for (int64_t i = 0; i < c; i++)
+      vx[s * c + i] =
+          bn_var ? v[s * c + i] * alpha[i] * alpha[i] : v[s * c + i];
+  gemv_rows(fc1, vx, h, n, hid, c, threads);
+  for (int64_t s = 0; s < n; s++) { /* LayerNorm (biased variance), ReLU */
+    float *hs = h + s * hid;
+    double m = 0, q = 0;
+    for (int64_t j = 0; j < hid; j++) m += hs[j];
+    m /= (double)hid;
+    for (int64_t j = 0; j < hid; j++)
+      q += ((double)hs[j] - m) * ((double)hs[j] - m);
+    float mean = (float)m, rstd = 1.f / sqrtf((float)(q / (double)hid) + eps);
+    for (int64_t j = 0; j < hid; j++) {
+      float t = (hs[j] - mean) * rstd * ln_w[j] + ln_b[j];
+      hs[j] = t > 0.f ? t : 0.f;
+    }
+  }
+  gemv_rows(fc2, h, y, n, c, hid, threads);
+  float lam = 1.f / (1.f + expf(-gate[0]));
+  float floor_s = scale[0] > eps ? scale[0] : eps;
+  float k = (1.f - lam) / floor_s;
+  for (int64_t s = 0; s < n; s++)
+    for (int64_t gi = 0; gi < g; gi++) {
+      const float *w = wm + gi * d * d, *al = alpha + gi * d;
+      const float *be = beta + gi * d;
+      const float *ys = y + s * c + gi * d;
+      float *ao = a_in + (s * g + gi) * d * d;
+      for (int64_t i = 0; i < d; i++) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < d; j++) {
+          float aij = lam * w[i * d + j];
+          if (i == j) aij += k * (1.f / (1.f + expf(-ys[i])));
+          ao[i * d + j] = aij * al[j];
+          acc += aij * be[j];
+        }
+        if (bias) bias[(s * g + gi) * d + i] = acc;
+      }
+    }
+  free(alpha);
+  return 0;
 }
