@@ -32,129 +32,94 @@
 #include <immintrin.h>
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
-#define LD(p) (*(const v8 *)(p))
-#define ST(p, v) (*(v8 *)(p) = (v))
-#define SPLAT(s) ((v8){(s), (s), (s), (s), (s), (s), (s), (s)})
-
-#define MAX_D 64
-#define COLS 16 /* columns of one tile: two vectors */
-
-/* Columns [p0, p1) of one block; rows of z, res and out are hw apart. */
-static void map_columns(const float *A, const float *z, const float *bias,
-                        const float *res, float *out, int64_t d, int64_t hw,
-                        int64_t p0, int64_t p1, int relu) {
-  float zt[MAX_D * COLS] __attribute__((aligned(32)));
-  const __m256 zero = _mm256_setzero_ps();
-  int64_t p = p0;
-  for (; p + COLS <= p1; p += COLS) {
-    /* the tile of z first: out may be z */
-    for (int64_t j = 0; j < d; j++) {
-      ST(zt + j * COLS, LD(z + j * hw + p));
-      ST(zt + j * COLS + 8, LD(z + j * hw + p + 8));
-    }
-    for (int64_t i = 0; i < d; i += 4) {
-      v8 c[4][2];
-      for (int k = 0; k < 4; k++) c[k][0] = c[k][1] = SPLAT(0.f);
-      for (int64_t j = 0; j < d; j++) {
-        v8 z0 = LD(zt + j * COLS), z1 = LD(zt + j * COLS + 8);
-        for (int k = 0; k < 4; k++) {
-          v8 a = SPLAT(A[(i + k) * d + j]);
-          c[k][0] += a * z0;
-          c[k][1] += a * z1;
-        }
-      }
-      for (int k = 0; k < 4; k++) {
-        int64_t row = (i + k) * hw + p;
-        v8 b = SPLAT(bias ? bias[i + k] : 0.f);
-        v8 s0 = b, s1 = b;
-        if (res) {
-          s0 = LD(res + row) + b;
-          s1 = LD(res + row + 8) + b;
-        }
-        s0 += c[k][0];
-        s1 += c[k][1];
-        if (relu) {
-          /* max(0, s): NaN stays NaN, as torch's ReLU keeps it */
-          s0 = (v8)_mm256_max_ps(zero, (__m256)s0);
-          s1 = (v8)_mm256_max_ps(zero, (__m256)s1);
-        }
-        ST(out + row, s0);
-        ST(out + row + 8, s1);
-      }
-    }
-  }
-  if (p < p1) { /* the last, narrower tile */
-    int64_t w = p1 - p;
-    for (int64_t j = 0; j < d; j++)
-      memcpy(zt + j * COLS, z + j * hw + p, (size_t)w * sizeof(float));
-    for (int64_t i = 0; i < d; i++) {
-      for (int64_t q = 0; q < w; q++) {
-        float t = 0.f;
-        for (int64_t j = 0; j < d; j++) t += A[i * d + j] * zt[j * COLS + q];
-        float s = bias ? bias[i] : 0.f;
-        if (res) s = res[i * hw + p + q] + s;
-        s += t;
-        out[i * hw + p + q] = relu && s < 0.f ? 0.f : s;
-      }
-    }
-  }
-}
-
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
-#define LD16(p) (*(const v16 *)(p))
-#define ST16(p, v) (*(v16 *)(p) = (v))
+#define LD(p) (*(const v8 *)(p))
+#define SPLAT(s) ((v8){(s), (s), (s), (s), (s), (s), (s), (s)})
 #define SPLAT16(s)                                                          \
   ((v16){(s), (s), (s), (s), (s), (s), (s), (s), (s), (s), (s), (s), (s), \
          (s), (s), (s)})
-#define WIDE_COLS 32 /* columns of one AVX-512 tile: two vectors */
+/* max(0, s): NaN stays NaN, as torch's ReLU keeps it */
+#define RELU8(s) ((v8)_mm256_max_ps(_mm256_setzero_ps(), (__m256)(s)))
+#define RELU16(s) ((v16)_mm512_max_ps(_mm512_setzero_ps(), (__m512)(s)))
 
-/* map_columns with the AVX-512 tile; the columns past its last whole tile
-   go to map_columns. Called only where the CPU has AVX-512F. */
-__attribute__((target("avx512f"))) static void
-map_columns_wide(const float *A, const float *z, const float *bias,
-                 const float *res, float *out, int64_t d, int64_t hw,
-                 int64_t p0, int64_t p1, int relu) {
-  float zt[MAX_D * WIDE_COLS] __attribute__((aligned(64)));
-  const __m512 zero = _mm512_setzero_ps();
-  int64_t p = p0;
-  for (; p + WIDE_COLS <= p1; p += WIDE_COLS) {
-    for (int64_t j = 0; j < d; j++) { /* out may be z */
-      ST16(zt + j * WIDE_COLS, LD16(z + j * hw + p));
-      ST16(zt + j * WIDE_COLS + 16, LD16(z + j * hw + p + 16));
-    }
-    for (int64_t i = 0; i < d; i += 4) {
-      v16 c[4][2];
-      for (int k = 0; k < 4; k++) c[k][0] = c[k][1] = SPLAT16(0.f);
-      for (int64_t j = 0; j < d; j++) {
-        v16 z0 = LD16(zt + j * WIDE_COLS), z1 = LD16(zt + j * WIDE_COLS + 16);
-        for (int k = 0; k < 4; k++) {
-          v16 a = SPLAT16(A[(i + k) * d + j]);
-          c[k][0] += a * z0;
-          c[k][1] += a * z1;
-        }
-      }
-      for (int k = 0; k < 4; k++) {
-        int64_t row = (i + k) * hw + p;
-        v16 b = SPLAT16(bias ? bias[i + k] : 0.f);
-        v16 s0 = b, s1 = b;
-        if (res) {
-          s0 = LD16(res + row) + b;
-          s1 = LD16(res + row + 16) + b;
-        }
-        s0 += c[k][0];
-        s1 += c[k][1];
-        if (relu) { /* as the AVX2 tile: NaN stays NaN */
-          s0 = (v16)_mm512_max_ps(zero, (__m512)s0);
-          s1 = (v16)_mm512_max_ps(zero, (__m512)s1);
-        }
-        ST16(out + row, s0);
-        ST16(out + row + 16, s1);
-      }
+#define MAX_D 64
+#define COLS 16      /* columns of one AVX2 tile: two vectors */
+#define WIDE_COLS 32 /* columns of one AVX-512 tile */
+
+/* The last columns [p0, p1) of one block, fewer than a tile, one at a
+   time; rows of z, res and out are hw apart. */
+static void map_tail(const float *A, const float *z, const float *bias,
+                     const float *res, float *out, int64_t d, int64_t hw,
+                     int64_t p0, int64_t p1, int relu) {
+  float zt[MAX_D * COLS];
+  int64_t w = p1 - p0;
+  for (int64_t j = 0; j < d; j++) /* z first: out may be z */
+    memcpy(zt + j * COLS, z + j * hw + p0, (size_t)w * sizeof(float));
+  for (int64_t i = 0; i < d; i++) {
+    for (int64_t q = 0; q < w; q++) {
+      float t = 0.f;
+      for (int64_t j = 0; j < d; j++) t += A[i * d + j] * zt[j * COLS + q];
+      float s = bias ? bias[i] : 0.f;
+      if (res) s = res[i * hw + p0 + q] + s;
+      s += t;
+      out[i * hw + p0 + q] = relu && s < 0.f ? 0.f : s;
     }
   }
-  if (p < p1)
-    map_columns(A, z, bias, res, out, d, hw, p, p1, relu);
 }
+
+/* NAME(A, z, bias, res, out, d, hw, p0, p1, relu): columns [p0, p1) of one
+   block in tiles of 4 rows x 2 vectors of type V (L lanes), then the
+   columns past the last whole tile by TAIL (same arguments). The two tiles
+   below do the same operations per element in the same order. */
+#define DEFINE_MAP_COLUMNS(NAME, ATTR, V, L, SPLATV, RELUV, TAIL)            \
+  ATTR static void NAME(const float *A, const float *z, const float *bias,   \
+                        const float *res, float *out, int64_t d, int64_t hw, \
+                        int64_t p0, int64_t p1, int relu) {                  \
+    float zt[MAX_D * 2 * L] __attribute__((aligned(64)));                    \
+    int64_t p = p0;                                                          \
+    for (; p + 2 * L <= p1; p += 2 * L) {                                    \
+      for (int64_t j = 0; j < d; j++) { /* the tile of z first */            \
+        *(V *)(zt + j * 2 * L) = *(const V *)(z + j * hw + p);               \
+        *(V *)(zt + j * 2 * L + L) = *(const V *)(z + j * hw + p + L);       \
+      }                                                                      \
+      for (int64_t i = 0; i < d; i += 4) {                                   \
+        V c[4][2];                                                           \
+        for (int k = 0; k < 4; k++) c[k][0] = c[k][1] = SPLATV(0.f);         \
+        for (int64_t j = 0; j < d; j++) {                                    \
+          V z0 = *(V *)(zt + j * 2 * L), z1 = *(V *)(zt + j * 2 * L + L);    \
+          for (int k = 0; k < 4; k++) {                                      \
+            V a = SPLATV(A[(i + k) * d + j]);                                \
+            c[k][0] += a * z0;                                               \
+            c[k][1] += a * z1;                                               \
+          }                                                                  \
+        }                                                                    \
+        for (int k = 0; k < 4; k++) {                                        \
+          int64_t row = (i + k) * hw + p;                                    \
+          V b = SPLATV(bias ? bias[i + k] : 0.f), s0 = b, s1 = b;            \
+          if (res) {                                                         \
+            s0 = *(const V *)(res + row) + b;                                \
+            s1 = *(const V *)(res + row + L) + b;                            \
+          }                                                                  \
+          s0 += c[k][0];                                                     \
+          s1 += c[k][1];                                                     \
+          if (relu) {                                                        \
+            s0 = RELUV(s0);                                                  \
+            s1 = RELUV(s1);                                                  \
+          }                                                                  \
+          *(V *)(out + row) = s0;                                            \
+          *(V *)(out + row + L) = s1;                                        \
+        }                                                                    \
+      }                                                                      \
+    }                                                                        \
+    if (p < p1) TAIL(A, z, bias, res, out, d, hw, p, p1, relu);              \
+  }
+
+/* AVX2: 4 rows x 16 columns */
+DEFINE_MAP_COLUMNS(map_columns, , v8, 8, SPLAT, RELU8, map_tail)
+/* AVX-512: 4 rows x 32 columns, the rest by the AVX2 tile; called only
+   where the CPU has AVX-512F */
+DEFINE_MAP_COLUMNS(map_columns_wide, __attribute__((target("avx512f"))), v16,
+                   16, SPLAT16, RELU16, map_columns)
 
 /* Returns 0; 1 for a d it does not take (a multiple of 4 up to 64), 2 for
    wide on a CPU without AVX-512F. */
