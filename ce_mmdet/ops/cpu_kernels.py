@@ -21,8 +21,8 @@ Contract:
   variances to the maps :func:`apply_map` applies, in one call where the
   PyTorch ops make some 30 small ones: an eval layer without autograd is
   three calls (:meth:`ce_mmdet.ops.torch_impl.TorchPasses.forward_map`;
-  with autograd the PyTorch small graph runs). Its sums are
-  float32 lanes (the MLP's products) and double (the LayerNorm's moments).
+  with autograd the PyTorch small graph runs). Its sums are float32 lanes
+  (the MLP's products) and double (the LayerNorm's moments).
 * They take float32, contiguous, plain CPU tensors, group sizes that are
   multiples of 4 up to 64, in eager mode only: under ``torch.compile``,
   ``torch.jit`` tracing and the exporters (:mod:`ce_mmdet.ops.export`) the
