@@ -225,11 +225,18 @@ def library() -> Optional[ctypes.CDLL]:
     return _LIBRARY[0]
 
 
-def _plain(t: Optional[Tensor]) -> bool:
-    return t is None or (type(t) is Tensor and t.device.type == 'cpu'
+def _float32_cpu(t: Optional[Tensor]) -> bool:
+    """A tensor a kernel reads through a raw pointer: float32, strided,
+    contiguous, on the CPU (or None). Parameters and buffers qualify."""
+    return t is None or (isinstance(t, Tensor) and t.device.type == 'cpu'
                          and t.dtype == torch.float32
-                         and t.layout == torch.strided
-                         and t.is_contiguous())
+                         and t.layout == torch.strided and t.is_contiguous())
+
+
+def _plain(t: Optional[Tensor]) -> bool:
+    """An activation the kernels take: :func:`_float32_cpu` and a plain
+    Tensor (no subclass)."""
+    return t is None or (type(t) is Tensor and _float32_cpu(t))
 
 
 def usable(x: Tensor, group_size: int,
@@ -338,12 +345,15 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _small_operand(t: Optional[Tensor]) -> bool:
-    """A parameter or buffer the small-graph kernel reads through a raw
-    pointer: float32, contiguous, on the CPU (or None)."""
-    return t is None or (isinstance(t, Tensor) and t.device.type == 'cpu'
-                         and t.dtype == torch.float32
-                         and t.layout == torch.strided and t.is_contiguous())
+#: the names of an eval BN's tensors in :func:`eval_small_graph`'s errors
+_BN_NAMES = ('bn weight', 'bn bias', 'bn running_mean', 'bn running_var')
+
+
+def _bn_tensors(affine) -> tuple:
+    """An eval BN's weight, bias, running mean and variance (Nones without
+    one)."""
+    return (None, ) * 4 if affine is None else \
+        (affine.weight, affine.bias, affine.mean, affine.var)
 
 
 def takes_eval_small(params, state, affine=None) -> bool:
@@ -351,10 +361,8 @@ def takes_eval_small(params, state, affine=None) -> bool:
     state and BN (:class:`~ce_mmdet.ops.torch_impl.BNAffine` or None): all
     float32 contiguous CPU tensors (a model in float64 or half runs the
     PyTorch ops)."""
-    tensors = (*params, *state)
-    if affine is not None:
-        tensors += (affine.weight, affine.bias, affine.mean, affine.var)
-    return all(_small_operand(t) for t in tensors)
+    return all(
+        _float32_cpu(t) for t in (*params, *state, *_bn_tensors(affine)))
 
 
 def eval_small_graph(var: Tensor, params, state, eps: float,
@@ -392,15 +400,14 @@ def eval_small_graph(var: Tensor, params, state, eps: float,
               'ln_weight': (hidden, ), 'ln_bias': (hidden, ),
               'fc2_weight': (c, hidden), 'running_wm': (g, d, d),
               'running_scale': (1, )}
+    bn = _bn_tensors(affine)
     named = list(zip(params._fields + state._fields, (*params, *state)))
     if affine is not None:
-        named += [('bn weight', affine.weight), ('bn bias', affine.bias),
-                  ('bn running_mean', affine.mean),
-                  ('bn running_var', affine.var)]
+        named += list(zip(_BN_NAMES, bn))
     for name, t in named:  # read through raw pointers: checked here
         want = shapes.get(name, (c, ))
-        optional = name in ('bn weight', 'bn bias')
-        if (t is None and not optional) or not _small_operand(t) or \
+        optional = name in _BN_NAMES[:2]
+        if (t is None and not optional) or not _float32_cpu(t) or \
                 (t is not None and t.shape != want):
             got = 'None' if t is None else \
                 f'{t.dtype} {tuple(t.shape)} on {t.device}'
@@ -412,8 +419,6 @@ def eval_small_graph(var: Tensor, params, state, eps: float,
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
-    bn = (None, ) * 4 if affine is None else \
-        (affine.weight, affine.bias, affine.mean, affine.var)
     status = library().ce_eval_small(
         var.data_ptr(), *map(ptr, bn),
         0.0 if affine is None else affine.eps, *map(ptr, params),
