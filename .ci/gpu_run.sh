@@ -8,7 +8,7 @@
 #   bash .ci/gpu_run.sh [BUDGET_SECONDS] [SECTIONS]   # on the GPU machine
 #
 # SECTIONS: the letters of the sections to run, in that order (default
-# ABDPCE: correctness, the issue's targets, then the diagnostics); each
+# ABMDPCE: correctness, the issue's targets, then the diagnostics); each
 # section is cut to what is left of the budget (default 560 s), so a second
 # call with what the first did not reach (e.g. `bash .ci/gpu_run.sh 300 PCE`)
 # finishes the set:
@@ -17,6 +17,9 @@
 #      layer/network/memory/amp checks against float64;
 #   B  the kit's timing table (ResNet-50 / CE-ResNet-50 / plain transcription);
 #      if CE fails there, once more with CE_MMDET_IMPL=torch;
+#   M  the tiny-COCO detectors side by side in one process
+#      (benchmark_detector.py: CE Mask R-CNN / RetinaNet against mmdet's,
+#      one batch of 2 at 1067x800, --amp, alternating, paired ratios);
 #   P  the Triton passes over the feature map against a copy of the same
 #      bytes (benchmark_triton_passes.py), at 2x800x1216 with a sweep of
 #      the launch configurations' neighbours, at 32x224x224 without;
@@ -28,7 +31,7 @@
 # Logs and JSON go to $OUT (default /tmp/out).
 set -u
 budget=${1:-560}
-sections=${2:-ABDPCE}
+sections=${2:-ABMDPCE}
 top=$(pwd); kit=$top/.gpu-check
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -79,6 +82,18 @@ timeout "$(left 30)" python3 tools/analysis_tools/benchmark_triton_passes.py \
   --shape 224 224 --batch-size 32 --json "$OUT/passes_224.json" \
   > "$OUT/passes_224.log" 2>&1
 cut -c1-160 < "$OUT/passes_224.log" | grep -v Warning
+}
+
+section_M() {
+stamp "M detectors side by side"
+for p in ce_mask_rcnn/mask-rcnn ce_retinanet/retinanet; do
+  n=$(basename "$p")
+  timeout "$(left 75)" python3 tools/analysis_tools/benchmark_detector.py \
+    "configs/${p}_r50_fpn_1x_coco.py" "configs/${p}_r50-ce_fpn_1x_coco.py" \
+    --device cuda --amp --scale 1333 800 --repeats 10 --warmup 3 \
+    --json "$OUT/detector_$n.json" > "$OUT/detector_$n.log" 2>&1
+  echo "$n rc=$?"; grep -v -i "warn" "$OUT/detector_$n.log" | tail -17 | cut -c1-200
+done
 }
 
 section_C() {
@@ -136,7 +151,7 @@ for letter in $(echo "$sections" | grep -o .); do
   if declare -F "section_$letter" > /dev/null; then
     "section_$letter"
   else
-    echo "== no section $letter (sections: A B P C D E)"
+    echo "== no section $letter (sections: A B M P C D E)"
   fi
 done
 stamp done

@@ -1,7 +1,10 @@
 """Measurement helpers shared by the benchmark scripts."""
+import contextlib
 import gc
+import logging
 import multiprocessing as mp
 import os
+import statistics
 import time
 import traceback
 from typing import Callable, Dict, List, Optional
@@ -42,6 +45,38 @@ def alternating_samples(fns: Dict[str, Callable[[], object]], repeats: int,
         if reverse:
             order.reverse()
     return samples
+
+
+def ratio(b, a) -> float:
+    """``b / a``; 1 for two zero counts (host syncs), inf for ``b / 0``."""
+    if a:
+        return b / a
+    return 1.0 if b == 0 else float('inf')
+
+
+def spread_summary(values) -> str:
+    """``min, quartiles q1-q3, max`` of the paired ratios (the noise of a
+    shared machine: how far one repeat's ratio moves)."""
+    lo, hi = min(values), max(values)
+    if len(values) < 2:
+        return f'{lo:.3f}'
+    q1, _, q3 = statistics.quantiles(values, n=4, method='inclusive')
+    return f'min {lo:.3f}, quartiles {q1:.3f}-{q3:.3f}, max {hi:.3f}'
+
+
+def cuda_peak_bytes(fn: Callable[[], object],
+                    device: torch.device) -> Optional[int]:
+    """Peak CUDA memory ``fn()`` allocates on top of what was allocated
+    before it (``torch.cuda.max_memory_allocated``); None on other
+    devices."""
+    if device.type != 'cuda':
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def saved_for_backward_bytes(fn: Callable[[], object]) -> int:
@@ -127,26 +162,32 @@ def peak_rss_increase(make_step: Callable[..., Callable[[], object]],
     return result
 
 
+@contextlib.contextmanager
+def init_log_quiet():
+    """mmengine's logger at WARNING while the block runs: ``init_weights``
+    without its per-parameter table."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_backbone_pair(depth: int, device='cpu', norm_eval: bool = False):
     """``(ResNet, CEResNet)`` of ``depth``, the CE one with the BN one's
     weights wherever they share a name; nothing frozen. ``norm_eval``: BN
     (and CE) keep running statistics in training mode, as in mmdet's
     detection configs; otherwise batch statistics."""
-    import logging
-
     from mmdet.models import ResNet
-    from mmengine.logging import MMLogger
 
     from ce_mmdet.models import CEResNet
     torch.manual_seed(0)
     bn = ResNet(depth=depth, norm_eval=norm_eval, frozen_stages=-1)
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # not the per-parameter init table
-    try:
+    with init_log_quiet():
         bn.init_weights()
-    finally:
-        logger.setLevel(level)
     ce = CEResNet(depth=depth, norm_eval=norm_eval, frozen_stages=-1)
     ce.load_state_dict(bn.state_dict(), strict=False)
     return bn.to(device), ce.to(device)

@@ -203,3 +203,81 @@ def test_benchmark_triton_passes_sweeps_and_checks(tmp_path, capsys):
     want = [torch.ones(3)]
     assert bench.mismatch([torch.ones(3)], want) == 0
     assert bench.mismatch([torch.tensor([1., 1., 1.5])], want) == 0.5
+
+
+MASK_RCNN = ('configs/ce_mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+             'configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py')
+
+
+def test_benchmark_detector_pairs_ce_with_its_baseline(tmp_path, capsys):
+    """CE Mask R-CNN beside mmdet's on one tiny-COCO batch: the paired
+    ratios, detections, op counts; CE adds no host sync to the detector."""
+    out = tmp_path / 'det.json'
+    results, ratios = load('benchmark_detector').main([
+        *(osp.join(ROOT, p) for p in MASK_RCNN), '--scale', '128', '96',
+        '--repeats', '2', '--warmup', '0', '--data-root',
+        str(tmp_path / 'tiny'), '--json', str(out)
+    ])
+    printed = capsys.readouterr().out
+    assert '[0] mask-rcnn_r50_fpn_1x_coco (baseline)' in printed
+    assert '[1]/[0] per repeat, train step: min ' in printed
+    saved = json.loads(out.read_text())
+    assert saved['ratios'] == ratios
+    assert len(saved['paired_per_repeat']['[1]/[0] inference (s)']) == 2
+    # the CE model took every tensor it shares with the BN one
+    assert saved['tensors_from_baseline']['1'] > 300
+    for k in ('0', '1'):
+        for phase in ('train step', 'inference'):
+            assert 0 < results[k][f'{phase}, best (s)'] <= results[k][
+                f'{phase} (s)']
+        # an untrained Mask R-CNN still detects (post-processing runs)
+        assert results[k]['detections per image'] > 0
+    ce = ratios['1']
+    assert ce['params (M)'] > 1 and ce['ops per train step'] > 1
+    # CE reads nothing back to the host: mmdet's own syncs only
+    for key in ('host syncs per train step', 'host syncs per inference'):
+        assert results['0'][key] > 0
+        assert results['1'][key] == results['0'][key]
+
+
+def test_benchmark_detector_helpers(tmp_path):
+    """Weights shared by name and shape, the learning rate at 0 (every
+    repeat times the same weights), a clear error for --amp on a CPU."""
+    from mmdet.utils import register_all_modules
+    from mmengine.optim import build_optim_wrapper
+
+    from ce_mmdet.testing.tiny_coco import make_tiny_coco
+    bench = load('benchmark_detector')
+    register_all_modules()
+    data = str(tmp_path / 'tiny')
+    make_tiny_coco(data, num_train=2, num_val=2)
+    cfgs = [
+        bench.load_config(osp.join(ROOT, p), data, (128, 96), str(tmp_path))
+        for p in MASK_RCNN
+    ]
+    assert all(cfg.optim_wrapper.optimizer.lr == 0 for cfg in cfgs)
+    (bn, ce), shared = bench.build_models(cfgs, 'cpu')
+    assert shared[0] == len(bn.state_dict())
+    bn_state, ce_state = bn.state_dict(), ce.state_dict()
+    for name in ('backbone.conv1.weight', 'neck.fpn_convs.0.conv.weight',
+                 'roi_head.mask_head.conv_logits.weight'):
+        assert torch.equal(bn_state[name], ce_state[name])
+    assert any('.ce.' in k or k.startswith('backbone.ce')
+               for k in set(ce_state) - set(bn_state))
+    before = {k: v.clone() for k, v in ce.state_dict().items()
+              if v.is_floating_point()}
+    wrapper = build_optim_wrapper(ce, cfgs[1].optim_wrapper)
+    batch = bench.one_batch(cfgs[0], 'train', 2)
+    outputs = bench.inference_call(ce, bench.one_batch(cfgs[0], 'test', 2))()
+    assert len(outputs) == 2 and not ce.training
+    # each call sets its own mode: a training step after a test step
+    losses = bench.train_call(ce, wrapper, batch)()
+    assert ce.training
+    assert torch.isfinite(sum(v for k, v in losses.items()
+                              if 'loss' in k)).all()
+    assert all(torch.equal(v, ce.state_dict()[k]) for k, v in before.items()
+               if 'running' not in k)
+    with pytest.raises(ValueError, match='only 2 train images'):
+        bench.one_batch(cfgs[0], 'train', 3)
+    with pytest.raises(SystemExit):
+        bench.main([*MASK_RCNN, '--amp'])

@@ -75,10 +75,11 @@ from ce_mmdet.analysis.launches import LaunchCounter
 from ce_mmdet.ops import cpu_kernels
 from ce_mmdet.analysis.benchmark import (alternating_samples,
                                          backbone_train_step,
-                                         build_backbone_pair,
+                                         build_backbone_pair, cuda_peak_bytes,
                                          make_backbone_train_step,
-                                         peak_rss_increase,
-                                         saved_for_backward_bytes, synchronize)
+                                         peak_rss_increase, ratio,
+                                         saved_for_backward_bytes,
+                                         spread_summary)
 
 
 #: models run with the fused CPU kernels off (``--aten-ops``)
@@ -139,34 +140,6 @@ def count_ops(name, model, x, phase):
     with LaunchCounter() as counter:
         run_phase_in(name, model, x, phase)
     return counter.total, counter.host_syncs
-
-
-def ratio(b, a) -> float:
-    """``b / a``; 1 for two zero counts (host syncs), inf for ``b / 0``."""
-    if a:
-        return b / a
-    return 1.0 if b == 0 else float('inf')
-
-
-def spread_summary(values) -> str:
-    """``min, quartiles q1-q3, max`` of the paired ratios (the noise of a
-    shared machine: how far one repeat's ratio moves)."""
-    lo, hi = min(values), max(values)
-    if len(values) < 2:
-        return f'{lo:.3f}'
-    q1, _, q3 = statistics.quantiles(values, n=4, method='inclusive')
-    return f'min {lo:.3f}, quartiles {q1:.3f}-{q3:.3f}, max {hi:.3f}'
-
-
-def cuda_peak(model, x, device):
-    if device.type != 'cuda':
-        return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    backbone_train_step(model, x)
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 def main(argv=None):
@@ -247,7 +220,8 @@ def main(argv=None):
         m.train()
         results[k]['saved for backward (MiB)'] = saved_for_backward_bytes(
             lambda m=m: m(x)) / 2**20
-        peak = cuda_peak(m, x, device)
+        peak = cuda_peak_bytes(
+            lambda m=m: backbone_train_step(m, x), device)
         if peak is not None:
             results[k]['CUDA peak, train step (MiB)'] = peak / 2**20
         elif not args.no_rss and k in ('bn', 'ce'):
