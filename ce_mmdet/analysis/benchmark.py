@@ -64,6 +64,34 @@ def spread_summary(values) -> str:
     return f'min {lo:.3f}, quartiles {q1:.3f}-{q3:.3f}, max {hi:.3f}'
 
 
+def record_samples(results: Dict[str, dict], per_repeat: dict, metric: str,
+                   samples: Dict[str, List[float]], baseline: str) -> None:
+    """Each model's median and fastest call of ``metric`` (seconds; the
+    fastest under ``metric`` with ``, best``) into ``results[k]``, and
+    every other model's ratio to ``baseline`` within each repeat into
+    ``per_repeat[k, metric]`` (``samples``: :func:`alternating_samples`)."""
+    for k, values in samples.items():
+        if k != baseline:
+            per_repeat[k, metric] = [
+                c / b for b, c in zip(samples[baseline], values)
+            ]
+        results[k][metric] = statistics.median(values)
+        # the least disturbed call of each (its ratio: of the minima)
+        results[k][metric.replace(' (s)', ', best (s)')] = min(values)
+
+
+def paired_ratio(results: Dict[str, dict], per_repeat: dict, k: str,
+                 metric: str, baseline: str) -> float:
+    """Model ``k``'s ``metric`` over ``baseline``'s: for times
+    (:func:`record_samples`) the median of the per-repeat ratios, which a
+    shared machine's slow drifts do not bias; else :func:`ratio` of the
+    values (nan where ``k`` lacks the metric)."""
+    if (k, metric) in per_repeat:
+        return statistics.median(per_repeat[k, metric])
+    return ratio(results[k].get(metric, float('nan')),
+                 results[baseline][metric])
+
+
 def cuda_peak_bytes(fn: Callable[[], object],
                     device: torch.device) -> Optional[int]:
     """Peak CUDA memory ``fn()`` allocates on top of what was allocated

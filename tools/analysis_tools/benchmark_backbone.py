@@ -64,7 +64,6 @@ import argparse
 import contextlib
 import copy
 import json
-import statistics
 
 import torch
 from mmengine.analysis import FlopAnalyzer
@@ -77,7 +76,8 @@ from ce_mmdet.analysis.benchmark import (alternating_samples,
                                          backbone_train_step,
                                          build_backbone_pair, cuda_peak_bytes,
                                          make_backbone_train_step,
-                                         peak_rss_increase, ratio,
+                                         paired_ratio, peak_rss_increase,
+                                         record_samples,
                                          saved_for_backward_bytes,
                                          spread_summary)
 
@@ -196,14 +196,7 @@ def main(argv=None):
                for k, m in models.items()}
         samples = alternating_samples(fns, args.repeats, args.warmup, device,
                                       reverse=True)
-        for k in models:
-            if k != 'bn':
-                per_repeat[k, name] = [
-                    c / b for b, c in zip(samples['bn'], samples[k])
-                ]
-            results[k][name] = statistics.median(samples[k])
-            # the least disturbed call of each (its ratio: of the minima)
-            results[k][name.replace(' (s)', ', best (s)')] = min(samples[k])
+        record_samples(results, per_repeat, name, samples, 'bn')
         if args.profile:
             for k, m in models.items():
                 print(f'--- {k}, {phase}: torch.profiler, 2 calls')
@@ -244,15 +237,11 @@ def main(argv=None):
           ''.join(f'{k.upper() + "/BN":>15}' for k in ces))
     by_model = {k: {} for k in ces}
     for metric in results['bn']:
-        a = results['bn'][metric]
         row = f'{metric:<30}' + ''.join(
             f'{results[k].get(metric, float("nan")):>12.4g}' for k in models)
         for k in ces:
-            b = results[k].get(metric, float('nan'))
-            if (k, metric) in per_repeat:  # times: the paired median
-                by_model[k][metric] = statistics.median(per_repeat[k, metric])
-            else:
-                by_model[k][metric] = ratio(b, a)
+            by_model[k][metric] = paired_ratio(results, per_repeat, k, metric,
+                                               'bn')
             row += f'{by_model[k][metric]:>15.3f}'
         print(row)
     for (k, metric), values in per_repeat.items():

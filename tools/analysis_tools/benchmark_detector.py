@@ -44,7 +44,6 @@ import argparse
 import copy
 import json
 import os.path as osp
-import statistics
 import sys
 import tempfile
 
@@ -54,8 +53,8 @@ sys.path.insert(
     0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from ce_mmdet.analysis.benchmark import (  # noqa: E402
-    alternating_samples, cuda_peak_bytes, init_log_quiet, ratio,
-    spread_summary)
+    alternating_samples, cuda_peak_bytes, init_log_quiet, paired_ratio,
+    record_samples, spread_summary)
 from ce_mmdet.analysis.launches import LaunchCounter  # noqa: E402
 from ce_mmdet.testing.tiny_coco import (make_tiny_coco,  # noqa: E402
                                         tiny_coco_config)
@@ -215,13 +214,7 @@ def main(argv=None):
     for metric, fns in calls.items():
         samples = alternating_samples(fns, args.repeats, args.warmup, device,
                                       reverse=True)
-        for k in keys:
-            results[k][metric] = statistics.median(samples[k])
-            results[k][metric.replace(' (s)', ', best (s)')] = min(samples[k])
-            if k != '0':
-                per_repeat[k, metric] = [
-                    b / a for a, b in zip(samples['0'], samples[k])
-                ]
+        record_samples(results, per_repeat, metric, samples, '0')
     for k, m, w in zip(keys, models, wrappers):
         outputs = calls['inference (s)'][k]()
         results[k]['detections per image'] = sum(
@@ -253,11 +246,8 @@ def main(argv=None):
         row = f'{metric:<30}' + ''.join(f'{results[k][metric]:>12.4g}'
                                         for k in keys)
         for k in others:
-            if (k, metric) in per_repeat:
-                ratios[k][metric] = statistics.median(per_repeat[k, metric])
-            else:
-                ratios[k][metric] = ratio(results[k][metric],
-                                          results['0'][metric])
+            ratios[k][metric] = paired_ratio(results, per_repeat, k, metric,
+                                             '0')
             row += f'{ratios[k][metric]:>12.3f}'
         print(row)
     for (k, metric), values in per_repeat.items():
