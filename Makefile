@@ -20,6 +20,9 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): requirements/pinned.txt requirements/runtime.txt requirements/tests.txt setup.py
+	@# torch 2.13 (the pinned stack) needs Python 3.10 or newer
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
+	  echo "make needs Python 3.10 or newer; $(PYTHON) is: $$($(PYTHON) --version 2>&1 | head -1). Name another: make test PYTHON=python3.11"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(PIN) 'setuptools>=77,<81' ninja wheel
 	@# keep an existing torch; otherwise the pinned one (the CPU build on this machine)
@@ -32,8 +35,11 @@ $(STAMP): requirements/pinned.txt requirements/runtime.txt requirements/tests.tx
 	  MAX_JOBS=$(NPROC) $(PIP) install -q --no-build-isolation $(PIN) mmcv; }
 	$(PIP) install -q $(PIN) mmdet pycocotools -r requirements/tests.txt
 	@# triton: the Triton kernels' tests run in its interpreter on CPU. Keep the
-	@# one a CUDA torch brought (torch pins it); otherwise the pinned one.
-	@$(PY) -c 'import triton' 2>/dev/null || $(PIP) install -q $(PIN) triton
+	@# one a CUDA torch brought (torch pins it); otherwise the pinned one. Its
+	@# wheels are Linux-only (x86-64, aarch64): elsewhere (macOS) those tests skip.
+	@$(PY) -c 'import triton' 2>/dev/null || \
+	  if [ "$$(uname -s)" = Linux ]; then $(PIP) install -q $(PIN) triton; \
+	  else echo "no triton wheels for $$(uname -s): the Triton kernels' tests will be skipped"; fi
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@$(PY) -c 'import ce_mmdet, mmcv.ops, mmdet; print("ce_mmdet", ce_mmdet.__version__, "| mmdet", mmdet.__version__, "| mmcv", mmcv.__version__)'
 	@touch $@
