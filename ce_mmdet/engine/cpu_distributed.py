@@ -1,14 +1,16 @@
-"""Distributed training on a CPU-only torch build (gloo), for mmengine 0.10.
+"""Distributed training without a GPU (gloo), for mmengine 0.10.
 
 mmengine 0.10's ``pytorch`` launcher calls ``torch.cuda.set_device`` and its
 runner wraps the model in DDP with ``device_ids=[LOCAL_RANK]`` whatever the
-device. On a CPU-only torch build the first raises ``AttributeError: module
-'torch._C' has no attribute '_cuda_setDevice'`` and the second makes DDP refuse
-a CPU module, so ``torchrun tools/train.py --launcher pytorch`` cannot run on a
+device. Without a usable GPU the first raises (a CPU-only torch build:
+``AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'``; a
+CUDA build, PyPI's default on Linux, on a machine without a GPU or driver:
+``RuntimeError: Found no NVIDIA driver``) and the second makes DDP refuse a
+CPU module, so ``torchrun tools/train.py --launcher pytorch`` cannot run on a
 laptop or in CPU CI, even with ``env_cfg.dist_cfg.backend=gloo``.
 
-:func:`enable_cpu_distributed` fixes both, and does nothing on a torch build
-with CUDA (where the original code paths are right). It is not applied on
+:func:`enable_cpu_distributed` fixes both, and does nothing where CUDA is
+available (where the original code paths are right). It is not applied on
 ``import ce_mmdet``: ``tools/train.py`` and ``tools/test.py`` call it.
 
 * the launcher initialises the process group without touching CUDA;
@@ -39,8 +41,9 @@ def _init_dist_pytorch_cpu(backend, init_backend='torch', **kwargs) -> None:
 
 
 def enable_cpu_distributed() -> bool:
-    """Patch mmengine for CPU-only torch builds; returns whether it did."""
-    if torch.backends.cuda.is_built():
+    """Patch mmengine where no GPU can be used (a CPU-only torch build, or
+    a CUDA build without a GPU or driver); returns whether it did."""
+    if torch.cuda.is_available():
         return False
     import mmengine.dist.utils as dist_utils
     import mmengine.runner.runner as runner_module
