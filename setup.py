@@ -27,7 +27,7 @@ setup(
     long_description=open(osp.join(HERE, 'README.md')).read(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.8',
+    python_requires='>=3.9',  # torch >= 2.7 (ce_mmdet.utils.torch_version)
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
     # the fused CPU kernels (ce_mmdet.ops.cpu_kernels) build from it
     package_data={'ce_mmdet.ops': ['csrc/*.c']},

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..utils.torch_version import compiles_ce
 from . import functions
 from .export import exporting
 from .impl import passes_for
@@ -282,3 +283,11 @@ def batchnorm_channel_equilibrium(z: Tensor,
     if training:
         _update_running_state(state, wm, scale, config)
     return tail.finish(out)
+
+
+if not compiles_ce(torch.__version__):
+    # an older torch compiles CE wrongly (ce_mmdet.utils.torch_version):
+    # a compiled model runs these two ops eagerly, between its graphs
+    channel_equilibrium = torch.compiler.disable(channel_equilibrium)
+    batchnorm_channel_equilibrium = torch.compiler.disable(
+        batchnorm_channel_equilibrium)
