@@ -20,10 +20,11 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): requirements/pinned.txt requirements/runtime.txt requirements/tests.txt setup.py
-	@# torch 2.13 (the pinned stack) needs Python 3.10 or newer
-	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
-	  echo "make needs Python 3.10 or newer; $(PYTHON) is: $$($(PYTHON) --version 2>&1 | head -1). Name another: make test PYTHON=python3.11"; exit 1; }
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# a new venv: torch 2.13 (the pinned stack) needs Python 3.10 or newer
+	@test -x $(PY) || { \
+	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
+	    echo "make needs Python 3.10 or newer; $(PYTHON) is: $$($(PYTHON) --version 2>&1 | head -1). Name another: make test PYTHON=python3.11"; exit 1; }; \
+	  $(PYTHON) -m venv $(VENV); }
 	$(PIP) install -q $(PIN) 'setuptools>=77,<81' ninja wheel
 	@# keep an existing torch; otherwise the pinned one (the CPU build on this machine)
 	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q $(PIN) torch

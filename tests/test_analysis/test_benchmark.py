@@ -1,9 +1,8 @@
 """ce_mmdet.analysis.benchmark.alternating_samples: order and counts."""
-import torch
-
 import math
 
 import pytest
+import torch
 
 from ce_mmdet.analysis.benchmark import (alternating_samples, paired_ratio,
                                          record_samples)
