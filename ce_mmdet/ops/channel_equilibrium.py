@@ -286,7 +286,7 @@ def batchnorm_channel_equilibrium(z: Tensor,
 
 
 if not compiles_ce(torch.__version__):
-    # an older torch compiles CE wrongly (ce_mmdet.utils.torch_version):
+    # an older dynamo fails on CE's Function (ce_mmdet.utils.torch_version):
     # a compiled model runs these two ops eagerly, between its graphs
     channel_equilibrium = torch.compiler.disable(channel_equilibrium)
     batchnorm_channel_equilibrium = torch.compiler.disable(

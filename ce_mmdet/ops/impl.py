@@ -37,6 +37,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .export import torch_exporting
+
 IMPLS = ('auto', 'torch', 'triton')
 ENV_VAR = 'CE_MMDET_IMPL'
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -152,8 +154,7 @@ def _auto_may_use_triton(tensor: Optional[torch.Tensor]) -> bool:
 
 def _resolve(impl: str, tensor: Optional[torch.Tensor]) -> str:
     """:func:`resolve_impl` for an already requested and checked ``impl``."""
-    if impl == 'torch' or torch.jit.is_tracing() or \
-            torch.compiler.is_exporting():
+    if impl == 'torch' or torch.jit.is_tracing() or torch_exporting():
         # torch.jit tracing (mmengine's FLOP analyser) records sizes as
         # tensors, which Triton launches cannot take; an exported program
         # is a graph of standard ops (ce_mmdet.ops.export)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ce_mmdet.models import CEFPN, CEResNet, ChannelEquilibrium
+from ce_mmdet.ops.export import exporting
 
 try:
     import onnx
@@ -132,6 +133,35 @@ def test_other_tracing_keeps_one_node_per_op():
     kinds = [node.kind() for node in traced.inlined_graph.nodes()]
     assert kinds.count('prim::PythonOp') == sum(
         isinstance(m, ChannelEquilibrium) for m in model.modules())
+
+
+class _ExportingOrNot(torch.nn.Module):
+    """+1 where :func:`exporting` says an exporter traces, -1 elsewhere."""
+
+    def forward(self, x):
+        return x + 1 if exporting() else x - 1
+
+
+def test_compile_is_not_an_export_even_where_dynamo_says_so(monkeypatch):
+    """Up to torch 2.11, dynamo answered ``torch.compiler.is_exporting()``
+    with True in every ``torch.compile`` trace; ``exporting`` took the word
+    and compiled models ran CE's export route, whose inlined forward
+    inductor compiled with wrong input gradients (5.8 off on torch 2.7.1
+    and 2.11.0). Simulated here: the call patched to say True, which this
+    dynamo then traces. ``exporting`` reads the flag: False under
+    ``torch.compile`` and in eager runs, True under ``torch.export``."""
+    import torch._dynamo
+    from ce_mmdet.ops.export import torch_exporting
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)
+    torch._dynamo.reset()
+    x = torch.zeros(2)
+    assert not exporting() and not torch_exporting()
+    assert torch.equal(
+        torch.compile(_ExportingOrNot(), backend='eager', fullgraph=True)(x),
+        x - 1)
+    program = torch.export.export(_ExportingOrNot(), (x, ))
+    assert torch.equal(program.module()(x), x + 1)
+    torch._dynamo.reset()
 
 
 def _sum_backward(outputs):
