@@ -3,14 +3,13 @@
 CE's ops use torch APIs that older releases lack: the flag behind
 ``torch.compiler.is_exporting`` (torch 2.7; read on every forward, to keep
 exported graphs to standard ops, :mod:`ce_mmdet.ops.export`),
-``torch.is_autocast_enabled(device)``
-(2.4) and ``torch.library.custom_op`` (2.4; the Triton launches). Below
-:data:`MIN_TORCH` a CE layer would fail at its first forward with an
-``AttributeError`` or ``TypeError`` deep inside the op, so ``import
-ce_mmdet`` (and with it a config's ``custom_imports``) stops first and
-says what to install. Between :data:`MIN_TORCH` and
-:data:`MIN_TORCH_COMPILE` the ops run eagerly under ``torch.compile``
-(:func:`compiles_ce`).
+``torch.is_autocast_enabled(device)`` (2.4) and ``torch.library.custom_op``
+(2.4; the Triton launches). Below :data:`MIN_TORCH` a CE layer would fail
+at its first forward with an ``AttributeError`` or ``TypeError`` deep
+inside the op, so ``import ce_mmdet`` (and with it a config's
+``custom_imports``) stops first and says what to install. Between
+:data:`MIN_TORCH` and :data:`MIN_TORCH_COMPILE` the ops run eagerly under
+``torch.compile`` (:func:`compiles_ce`).
 
 Most mmdet 3.x environments built from mmcv's prebuilt wheels have torch
 2.1 or older (mmcv 2.1.0's newest wheels are for torch 2.1); with torch

@@ -143,13 +143,11 @@ class _ExportingOrNot(torch.nn.Module):
 
 
 def test_compile_is_not_an_export_even_where_dynamo_says_so(monkeypatch):
-    """Up to torch 2.11, dynamo answered ``torch.compiler.is_exporting()``
-    with True in every ``torch.compile`` trace; ``exporting`` took the word
-    and compiled models ran CE's export route, whose inlined forward
-    inductor compiled with wrong input gradients (5.8 off on torch 2.7.1
-    and 2.11.0). Simulated here: the call patched to say True, which this
-    dynamo then traces. ``exporting`` reads the flag: False under
-    ``torch.compile`` and in eager runs, True under ``torch.export``."""
+    """Dynamo up to torch 2.11 answered ``torch.compiler.is_exporting()``
+    with True in every trace (``ce_mmdet.ops.export.torch_exporting``),
+    simulated here by patching the call to say True, which this dynamo
+    then traces: ``exporting`` is still False under ``torch.compile`` and
+    in eager runs, and True under ``torch.export``."""
     import torch._dynamo
     from ce_mmdet.ops.export import torch_exporting
     monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)
