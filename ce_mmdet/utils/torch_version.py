@@ -26,7 +26,10 @@ MIN_TORCH = (2, 7)
 #: below it the CE ops run eagerly inside a compiled model
 #: (:func:`compiles_ce`). torch 2.7.1's dynamo fails with internal errors
 #: while it traces the ops' hand-written backward (a NamedTuple sliced or
-#: ``_replace``-d); 2.8 to 2.10 were not checked
+#: ``_replace``-d). 2.10.0's traces them, but with ``dynamic=True`` it
+#: rebuilds the ops' frozen config dataclass from symbolic floats, running
+#: its ``__post_init__`` checks on proxies (InternalTorchDynamoError), and a
+#: property of a NamedTuple breaks its graph; 2.8 and 2.9 were not checked
 MIN_TORCH_COMPILE = (2, 11)
 
 
