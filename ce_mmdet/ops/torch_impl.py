@@ -151,16 +151,8 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
     if inplace and x.device.type == 'cpu' and x.nbytes > INPLACE_CHUNK_BYTES:
         apply_inplace(a, xg, INPLACE_CHUNK_BYTES, bias, rg, relu)
         return x
-    if exporting():  # (no out=: ce_mmdet.ops.export); _map_into's order
-        if rg is None:
-            out = torch.matmul(a, xg)
-            out = out if bias is None else out + bias
-        else:
-            d, hw = xg.shape[2:]
-            start = rg if bias is None else rg + bias
-            out = torch.baddbmm(start.reshape(-1, d, hw),
-                                a.reshape(-1, d, d), xg.reshape(-1, d, hw))
-        return (torch.relu(out) if relu else out).reshape(x.shape)
+    if exporting() or torch.compiler.is_compiling():
+        return _traced_apply_map(a, xg, x.shape, bias, residual, relu)
     out = x.new_empty(x.shape)
     n, g, d, hw = xg.shape
     flat = out.view(n * g, d, hw)
@@ -168,6 +160,34 @@ def apply_map(a: Tensor, x: Tensor, group_size: int, inplace: bool,
               None if bias is None else bias.reshape(n * g, d, 1),
               None if rg is None else rg.reshape(n * g, d, hw), relu)
     return out
+
+
+def _traced_apply_map(a: Tensor, xg: Tensor, shape: torch.Size,
+                      bias: Optional[Tensor], residual: Optional[Tensor],
+                      relu: bool) -> Tensor:
+    """:func:`apply_map` for a tracer, in :func:`_map_into`'s order (the
+    same numbers) but with functional ops (no ``out=``:
+    :mod:`ce_mmdet.ops.export`), and a result that is a (N, C, H, W) tensor
+    of its own, never a view of the GEMM's (N * G, d, HW) product: inductor
+    (torch 2.11 to 2.13) fails on a view among a graph's outputs once shapes
+    are dynamic, sorting its strides without their symbols' ranges ("cannot
+    determine truth value of Relational", pytorch/pytorch#185510), and a CE
+    output that the next conv saves for its backward is one. The ReLU makes
+    that tensor; without it, ``+ 0.0`` does: a copy that inductor keeps
+    (it drops ``clone`` as a no-op), exact but for the sign of a zero."""
+    n, g, d, hw = xg.shape
+    maps, cols = a.reshape(n * g, d, d), xg.reshape(n * g, d, hw)
+    if residual is not None:
+        start = residual if bias is None else residual + bias.reshape(
+            n, g * d, 1, 1)
+        out = torch.baddbmm(start.reshape(n * g, d, hw), maps, cols)
+    elif bias is not None:
+        out = torch.baddbmm(bias.reshape(n * g, d, 1).expand(n * g, d, hw),
+                            maps, cols)
+    else:
+        out = torch.bmm(maps, cols)
+    out = out.view(shape)
+    return torch.relu(out) if relu else out + 0.0
 
 
 def instance_moments(xg: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:

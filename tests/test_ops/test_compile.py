@@ -105,6 +105,45 @@ def test_inductor_compiles_bn_ce(impl):
     assert rel_err(model.ce.fc1.weight.grad, eager.ce.fc1.weight.grad) < 1e-4
 
 
+@pytest.mark.parametrize('relu', [False, True])
+def test_inductor_compiles_ce_with_dynamic_shapes(relu):
+    """Inductor with dynamic shapes (what torch.compile turns to once the
+    image size changes, as detection batches do) on conv -> BN + CE ->
+    conv, training: the CE output, which the second conv saves for its
+    backward, is a graph output. When it was a view of the GEMM's product,
+    inductor (torch 2.11 to 2.13) stopped with "cannot determine truth
+    value of Relational" (pytorch/pytorch#185510); with and without an
+    epilogue (the ReLU) the compiled step now matches eager at two sizes."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 32, 3, stride=2, padding=1)
+            self.bn = torch.nn.BatchNorm2d(32)
+            self.ce = ChannelEquilibrium(32, impl='torch')
+            self.conv2 = torch.nn.Conv2d(32, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(self.ce(self.conv1(x), bn=self.bn, relu=relu))
+
+    model = Net().train()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, dynamic=True)
+    for size in (16, 20):
+        x = torch.randn(2, 3, size, size, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        out, ref = compiled(x), eager(x2)
+        assert rel_err(out, ref) < 1e-5
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert rel_err(x.grad, x2.grad) < 1e-4
+    assert rel_err(model.ce.fc1.weight.grad, eager.ce.fc1.weight.grad) < 1e-4
+
+
 @pytest.mark.parametrize('impl', [
     'torch', pytest.param('triton', marks=needs_triton)])
 def test_compiled_training_step_matches_eager(impl):
