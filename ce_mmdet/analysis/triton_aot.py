@@ -29,7 +29,8 @@ layers and prints one row per compiled kernel.
 
 The compile step mirrors ``triton.runtime.jit.JITFunction.run`` (its binder
 and ``_pack_args``) for a target given instead of the current device's;
-written against Triton 3.9 (``requirements/pinned.txt``), used with 3.6 too.
+written against Triton 3.9, checked with 3.4 (torch 2.8's), 3.5, 3.6 and
+3.7.1 (``requirements/pinned.txt``).
 """
 import dataclasses
 import os
@@ -434,7 +435,13 @@ def binder_us(binder: Callable, args: list, kwargs: dict,
     the driver (a few us per launch on a GPU machine). At 2 images per GPU
     a CE layer's launches cost the host this much each, beside the op's
     own Python (``benchmark_host.py``)."""
-    from triton.runtime.jit import compute_cache_key
+    try:
+        from triton.runtime.jit import compute_cache_key
+    except ImportError:  # triton 3.4: the key JITFunction.run computes
+
+        def compute_cache_key(cache, specialization, options):
+            return str(specialization) + str(options)
+
     best, keys = float('inf'), {}  # (the kernel's key cache: hits)
     for _ in range(5):
         start = time.perf_counter()
@@ -443,6 +450,33 @@ def binder_us(binder: Callable, args: list, kwargs: dict,
             compute_cache_key(keys, specialization, options)
         best = min(best, (time.perf_counter() - start) / repeats)
     return best * 1e6
+
+
+def _pack_args(fn, backend, kwargs: dict, bound: dict, specialization,
+               options) -> tuple:
+    """``fn._pack_args(...)``: the compile options, signature, constexprs
+    and attributes of a bound launch. Triton 3.4 (torch 2.8's) has no such
+    method; its ``JITFunction.run`` computes them inline, with these
+    lines (3.5 moved them into ``_pack_args`` unchanged)."""
+    pack = getattr(fn, '_pack_args', None)
+    if pack is not None:
+        return pack(backend, kwargs, bound, specialization, options)
+    from triton.runtime.jit import find_paths_if, get_iterable_path
+    options = backend.parse_options(kwargs)
+    sigkeys = [p.name for p in fn.params]
+    sigvals = [s[0] for s in specialization]
+    signature = dict(zip(sigkeys, sigvals))
+    values = list(bound.values())
+    constexprs = {
+        path: get_iterable_path(values, path)
+        for path in find_paths_if(sigvals, lambda _, v: v == 'constexpr')
+    }
+    attrvals = [s[1] for s in specialization]
+    attrs = {
+        path: backend.parse_attr(get_iterable_path(attrvals, path))
+        for path in find_paths_if(attrvals, lambda _, v: isinstance(v, str))
+    }
+    return options, signature, constexprs, attrs
 
 
 def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
@@ -471,8 +505,8 @@ def compile_launch(record: LaunchRecord, arch: int = 90) -> KernelReport:
                                                 backend)
         args = _arguments(record)
         bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(
-            backend, kwargs, bound, specialization, options)
+        options, signature, constexprs, attrs = _pack_args(
+            fn, backend, kwargs, bound, specialization, options)
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                 target=target, options=options.__dict__)
     except Exception as err:  # noqa: BLE001  (reported, not raised)

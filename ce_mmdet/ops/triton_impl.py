@@ -130,10 +130,15 @@ class _Kernel:
         self.args = tuple(
             name for name, par in inspect.signature(fn.fn).parameters.items()
             if par.annotation is not tl.constexpr)
-        # (JITFunction keeps the names; the interpreter's function its kwargs)
+        # (JITFunction keeps the names; the interpreter's function its
+        # kwargs from triton 3.5, while 3.4's drops them: there, those of
+        # _UNSPECIALISED, what the kernels with such arguments are jitted
+        # with)
         free = getattr(fn, 'do_not_specialize', None)
         if free is None:
-            free = getattr(fn, 'kwargs', {}).get('do_not_specialize')
+            kwargs = getattr(fn, 'kwargs', None)
+            free = (_UNSPECIALISED if kwargs is None else
+                    kwargs.get('do_not_specialize'))
         self.unspecialised = frozenset(free or ()) & set(self.args)
         self.writes = frozenset(writes)
         if not self.writes <= set(self.args):

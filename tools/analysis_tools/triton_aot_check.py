@@ -27,9 +27,10 @@ The two steps run in child processes: the interpreter is chosen when the
 kernels are defined, so recording (``TRITON_INTERPRET=1``) and compiling
 (no interpreter) cannot share one. Needs the ``triton`` wheel (its NVIDIA
 backend ships ``ptxas`` and ``cuobjdump``), no GPU and no CUDA install.
-``--triton-path DIR`` compiles with another Triton, installed there with
-``pip install --no-deps --target DIR triton==X`` (the one a cluster's
-torch pins, e.g. 3.6.0 for torch 2.11); recording keeps this environment's.
+``--triton-path DIR`` compiles with another Triton (3.4 or newer),
+installed there with ``pip install --no-deps --target DIR triton==X`` (the
+one a cluster's torch pins: 3.4.0 for torch 2.8, 3.5.0 for 2.9, 3.6.0 for
+2.10 and 2.11); recording keeps this environment's.
 """
 import argparse
 import json
