@@ -17,8 +17,9 @@ def pytest_configure(config):
     interpreter cannot run the kernels' tests. Before triton 3.7 it converts
     one-element arrays with ``int()``, which numpy 2.4 refuses, so every
     Triton test would fail with that ``TypeError``. Checked: triton 3.3.1
-    (torch 2.7's) and 3.6.0 (torch 2.10's and 2.11's) run with numpy 2.3.5
-    and fail with 2.4.6; triton 3.7.1 runs with numpy 2.5.5."""
+    (torch 2.7's), 3.4.0 (2.8's), 3.5.0 (2.9's) and 3.6.0 (2.10's and
+    2.11's) run with numpy 2.3.5 and fail with 2.4.6; triton 3.7.1 runs
+    with numpy 2.5.5."""
     from ce_mmdet.ops.impl import triton_device
     if triton_device() != 'cpu':  # a GPU, or no triton (those tests skip)
         return

@@ -26,10 +26,13 @@ MIN_TORCH = (2, 7)
 #: below it the CE ops run eagerly inside a compiled model
 #: (:func:`compiles_ce`). torch 2.7.1's dynamo fails with internal errors
 #: while it traces the ops' hand-written backward (a NamedTuple sliced or
-#: ``_replace``-d). 2.10.0's traces them, but with ``dynamic=True`` it
-#: rebuilds the ops' frozen config dataclass from symbolic floats, running
-#: its ``__post_init__`` checks on proxies (InternalTorchDynamoError), and a
-#: property of a NamedTuple breaks its graph; 2.8 and 2.9 were not checked
+#: ``_replace``-d); 2.8.0's too, there in the small graph's backward
+#: (``VariableTracker.__init__() got an unexpected keyword argument
+#: 'dynamic_attributes'``). 2.9.0's and 2.10.0's trace them, but a
+#: property of a NamedTuple (``BatchNormArgs.uses_batch_stats``) breaks
+#: their graph, and with ``dynamic=True`` 2.10.0's rebuilds the ops' frozen
+#: config dataclass from symbolic floats, running its ``__post_init__``
+#: checks on proxies (InternalTorchDynamoError; 2.9.0 not tried so)
 MIN_TORCH_COMPILE = (2, 11)
 
 

@@ -1,7 +1,10 @@
 """torch.compile: dynamo traces the CE ops without graph breaks (the torch
 implementation, and the Triton one through its custom op
 ``ce_mmdet::triton_launch``), and the compiled model computes what the eager
-one does."""
+one does. Below ``MIN_TORCH_COMPILE`` (torch 2.7 to 2.10) the ops run
+eagerly between the compiled graphs instead: the tests of tracing skip
+there, those of compiled models' numbers run on every torch."""
+import importlib
 import copy
 import warnings
 
@@ -10,10 +13,16 @@ import torch
 
 from ce_mmdet.models import CEResNet, ChannelEquilibrium
 from ce_mmdet.ops.impl import triton_device
+from ce_mmdet.utils.torch_version import MIN_TORCH_COMPILE, compiles_ce
 
 needs_triton = pytest.mark.skipif(
     triton_device() is None,
     reason='needs triton (and a GPU or TRITON_INTERPRET=1)')
+traces_ce = pytest.mark.skipif(
+    not compiles_ce(torch.__version__),
+    reason=f'torch {torch.__version__} < '
+    f'{".".join(map(str, MIN_TORCH_COMPILE))}: torch.compile runs the CE '
+    'ops eagerly (ce_mmdet.utils.torch_version)')
 DEVICE = triton_device() or 'cpu'
 
 
@@ -54,6 +63,26 @@ def assert_step_matches(compiled, fn, shape):
     assert rel_err(z.grad, z2.grad) < 1e-4
 
 
+def assert_training_step_matches(compiled, model, eager, x=None):
+    """A training step of ``compiled`` (``model`` compiled) gives the
+    outputs, parameter gradients and buffers of ``eager``'s (a copy of
+    ``model``), on ``x`` or a random (2, 3, 32, 32) input."""
+    if x is None:
+        x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    outs, ref = compiled(x), eager(x)
+    for o, r in zip(outs, ref):
+        assert rel_err(o, r) < 1e-5
+    sum(o.sum() for o in outs).backward()
+    sum(r.sum() for r in ref).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            assert rel_err(p.grad, q.grad) < 1e-4, name
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        if b.is_floating_point():
+            assert rel_err(b, c) < 1e-5, name
+
+
+@traces_ce
 @pytest.mark.parametrize('impl', [
     'torch', pytest.param('triton', marks=needs_triton)])
 @pytest.mark.parametrize('mode', ['train', 'norm_eval', 'inference'])
@@ -138,6 +167,7 @@ def test_inductor_compiles_ce_with_dynamic_shapes(relu):
     assert rel_err(model.ce.fc1.weight.grad, eager.ce.fc1.weight.grad) < 1e-4
 
 
+@traces_ce
 @pytest.mark.parametrize('impl', [
     'torch', pytest.param('triton', marks=needs_triton)])
 def test_compiled_training_step_matches_eager(impl):
@@ -153,23 +183,51 @@ def test_compiled_training_step_matches_eager(impl):
     model.train()
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
-    outs, ref = compiled(x), eager(x)
-    for o, r in zip(outs, ref):
-        assert rel_err(o, r) < 1e-5
-    sum(o.sum() for o in outs).backward()
-    sum(r.sum() for r in ref).backward()
+    assert_training_step_matches(compiled, model, eager)
     assert len(graphs) == 2
     assert [('ce_mmdet.triton_launch' in code) for code in graphs] == [
         impl == 'triton'] * 2
-    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        if q.grad is not None:
-            assert rel_err(p.grad, q.grad) < 1e-4, name
-    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
-        if b.is_floating_point():
-            assert rel_err(b, c) < 1e-5, name
 
 
+@pytest.mark.parametrize('impl', [
+    'torch', pytest.param('triton', marks=needs_triton)])
+def test_ops_run_eagerly_between_graphs_where_dynamo_cannot_trace_them(
+        impl, monkeypatch):
+    """Below ``MIN_TORCH_COMPILE`` the two CE ops are
+    ``torch.compiler.disable``-d at import: a compiled CE-ResNet breaks its
+    graph at each CE layer, runs the op eagerly there, and its training
+    step gives the eager step's outputs, gradients and buffers. On a torch
+    that traces CE, the layers' ops are disabled here as an older torch's
+    are, so that this fallback is tested on every torch."""
+    import torch._dynamo
+    from ce_mmdet.ops import (batchnorm_channel_equilibrium,
+                              channel_equilibrium)
+    layers = importlib.import_module(
+        'ce_mmdet.models.layers.channel_equilibrium')
+    for op in (channel_equilibrium, batchnorm_channel_equilibrium):
+        assert getattr(layers, op.__name__) is op  # what the layers call
+        if compiles_ce(torch.__version__):
+            monkeypatch.setattr(layers, op.__name__,
+                                torch.compiler.disable(op))
+    torch.manual_seed(0)
+    model = with_impl(CEResNet(18, base_channels=16), impl).to(DEVICE)
+    model.train()
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    explained = torch._dynamo.explain(copy.deepcopy(model))(x)
+    # (dynamo counts a break again where it resumes a frame that called
+    # the op: 10 for the 7 CE layers on torch 2.8 and 2.13)
+    n_ce = sum(isinstance(m, ChannelEquilibrium) for m in model.modules())
+    assert explained.graph_break_count >= n_ce
+    assert explained.break_reasons and all(
+        'disable' in r.reason for r in explained.break_reasons)
+    torch._dynamo.reset()
+    assert_training_step_matches(torch.compile(model, backend='aot_eager'),
+                                 model, eager, x)
+
+
+@traces_ce
 @needs_triton
 def test_triton_custom_op_with_dynamic_shapes():
     """Detection inputs change size: with ``dynamic=True`` the launches take
@@ -244,6 +302,7 @@ def _compile_bn_ce(dynamic):
     return compiled, fn, graphs
 
 
+@traces_ce
 @needs_triton
 @pytest.mark.parametrize('dynamic', [False, True])
 def test_auto_under_compile_checks_at_trace_time_and_uses_triton(
@@ -275,6 +334,7 @@ def test_auto_under_compile_checks_at_trace_time_and_uses_triton(
             for layer in at_trace} == {(32, 16, 8, 3, torch.float32)}
 
 
+@traces_ce
 @needs_triton
 def test_auto_under_compile_keeps_torch_where_the_check_fails(
         auto_considers_cpu, monkeypatch):
@@ -290,6 +350,7 @@ def test_auto_under_compile_keeps_torch_where_the_check_fails(
                               for code in graphs)
 
 
+@traces_ce
 @needs_triton
 def test_auto_traces_ce_resnet_without_graph_breaks(auto_considers_cpu):
     """The trace-time self-checks of every CE layer of a CE-ResNet add no

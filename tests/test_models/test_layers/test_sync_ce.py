@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ce_mmdet.models import ChannelEquilibrium
+from ce_mmdet.utils.torch_version import compiles_ce
 
 TOL = 1e-10
 
@@ -74,8 +75,9 @@ def worker(rank, world, init_file, splits, result_dir, momentum=0.1,
             layer.impl = impl
         forward = layer
         if compiled:  # mmengine's compile=True; the all-reduce in the graph
+            # (where the torch traces CE: below, the op runs eagerly)
             forward = torch.compile(layer, backend='aot_eager',
-                                    fullgraph=True)
+                                    fullgraph=compiles_ce(torch.__version__))
         xr = x.clone().requires_grad_()
         out = forward(xr)
         out.backward(grad)
@@ -124,7 +126,8 @@ def rel(a, b):
                                              ((3, 1), True)])
 def test_sync_ce_equals_global_batch(splits, compiled, tmp_path):
     """Also under torch.compile (fullgraph: dynamo traces the all-reduce
-    of the batch sums, forward and backward, without a graph break)."""
+    of the batch sums, forward and backward, without a graph break; below
+    MIN_TORCH_COMPILE the op, all-reduce included, runs eagerly)."""
     ref = single_process(sum(splits))
     ranks = run_ranks(list(splits), tmp_path, compiled=compiled)
     out = torch.cat([r['out'] for r in ranks])
