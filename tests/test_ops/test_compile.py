@@ -4,8 +4,8 @@ implementation, and the Triton one through its custom op
 one does. Below ``MIN_TORCH_COMPILE`` (torch 2.7 to 2.10) the ops run
 eagerly between the compiled graphs instead: the tests of tracing skip
 there, those of compiled models' numbers run on every torch."""
-import importlib
 import copy
+import importlib
 import warnings
 
 import pytest
