@@ -235,6 +235,29 @@ def batchnorm_channel_equilibrium(z: Tensor,
 
     Returns:
         Tensor: same shape and dtype as ``z``.
+
+    Example:
+        >>> import torch
+        >>> from ce_mmdet.ops import (BatchNormArgs, CEConfig, CEParams,
+        ...                           CEState, batchnorm_channel_equilibrium,
+        ...                           channel_equilibrium)
+        >>> c, d = 32, 16
+        >>> params = CEParams(torch.zeros(1), torch.randn(8, c),
+        ...                   torch.ones(8), torch.zeros(8), torch.randn(c, 8))
+        >>> def new_state():
+        ...     return CEState(torch.eye(d).repeat(c // d, 1, 1),
+        ...                    torch.ones(1))
+        >>> bn, z = torch.nn.BatchNorm2d(c), torch.randn(2, c, 5, 5)
+        >>> fused = batchnorm_channel_equilibrium(
+        ...     z, BatchNormArgs.from_module(bn), params, new_state(),
+        ...     config=CEConfig(group_size=d), training=True)
+        >>> int(bn.num_batches_tracked)  # the BN's bookkeeping, as bn(z)'s
+        1
+        >>> plain = channel_equilibrium(bn(z), params, new_state(),
+        ...                             config=CEConfig(group_size=d),
+        ...                             training=True)
+        >>> torch.allclose(fused, plain, rtol=1e-4, atol=1e-5)
+        True
     """
     _check_input(z, state, config)
     tail = Epilogue.of(z, residual, relu)
