@@ -3,6 +3,8 @@
 Same command line as mmdet's: CONFIG CHECKPOINT [--work-dir] [--out]
 [--show] [--show-dir] [--cfg-options ...] [--launcher ...] [--tta].
 Prints the COCO metrics through mmengine's logger; ``main()`` returns them.
+``--tta`` with a model that predicts masks (Mask R-CNN) stops before the
+runner is built, saying why: mmdet 3.3's TTA merges boxes only.
 """
 import os.path as osp
 import sys
@@ -12,9 +14,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
 from ce_mmdet.engine import (enable_cpu_distributed,  # noqa: E402
                              shutdown_distributed)
+from mmengine.config import Config  # noqa: E402
 
-from ce_mmdet.utils.mmdet_tools import (keep_test_metrics,  # noqa: E402
-                                        load_mmdet_tool)
+from ce_mmdet.utils.mmdet_tools import (check_tta,  # noqa: E402
+                                        keep_test_metrics, load_mmdet_tool)
 
 
 def main():
@@ -22,6 +25,12 @@ def main():
     # on CUDA builds; see ce_mmdet/engine/cpu_distributed.py)
     enable_cpu_distributed()
     tool = load_mmdet_tool('test')
+    args = tool.parse_args()
+    if args.tta:
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options is not None:
+            cfg.merge_from_dict(args.cfg_options)
+        check_tta(cfg, args.config)
     with keep_test_metrics() as metrics:
         tool.main()
     # destroy the process group before exit: torch 2.13 can abort a rank at

@@ -82,6 +82,52 @@ def check_pretrained(cfg) -> None:
                 path=missing[0]['checkpoint'], depth=missing[0]['_depth']))
 
 
+TTA_MASKS_HELP = """\
+--tta cannot test {config}:
+its model predicts masks ({where}),
+and mmdet 3.3's test-time augmentation (DetTTAModel) merges boxes only:
+it would stop at the first batch with "TTA of instance segmentation does
+not support now".
+
+Test it without --tta, or use --tta with a box detector, e.g. CE RetinaNet:
+  python tools/test.py \\
+      configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py CKPT --tta
+"""
+
+
+def _mask_heads(node, path: str, found: List[str]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f'{path}.{key}'
+            if key == 'mask_head' and value:
+                found.append(where)
+            _mask_heads(value, where, found)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _mask_heads(value, f'{path}[{i}]', found)
+
+
+def check_tta(cfg, config_path: str) -> None:
+    """Stop before the runner is built where ``--tta`` cannot work: the
+    model predicts masks (a ``mask_head`` anywhere in ``cfg.model``) and
+    the TTA wrapper is mmdet's ``DetTTAModel`` (the config's
+    ``tta_model``, or the one mmdet's ``tools/test.py`` adds), which
+    asserts on masks only after the model, the checkpoint and the data are
+    loaded.
+
+    Raises:
+        SystemExit: naming the mask head and what to run instead.
+    """
+    tta_type = cfg.get('tta_model', {}).get('type', 'DetTTAModel')
+    if tta_type not in ('DetTTAModel', 'mmdet.DetTTAModel'):
+        return
+    found: List[str] = []
+    _mask_heads(cfg.get('model', {}), 'model', found)
+    if found:
+        raise SystemExit(
+            TTA_MASKS_HELP.format(config=config_path, where=found[0]))
+
+
 @contextlib.contextmanager
 def keep_test_metrics() -> Iterator[Dict]:
     """Collect the metrics ``Runner.test()`` returns while in the block.

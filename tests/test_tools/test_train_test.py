@@ -178,6 +178,20 @@ def test_missing_pretrained_stops_before_runner(tmp_path):
     assert not (tmp_path / 'wd').exists()  # no runner was built
 
 
+def test_tta_of_mask_rcnn_stops_before_runner(tmp_path):
+    """mmdet's TTA merges no masks: tools/test.py says so before it loads
+    the model, the checkpoint (here none) or the data."""
+    proc = subprocess.run([
+        sys.executable, 'tools/test.py', MASK_CE,
+        str(tmp_path / 'none.pth'), '--work-dir',
+        str(tmp_path / 'wd'), '--tta'
+    ], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'model.roi_head.mask_head' in proc.stderr
+    assert 'merges boxes only' in proc.stderr
+    assert not (tmp_path / 'wd').exists()
+
+
 def test_ce_layers_in_built_model_match_config(tiny_coco):
     cfg = Config.fromfile(RETINA_CE)
     init_default_scope('mmdet')
