@@ -10,7 +10,7 @@ import json
 import math
 import os
 import os.path as osp
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -159,7 +159,7 @@ test_pipeline = [
         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                    'scale_factor'))
 ]
-model = dict(backbone=dict(init_cfg=None){heads})
+model = dict(backbone=dict(init_cfg=None){heads}{test_cfg})
 train_dataloader = dict(
     batch_size=2,
     num_workers=0,
@@ -196,9 +196,23 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
 '''
 
 
+def _score_thr_override(model, score_thr: Optional[float]) -> str:
+    """``model``'s test score threshold set to ``score_thr``: the second
+    stage's (``test_cfg.rcnn``) or a one-stage head's (``test_cfg``)."""
+    if score_thr is None:
+        return ''
+    test_cfg = model.get('test_cfg') or {}
+    if 'score_thr' in (test_cfg.get('rcnn') or {}):
+        return f', test_cfg=dict(rcnn=dict(score_thr={score_thr!r}))'
+    if 'score_thr' in test_cfg:
+        return f', test_cfg=dict(score_thr={score_thr!r})'
+    return ''
+
+
 def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
                      max_iters: int = 4, ckpt_interval: int = 2,
-                     val_interval: int = 10**6) -> str:
+                     val_interval: int = 10**6,
+                     score_thr: Optional[float] = 0.0) -> str:
     """Text of a config that runs ``base`` on the tiny set, for smoke runs.
 
     Args:
@@ -208,7 +222,13 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
         max_iters (int): iterations of the IterBasedTrainLoop.
         ckpt_interval (int): checkpoint every so many iterations.
         val_interval (int): validate every so many iterations (default:
-            never during training).
+            only after the last one, as mmengine's loop always does).
+        score_thr (float, optional): the detector's test score threshold
+            (``test_cfg.rcnn.score_thr`` or ``test_cfg.score_thr``). The
+            default 0 keeps every detection up to ``max_per_img``, so the
+            evaluation of a few iterations' model scores boxes (at mmdet's
+            0.05 a RetinaNet that young detects nothing and the COCO metric
+            logs an error instead). None: the base config's.
 
     Returns:
         str: the config text; write it to a ``.py`` file and use it anywhere
@@ -236,6 +256,7 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
         scale=tuple(scale),
         with_mask=with_mask,
         heads=heads,
+        test_cfg=_score_thr_override(model, score_thr),
         max_iters=max_iters,
         ckpt_interval=ckpt_interval,
         val_interval=val_interval)

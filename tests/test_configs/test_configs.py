@@ -72,6 +72,9 @@ def test_config_train_and_test_step(path, tiny_coco, tmp_path):
     assert len(results) == 1
     pred = results[0].pred_instances
     assert pred.bboxes.shape[-1] == 4
+    if not path.startswith(osp.join('configs', 'demo')):
+        # the tiny config's score threshold 0 keeps the young model's boxes
+        assert len(pred) > 0
     assert torch.isfinite(pred.scores).all()
     if 'mask' in path:
         assert 'masks' in pred

@@ -96,3 +96,32 @@ def check_coco_dataset(tiny):
     h, w = sample['inputs'].shape[1:]
     assert (inst.bboxes.tensor[:, 2] <= w).all()
     assert (inst.bboxes.tensor[:, 3] <= h).all()
+
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+@pytest.mark.parametrize('config,key', [
+    ('configs/ce_mask_rcnn/mask-rcnn_r50-ce_fpn_1x_coco.py', 'rcnn'),
+    ('configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py', None),
+])
+def test_tiny_config_keeps_every_detection_unless_told(config, key, tmp_path):
+    """A smoke run's evaluation scores boxes (score threshold 0: a model of
+    a few iterations is below mmdet's 0.05); ``score_thr=None`` keeps the
+    base config's threshold, and the rest of ``test_cfg`` stays."""
+    from mmengine.config import Config
+
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    base = Config.fromfile(osp.join(ROOT, config)).model.test_cfg
+    for score_thr, expected in ((0.0, 0.0), (None, 0.05), (0.3, 0.3)):
+        path = tmp_path / f'tiny_{score_thr}.py'
+        path.write_text(
+            tiny_coco_config(osp.join(ROOT, config), str(tmp_path),
+                             score_thr=score_thr))
+        test_cfg = Config.fromfile(str(path)).model.test_cfg
+        head, base_head = ((test_cfg[key], base[key]) if key else
+                           (test_cfg, base))
+        assert head.score_thr == expected
+        assert {k: v for k, v in head.items() if k != 'score_thr'} == {
+            k: v for k, v in base_head.items() if k != 'score_thr'}
+        assert test_cfg.keys() == base.keys()

@@ -62,9 +62,11 @@ from ce_mmdet.testing.tiny_coco import (make_tiny_coco,  # noqa: E402
 
 def load_config(path, data_root, scale, workdir):
     """``path`` switched to the tiny set (:func:`tiny_coco_config`), with a
-    learning rate of 0 and no pretrained weights."""
+    learning rate of 0, no pretrained weights and the config's own test
+    score threshold (the inference workload of the earlier readings)."""
     from mmengine.config import Config
-    text = tiny_coco_config(path, data_root, scale, max_iters=1)
+    text = tiny_coco_config(path, data_root, scale, max_iters=1,
+                            score_thr=None)
     out = osp.join(workdir, osp.basename(path))
     with open(out, 'w') as f:
         f.write(text)

@@ -7,8 +7,9 @@ Usage:
 
 Makes the tiny set first if it is missing. The written config inherits
 CONFIG (model, optimizer), switches the data to the tiny set, resizes the
-heads to its 3 classes, drops pretrained weights and trains for
---max-iters iterations: a smoke run of any detection config on a laptop.
+heads to its 3 classes, drops pretrained weights, trains for --max-iters
+iterations and evaluates with a test score threshold of 0 (so the young
+model's boxes are scored): a smoke run of any detection config on a laptop.
 """
 import argparse
 import os.path as osp
