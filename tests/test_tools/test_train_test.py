@@ -1,5 +1,6 @@
 """End to end on the tiny COCO set: tools/train.py, tools/test.py, --resume,
 mmdet's own train.py on an outside config, and the missing-weights stop."""
+import json
 import os
 import os.path as osp
 import subprocess
@@ -72,6 +73,43 @@ def test_test_prints_bbox_and_segm_ap(mask_run):
     ], cwd=ROOT)
     assert 'coco/bbox_mAP:' in log and 'coco/segm_mAP:' in log
     assert 'Average Precision' in log
+
+
+INFERENCE_SCRIPT = r'''
+import json, sys
+import torch
+from mmdet.apis import init_detector, inference_detector
+cfg, ckpt, img = sys.argv[1:4]
+before = 'ce_mmdet' in sys.modules
+model = init_detector(cfg, ckpt, device='cpu')
+state = torch.load(ckpt, weights_only=True)['state_dict']
+loaded = all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+pred = inference_detector(model, img).pred_instances
+print('RESULT', json.dumps(dict(
+    imported_before=before, backbone=type(model.backbone).__name__,
+    loaded=loaded, keys=len(state), boxes=len(pred),
+    masks=tuple(pred.masks.shape) if 'masks' in pred else None)))
+'''
+
+
+def test_mmdet_inference_api_runs_a_ce_checkpoint(mask_run, tiny_coco):
+    """mmdet's own inference API (``init_detector``, ``inference_detector``)
+    in a fresh process: the config's ``custom_imports`` alone bring
+    ce_mmdet in before the checkpoint is read (``weights_only`` loading),
+    every tensor of the checkpoint lands in the CE model, and it predicts
+    boxes and masks."""
+    cfg, wd, _ = mask_run
+    img = sorted(os.listdir(osp.join(tiny_coco, 'val2017')))[0]
+    out = run(['-c', INFERENCE_SCRIPT, str(cfg), str(wd / 'iter_4.pth'),
+               osp.join(tiny_coco, 'val2017', img)], cwd=ROOT)
+    line, = [line for line in out.splitlines() if line.startswith('RESULT ')]
+    result = json.loads(line[len('RESULT '):])
+    assert result['imported_before'] is False
+    assert result['backbone'] == 'CEResNet'
+    assert result['loaded'] and result['keys'] > 100
+    assert result['boxes'] > 0
+    assert result['masks'] is not None and result['masks'][0] == \
+        result['boxes']
 
 
 def test_resume_continues_iterations_and_ce_buffers(mask_run, tmp_path):
