@@ -30,9 +30,13 @@ MIN_TORCH = (2, 7)
 #: (``VariableTracker.__init__() got an unexpected keyword argument
 #: 'dynamic_attributes'``). 2.9.0's and 2.10.0's trace them, but a
 #: property of a NamedTuple (``BatchNormArgs.uses_batch_stats``) breaks
-#: their graph, and with ``dynamic=True`` 2.10.0's rebuilds the ops' frozen
-#: config dataclass from symbolic floats, running its ``__post_init__``
-#: checks on proxies (InternalTorchDynamoError; 2.9.0 not tried so)
+#: their graph, and with ``dynamic=True`` 2.10.0's and 2.9.0's rebuild the
+#: ops' frozen config dataclass from symbolic floats, running its
+#: ``__post_init__`` checks on proxies (InternalTorchDynamoError). With the
+#: property read inline, 2.9.0's inductor also fails once the image size
+#: changes (automatic dynamic shapes, torch.compile's default): "cannot
+#: determine truth value of Relational" ordering symbolic strides
+#: (``ir.get_stride_order``), in a conv -> BN + CE -> conv training step
 MIN_TORCH_COMPILE = (2, 11)
 
 
