@@ -11,6 +11,7 @@ Measured places, the same in CE and BN models so the two compare:
 * ``layerL.B``: the output of each residual block, i.e. the ReLU after the
   block's last norm (+ CE) and the identity.
 """
+import numbers
 from collections import OrderedDict
 from typing import Dict, List
 
@@ -50,8 +51,12 @@ class InhibitedChannelMeter:
 
     def __init__(self, backbone: nn.Module, thr: float = 1e-2,
                  relative: bool = False) -> None:
+        if isinstance(thr, bool) or not isinstance(thr, numbers.Real):
+            raise TypeError(f'thr must be a number, got {thr!r}')
         if not thr >= 0:
             raise ValueError(f'thr must be >= 0, got {thr!r}')
+        if not isinstance(relative, bool):
+            raise TypeError(f'relative must be a bool, got {relative!r}')
         self.thr = float(thr)
         self.relative = relative
         self.counts: Dict[str, List[float]] = OrderedDict()

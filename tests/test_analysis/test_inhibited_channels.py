@@ -81,3 +81,17 @@ def test_meter_counts_constructed_channels_in_ce_model():
     assert 0.0 <= relative.summary()['overall'] <= 1.0
     with pytest.raises(ValueError, match='no ResNet blocks'):
         InhibitedChannelMeter(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize('kwargs,error,message', [
+    (dict(thr=-0.1), ValueError, 'thr must be >= 0, got -0.1'),
+    (dict(thr=float('nan')), ValueError, 'thr must be >= 0, got nan'),
+    (dict(thr='0.1'), TypeError, "thr must be a number, got '0.1'"),
+    (dict(thr=True), TypeError, 'thr must be a number, got True'),
+    (dict(relative='yes'), TypeError, "relative must be a bool, got 'yes'"),
+])
+def test_meter_refuses_bad_arguments(kwargs, error, message):
+    with pytest.raises(error) as raised:
+        InhibitedChannelMeter(CEResNet(depth=18, base_channels=16),
+                              **kwargs)
+    assert str(raised.value) == message
