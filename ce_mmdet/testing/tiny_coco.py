@@ -8,6 +8,7 @@ Pillow at a fixed quality).
 """
 import json
 import math
+import numbers
 import os
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -201,6 +202,10 @@ def _score_thr_override(model, score_thr: Optional[float]) -> str:
     stage's (``test_cfg.rcnn``) or a one-stage head's (``test_cfg``)."""
     if score_thr is None:
         return ''
+    if isinstance(score_thr, bool) or not isinstance(
+            score_thr, numbers.Real) or not 0 <= score_thr <= 1:
+        raise ValueError(
+            f'score_thr must be None or a number in [0, 1], got {score_thr!r}')
     test_cfg = model.get('test_cfg') or {}
     if 'score_thr' in (test_cfg.get('rcnn') or {}):
         return f', test_cfg=dict(rcnn=dict(score_thr={score_thr!r}))'

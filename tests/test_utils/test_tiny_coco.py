@@ -125,3 +125,14 @@ def test_tiny_config_keeps_every_detection_unless_told(config, key, tmp_path):
         assert {k: v for k, v in head.items() if k != 'score_thr'} == {
             k: v for k, v in base_head.items() if k != 'score_thr'}
         assert test_cfg.keys() == base.keys()
+
+
+@pytest.mark.parametrize('score_thr', [-0.1, 1.5, '0', True])
+def test_tiny_config_refuses_a_bad_score_thr(score_thr, tmp_path):
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    with pytest.raises(ValueError, match=r'score_thr must be None or a '
+                       r'number in \[0, 1\], got'):
+        tiny_coco_config(
+            osp.join(ROOT,
+                     'configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py'),
+            str(tmp_path), score_thr=score_thr)
