@@ -14,10 +14,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
 from ce_mmdet.engine import (enable_cpu_distributed,  # noqa: E402
                              shutdown_distributed)
-from mmengine.config import Config  # noqa: E402
 
 from ce_mmdet.utils.mmdet_tools import (check_tta,  # noqa: E402
-                                        keep_test_metrics, load_mmdet_tool)
+                                        keep_test_metrics, load_mmdet_tool,
+                                        tool_config)
 
 
 def main():
@@ -27,10 +27,7 @@ def main():
     tool = load_mmdet_tool('test')
     args = tool.parse_args()
     if args.tta:
-        cfg = Config.fromfile(args.config)
-        if args.cfg_options is not None:
-            cfg.merge_from_dict(args.cfg_options)
-        check_tta(cfg, args.config)
+        check_tta(tool_config(args), args.config)
     with keep_test_metrics() as metrics:
         tool.main()
     # destroy the process group before exit: torch 2.13 can abort a rank at

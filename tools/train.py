@@ -13,10 +13,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import ce_mmdet  # noqa: E402,F401  (registers modules, safe checkpoint load)
 from ce_mmdet.engine import (enable_cpu_distributed,  # noqa: E402
                              shutdown_distributed)
-from mmengine.config import Config  # noqa: E402
 
 from ce_mmdet.utils.mmdet_tools import (check_pretrained,  # noqa: E402
-                                        load_mmdet_tool)
+                                        load_mmdet_tool, tool_config)
 
 
 def main():
@@ -24,11 +23,7 @@ def main():
     # on CUDA builds; see ce_mmdet/engine/cpu_distributed.py)
     enable_cpu_distributed()
     tool = load_mmdet_tool('train')
-    args = tool.parse_args()
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    check_pretrained(cfg)
+    check_pretrained(tool_config(tool.parse_args()))
     tool.main()
     # destroy the process group before exit: torch 2.13 can abort a rank at
     # exit otherwise (see ce_mmdet/engine/dist_shutdown.py)

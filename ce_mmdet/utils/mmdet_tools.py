@@ -9,7 +9,7 @@ import contextlib
 import importlib.util
 import os.path as osp
 from types import ModuleType
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 PRETRAINED_HELP = """\
 The backbone's pretrained checkpoint {path!r} does not exist.
@@ -44,23 +44,37 @@ def load_mmdet_tool(name: str) -> ModuleType:
     return module
 
 
-def _pretrained_cfgs(node, found: List[Dict]) -> None:
+def tool_config(args):
+    """The config a tool's parsed command line names, with its
+    ``--cfg-options`` merged: what mmdet's tool builds the runner from."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    return cfg
+
+
+def config_dicts(node, path: str = 'model') -> Iterator[Tuple[str, Dict]]:
+    """Every dict in a config tree (``node`` and what it nests, through
+    dicts, lists and tuples), depth first, with its path from ``path``
+    (e.g. ``'model.roi_head.mask_head'``)."""
     if isinstance(node, dict):
-        init_cfg = node.get('init_cfg')
-        for item in (init_cfg if isinstance(init_cfg, list) else [init_cfg]):
-            if isinstance(item, dict) and item.get('type') == 'Pretrained':
-                found.append(dict(item, _depth=node.get('depth', 50)))
-        for value in node.values():
-            _pretrained_cfgs(value, found)
+        yield path, node
+        for key, value in node.items():
+            yield from config_dicts(value, f'{path}.{key}')
     elif isinstance(node, (list, tuple)):
-        for value in node:
-            _pretrained_cfgs(value, found)
+        for i, value in enumerate(node):
+            yield from config_dicts(value, f'{path}[{i}]')
 
 
 def missing_pretrained(model_cfg) -> List[Dict]:
     """Pretrained init_cfgs of ``model_cfg`` whose local file is missing."""
-    found: List[Dict] = []
-    _pretrained_cfgs(model_cfg, found)
+    found = []
+    for _, node in config_dicts(model_cfg):
+        init_cfg = node.get('init_cfg')
+        for item in (init_cfg if isinstance(init_cfg, list) else [init_cfg]):
+            if isinstance(item, dict) and item.get('type') == 'Pretrained':
+                found.append(dict(item, _depth=node.get('depth', 50)))
     return [
         cfg for cfg in found if isinstance(cfg.get('checkpoint'), str)
         and '://' not in cfg['checkpoint']
@@ -95,18 +109,6 @@ Test it without --tta, or use --tta with a box detector, e.g. CE RetinaNet:
 """
 
 
-def _mask_heads(node, path: str, found: List[str]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f'{path}.{key}'
-            if key == 'mask_head' and value:
-                found.append(where)
-            _mask_heads(value, where, found)
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            _mask_heads(value, f'{path}[{i}]', found)
-
-
 def check_tta(cfg, config_path: str) -> None:
     """Stop before the runner is built where ``--tta`` cannot work: the
     model predicts masks (a ``mask_head`` anywhere in ``cfg.model``) and
@@ -121,8 +123,11 @@ def check_tta(cfg, config_path: str) -> None:
     tta_type = cfg.get('tta_model', {}).get('type', 'DetTTAModel')
     if tta_type not in ('DetTTAModel', 'mmdet.DetTTAModel'):
         return
-    found: List[str] = []
-    _mask_heads(cfg.get('model', {}), 'model', found)
+    found = [
+        f'{path}.mask_head'
+        for path, node in config_dicts(cfg.get('model', {}))
+        if node.get('mask_head')
+    ]
     if found:
         raise SystemExit(
             TTA_MASKS_HELP.format(config=config_path, where=found[0]))
