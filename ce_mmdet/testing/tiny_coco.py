@@ -7,6 +7,7 @@ The same arguments always give the same files (numpy RandomState; JPEG by
 Pillow at a fixed quality).
 """
 import json
+import keyword
 import math
 import numbers
 import os
@@ -160,7 +161,7 @@ test_pipeline = [
         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                    'scale_factor'))
 ]
-model = dict(backbone=dict(init_cfg=None){heads}{test_cfg})
+model = {model}
 train_dataloader = dict(
     batch_size=2,
     num_workers=0,
@@ -197,21 +198,94 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
 '''
 
 
-def _score_thr_override(model, score_thr: Optional[float]) -> str:
+def _score_thr_override(model, score_thr: Optional[float]) -> dict:
     """``model``'s test score threshold set to ``score_thr``: the second
     stage's (``test_cfg.rcnn``) or a one-stage head's (``test_cfg``)."""
     if score_thr is None:
-        return ''
+        return {}
     if isinstance(score_thr, bool) or not isinstance(
             score_thr, numbers.Real) or not 0 <= score_thr <= 1:
         raise ValueError(
             f'score_thr must be None or a number in [0, 1], got {score_thr!r}')
     test_cfg = model.get('test_cfg') or {}
     if 'score_thr' in (test_cfg.get('rcnn') or {}):
-        return f', test_cfg=dict(rcnn=dict(score_thr={score_thr!r}))'
+        return dict(test_cfg=dict(rcnn=dict(score_thr=score_thr)))
     if 'score_thr' in test_cfg:
-        return f', test_cfg=dict(score_thr={score_thr!r})'
-    return ''
+        return dict(test_cfg=dict(score_thr=score_thr))
+    return {}
+
+
+def _with_classes(node, num_classes: int):
+    """``node`` (a config value) with every ``num_classes`` set to
+    ``num_classes``, and whether it had any."""
+    if isinstance(node, dict):
+        out, found = {}, False
+        for key, value in node.items():
+            if key == 'num_classes' and isinstance(value, int):
+                out[key], hit = num_classes, True
+            else:
+                out[key], hit = _with_classes(value, num_classes)
+            found = found or hit
+        return out, found
+    if isinstance(node, (list, tuple)):
+        items = [_with_classes(value, num_classes) for value in node]
+        return type(node)(v for v, _ in items), any(h for _, h in items)
+    return node, False
+
+
+def _classes_override(node: dict, num_classes: int) -> dict:
+    """What a child config writes to set every ``num_classes`` of ``node``
+    to ``num_classes``. mmengine merges a child's dicts into the base's key
+    by key but replaces a list whole, so the keys on the way are written
+    alone and a list of heads (Cascade R-CNN's three box heads) is written
+    out in full."""
+    out = {}
+    for key, value in node.items():
+        if key == 'num_classes' and isinstance(value, int):
+            out[key] = num_classes
+        elif isinstance(value, dict):
+            sub = _classes_override(value, num_classes)
+            if sub:
+                out[key] = sub
+        elif isinstance(value, (list, tuple)):
+            new, found = _with_classes(value, num_classes)
+            if found:
+                out[key] = new
+    return out
+
+
+def _merged(a: dict, b: dict) -> dict:
+    """``b`` merged into ``a``, dict by dict."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = (_merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def _config_text(value, indent: int = 0, lead: int = 0) -> str:
+    """``value`` as config text in mmdet's style (``dict(key=...)``), on
+    one line where it fits in 79 columns (``lead`` characters and a comma
+    beside it), else one item a line."""
+    pad = ' ' * (indent + 4)
+    if isinstance(value, dict) and all(
+            isinstance(k, str) and k.isidentifier() and
+            not keyword.iskeyword(k) for k in value):
+        items = [f'{k}={_config_text(v, indent + 4, len(k) + 1)}'
+                 for k, v in value.items()]
+        opening, closing = 'dict(', ')'
+    elif isinstance(value, (list, tuple)):
+        items = [_config_text(v, indent + 4) for v in value]
+        opening, closing = '[]' if isinstance(value, list) else '()'
+        if isinstance(value, tuple) and len(value) == 1:
+            items[0] += ','
+    else:
+        return repr(value)
+    line = opening + ', '.join(items) + closing
+    if indent + lead + len(line) < 79 and '\n' not in line:
+        return line
+    return opening + '\n' + ',\n'.join(pad + item
+                                       for item in items) + closing
 
 
 def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
@@ -240,19 +314,18 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
         a config path is taken.
     """
     from mmengine.config import Config
-    model = Config.fromfile(base)['model']
-    n = len(CLASSES)
-    if 'roi_head' in model:
-        with_mask = 'mask_head' in model['roi_head']
-        heads = (f", roi_head=dict(bbox_head=dict(num_classes={n})" +
-                 (f", mask_head=dict(num_classes={n})" if with_mask else '') +
-                 ')')
-    elif 'bbox_head' in model:
-        with_mask = False
-        heads = f', bbox_head=dict(num_classes={n})'
-    else:
-        raise ValueError(f'{base}: no roi_head or bbox_head to resize to '
-                         f'{n} classes')
+
+    from ce_mmdet.utils.mmdet_tools import config_dicts
+    model = Config.fromfile(base)['model'].to_dict()
+    heads = _classes_override(model, len(CLASSES))
+    if not heads:
+        raise ValueError(f'{base}: its model sets no num_classes to resize '
+                         f'to the tiny set\'s {len(CLASSES)} classes')
+    with_mask = any(
+        node.get('mask_head') is not None for _, node in config_dicts(model))
+    override = _merged(
+        _merged(dict(backbone=dict(init_cfg=None)), heads),
+        _score_thr_override(model, score_thr))
     return TINY_CONFIG_TEMPLATE.format(
         base=osp.abspath(base),
         base_name=osp.basename(base),
@@ -260,8 +333,7 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
         classes=tuple(CLASSES),
         scale=tuple(scale),
         with_mask=with_mask,
-        heads=heads,
-        test_cfg=_score_thr_override(model, score_thr),
+        model=_config_text(override),
         max_iters=max_iters,
         ckpt_interval=ckpt_interval,
         val_interval=val_interval)

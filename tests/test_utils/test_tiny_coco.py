@@ -136,3 +136,113 @@ def test_tiny_config_refuses_a_bad_score_thr(score_thr, tmp_path):
             osp.join(ROOT,
                      'configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py'),
             str(tmp_path), score_thr=score_thr)
+
+
+def resized(node, n):
+    """The expected model: every int ``num_classes`` of ``node`` set to n
+    (written here apart from tiny_coco's own walk); and how many."""
+    if isinstance(node, dict):
+        out, count = {}, 0
+        for key, value in node.items():
+            if key == 'num_classes' and isinstance(value, int):
+                out[key], found = n, 1
+            else:
+                out[key], found = resized(value, n)
+            count += found
+        return out, count
+    if isinstance(node, (list, tuple)):
+        pairs = [resized(v, n) for v in node]
+        return type(node)(p[0] for p in pairs), sum(p[1] for p in pairs)
+    return node, 0
+
+
+# mmdet configs whose heads differ in shape: a list of box heads (Cascade),
+# lists of box and mask heads (HTC), no mask (Faster R-CNN, FCOS), a mask
+# head without a box head (SOLO)
+OTHER_DETECTORS = [
+    ('cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py', True, 4),
+    ('htc/htc-without-semantic_r50_fpn_1x_coco.py', True, 6),
+    ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', False, 1),
+    ('fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', False, 1),
+    ('solo/solo_r50_fpn_1x_coco.py', True, 1),
+]
+
+
+def ce_config(tmp_path, base):
+    """A user's config: mmdet's ``base`` with a CE-ResNet backbone."""
+    path = tmp_path / 'my_config.py'
+    path.write_text(f'_base_ = {"mmdet::" + base!r}\n'
+                    "custom_imports = dict(imports=['ce_mmdet'])\n"
+                    "model = dict(backbone=dict(type='CEResNet'))\n")
+    return str(path)
+
+
+@pytest.mark.parametrize('base,with_mask,heads', OTHER_DETECTORS)
+def test_tiny_config_of_other_detectors(base, with_mask, heads, tmp_path):
+    """Any mmdet detector's config becomes a tiny-set config that loads:
+    every num_classes (in lists of heads too) is the tiny set's, the rest
+    of the model is the base's but for the dropped pretrained weights and
+    the test score threshold, and masks are loaded where a head needs
+    them."""
+    from mmengine.config import Config
+
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    mine = ce_config(tmp_path, base)
+    tiny = tmp_path / 'tiny.py'
+    tiny.write_text(tiny_coco_config(mine, str(tmp_path)))
+    cfg = Config.fromfile(str(tiny))
+    expected, count = resized(Config.fromfile(mine).model.to_dict(),
+                              len(TINY_COCO_CLASSES))
+    assert count == heads
+    expected['backbone']['init_cfg'] = None
+    test_cfg = expected['test_cfg']
+    (test_cfg.get('rcnn') or test_cfg)['score_thr'] = 0.0
+    assert cfg.model.to_dict() == expected
+    loads = [t for t in cfg.train_pipeline if t['type'] == 'LoadAnnotations']
+    assert loads[0]['with_mask'] == with_mask
+
+
+def test_tiny_config_of_a_model_without_classes(tmp_path):
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    with pytest.raises(ValueError, match="sets no num_classes to resize to "
+                       "the tiny set's 3 classes"):
+        tiny_coco_config(ce_config(tmp_path, 'rpn/rpn_r50_fpn_1x_coco.py'),
+                         str(tmp_path))
+
+
+@pytest.mark.parametrize('base,detects', [
+    ('cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py', True),
+    # an untrained SOLO's masks are below its mask_thr: none are kept
+    ('solo/solo_r50_fpn_1x_coco.py', False),
+])
+def test_tiny_config_of_other_detectors_trains_and_tests(
+        base, detects, tiny, tmp_path):
+    """A CE Cascade Mask R-CNN and a CE SOLO take a training step and
+    test on the tiny set."""
+    import math
+
+    import torch
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+
+    from ce_mmdet.models import CEResNet
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    path = tmp_path / 'tiny.py'
+    path.write_text(tiny_coco_config(ce_config(tmp_path, base), tiny))
+    cfg = Config.fromfile(str(path))
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert isinstance(model.backbone, CEResNet)
+    batch = next(iter(Runner.build_dataloader(cfg.train_dataloader, seed=0)))
+    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    log_vars = model.train().train_step(batch, optim)
+    assert math.isfinite(float(log_vars['loss']))
+    test_batch = next(iter(Runner.build_dataloader(cfg.test_dataloader)))
+    with torch.no_grad():
+        pred = model.eval().test_step(test_batch)[0].pred_instances
+    assert 'masks' in pred and (len(pred) > 0) == detects
