@@ -91,14 +91,11 @@ def mmengine_safe_globals() -> list:
 def register_mmengine_safe_globals() -> None:
     """Allow-list mmengine's checkpoint types for weights_only loading.
 
-    Idempotent; a no-op on torch versions without ``add_safe_globals``.
+    Idempotent. (``add_safe_globals`` is in every torch ce_mmdet imports
+    on, 2.7 and newer.)
     """
     global _REGISTERED
     if _REGISTERED:
         return
-    add = getattr(torch.serialization, 'add_safe_globals', None)
-    if add is None:  # torch < 2.4 loads with weights_only=False by default
-        _REGISTERED = True
-        return
-    add(mmengine_safe_globals())
+    torch.serialization.add_safe_globals(mmengine_safe_globals())
     _REGISTERED = True

@@ -113,3 +113,8 @@ def test_restricted_getattr_contract():
             _history_buffer_getattr(obj, name)
     with pytest.raises(pickle.UnpicklingError):
         _history_buffer_getattr(HistoryBuffer, 'mean', None)
+    # public, but not plain functions: a property and a classmethod
+    for name in ('data', 'register_statistics'):
+        with pytest.raises(pickle.UnpicklingError,
+                           match='is not a statistics method'):
+            _history_buffer_getattr(HistoryBuffer, name)

@@ -161,9 +161,11 @@ def test_frozen_stages_below_minus_one_freeze_nothing(frozen_stages):
     assert all(m.training for m in model.modules())
 
 
-@pytest.mark.parametrize('depth', [18, 50])
-def test_without_ce_equals_resnet(depth):
-    kwargs = dict(depth=depth, base_channels=16, norm_eval=False)
+@pytest.mark.parametrize('depth,deep_stem',
+                         [(18, False), (50, False), (50, True)])
+def test_without_ce_equals_resnet(depth, deep_stem):
+    kwargs = dict(depth=depth, base_channels=16, norm_eval=False,
+                  deep_stem=deep_stem)
     ce = CEResNet(ce_stages=(False, ) * 4, stem_ce=False, **kwargs)
     bn = ResNet(**kwargs)
     assert not all_ce(ce)
@@ -231,9 +233,10 @@ def test_deep_stem_keeps_bn_indices():
     assert outs[0].shape == (1, 64, 16, 16)
 
 
-def test_with_cp_same_outputs_and_gradients():
+@pytest.mark.parametrize('depth', [18, 50])
+def test_with_cp_same_outputs_and_gradients(depth):
     torch.manual_seed(0)
-    model = CEResNet(depth=50, base_channels=16, norm_eval=False)
+    model = CEResNet(depth=depth, base_channels=16, norm_eval=False)
     model.init_weights()
     cp_model = copy.deepcopy(model)
     for m in cp_model.modules():
@@ -282,6 +285,46 @@ def test_user_plugins_still_work():
     outs = model(torch.rand(1, 3, 64, 64))
     assert [c[0] for c in calls] == ['layer2.0.ce', 'layer2.0.context_block']
     assert outs[3].shape == (1, 512, 2, 2)
+
+
+@pytest.mark.parametrize('with_ce', [True, False])
+def test_basic_block_plugins_run_after_ce_before_the_addition(with_ce):
+    """CE-ResNet-18 takes plugins after conv2 (mmdet's BasicBlock takes
+    none): conv2 -> norm2 -> CE -> plugin -> + identity -> ReLU, in blocks
+    with and without CE."""
+    plugins = [
+        dict(cfg=dict(type='ContextBlock', ratio=1. / 4),
+             position='after_conv2', stages=(False, True, False, False))
+    ]
+    model = randomise(
+        CEResNet(depth=18, base_channels=16, plugins=plugins,
+                 ce_stages=(True, with_ce, True, False)).double()).eval()
+    block = model.layer2[0]
+    assert block.after_conv2_plugin_names == ['context_block']
+    assert block.with_ce == with_ce
+    assert not model.layer1[0].with_plugins
+    assert not hasattr(model.layer3[0], 'context_block')
+    with torch.no_grad():
+        block.context_block.channel_add_conv[-1].weight.normal_(0, 0.1)
+    x = torch.randn(2, 16, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = block.conv2(block.relu(block.norm1(block.conv1(x))))
+        out = block.ce(out, bn=block.norm2) if with_ce else block.norm2(out)
+        expected = block.relu(
+            block.context_block(out) + block.downsample(x))
+        got = block(x)
+    # the plugin changes the result: its position is what is checked
+    assert rel(block.relu(out + block.downsample(x)), expected) > 1e-3
+    assert rel(got, expected) < 1e-12
+
+
+def test_basic_block_refuses_plugins_elsewhere():
+    plugins = [
+        dict(cfg=dict(type='ContextBlock', ratio=1. / 4),
+             position='after_conv3', stages=(True, True, True, True))
+    ]
+    with pytest.raises(ValueError, match='"after_conv2" only.*after_conv3'):
+        CEResNet(depth=18, base_channels=16, plugins=plugins)
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -349,6 +392,43 @@ def test_loads_bn_resnet_checkpoint(tmp_path, caplog):
     assert f'{len(fresh_ce)} CE tensors' in summary[0]
     assert 'fc.bias' in summary[0]
     assert not any('non-CE tensors' in m for m in messages)
+
+
+def test_loading_reports_missing_non_ce_tensors():
+    """A state dict that lacks backbone (non-CE) tensors loads what it has
+    and warns with their names; those tensors keep their values."""
+    bn = randomise(ResNet(depth=18, base_channels=16))
+    state = dict(bn.state_dict())
+    del state['layer1.0.conv1.weight'], state['layer4.1.bn2.bias']
+    model = CEResNet(depth=18, base_channels=16)
+    kept = model.layer1[0].conv1.weight.clone()
+    logger = MMLogger.get_current_instance()
+    records = []
+
+    class Grab(logging.Handler):
+
+        def emit(self, record):
+            records.append(record)
+
+    handler = Grab()
+    logger.addHandler(handler)
+    try:
+        missing_ce, missing_other = model.load_pretrained_state(
+            state, source='bn.pth')
+    finally:
+        logger.removeHandler(handler)
+    assert sorted(missing_other) == ['layer1.0.conv1.weight',
+                                     'layer4.1.bn2.bias']
+    assert sorted(missing_ce) == sorted(
+        k for k in model.state_dict()
+        if k.startswith('ce1.') or '.ce.' in k)
+    assert torch.equal(model.layer1[0].conv1.weight, kept)
+    assert torch.equal(model.layer1[0].conv2.weight,
+                       bn.layer1[0].conv2.weight)
+    warned = [r for r in records if 'non-CE tensors' in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert '2 non-CE tensors missing from bn.pth' in warned[0].getMessage()
+    assert 'layer4.1.bn2.bias' in warned[0].getMessage()
 
 
 def test_loads_backbone_of_mmdet_detector_checkpoint(tmp_path):

@@ -111,6 +111,19 @@ def test_running_buffers_update_only_in_training_without_history():
     assert torch.isfinite(x.grad).all()
 
 
+def test_reset_running_stats_restores_the_fresh_buffers():
+    layer = make_layer(32, dtype=torch.float64).train()
+    fresh = ChannelEquilibrium(32, group_size=16).double()
+    layer(bn_like_input(2, 32, 4, 4, dtype=torch.float64))
+    assert not torch.equal(layer.running_wm, fresh.running_wm)
+    assert not torch.equal(layer.running_scale, fresh.running_scale)
+    wm, scale = layer.running_wm, layer.running_scale
+    layer.reset_running_stats()
+    assert layer.running_wm is wm and layer.running_scale is scale
+    assert torch.equal(layer.running_wm, fresh.running_wm)
+    assert torch.equal(layer.running_scale, fresh.running_scale)
+
+
 def test_fresh_layer_is_finite_in_eval():
     layer = ChannelEquilibrium(16, group_size=8).eval()
     assert torch.equal(layer.running_scale, torch.ones(1))
@@ -152,6 +165,8 @@ def test_bad_argument_types_raise_type_error():
 
 def test_bad_inputs_raise():
     layer = ChannelEquilibrium(16)
+    with pytest.raises(TypeError, match='expected a Tensor, got ndarray'):
+        layer(torch.randn(2, 16, 4, 4).numpy())
     with pytest.raises(ValueError, match='4-D'):
         layer(torch.randn(2, 16, 4))
     with pytest.raises(ValueError, match='expected 16 channels, got 32'):

@@ -105,6 +105,13 @@ def test_conv_norm_ce_copies_a_conv_module():
         assert torch.equal(new.state_dict()[k], v), k
     with pytest.raises(ValueError, match='needs a norm_cfg'):
         ConvNormCE(16, 32, 3, ce_cfg=dict(group_size=16))
+    with pytest.raises(ValueError, match=r'has none \(set norm_cfg\)'):
+        ConvNormCE.from_conv_module(ConvModule(16, 32, 3),
+                                    dict(group_size=16))
+    reflect = ConvModule(16, 32, 3, padding=1, padding_mode='reflect',
+                         norm_cfg=dict(type='BN'))
+    with pytest.raises(ValueError, match='explicit padding'):
+        ConvNormCE.from_conv_module(reflect, dict(group_size=16))
     with pytest.raises(ValueError, match='order'):
         ConvNormCE(16, 32, 3, norm_cfg=dict(type='BN'),
                    order=('norm', 'conv', 'act'), ce_cfg=dict(group_size=16))
@@ -133,6 +140,20 @@ def test_ce_on_both_changes_the_output():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CEFPN(IN_CHANNELS, 32, num_outs=4, **kwargs)
+
+
+def test_ce_on_one_position_as_a_string():
+    from mmcv.cnn import ConvModule
+    neck = CEFPN(IN_CHANNELS, 32, num_outs=4, ce_on='output')
+    assert neck.ce_on == ('output', )
+    assert all(type(m) is ConvModule for m in neck.lateral_convs)
+    assert all(isinstance(m, ConvNormCE) for m in neck.fpn_convs)
+
+
+def test_ce_cfg_of_another_type_raises_type_error():
+    with pytest.raises(TypeError, match="ce_cfg must be a dict, got <class "
+                       "'list'>"):
+        CEFPN(IN_CHANNELS, 32, num_outs=4, ce_cfg=[('group_size', 16)])
 
 
 def test_gradients_flow_to_ce():
