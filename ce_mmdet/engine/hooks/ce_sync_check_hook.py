@@ -47,8 +47,12 @@ class CESyncCheckHook(Hook):
     priority = 'LOW'
 
     def __init__(self, interval: int = 1000, dump: bool = False) -> None:
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f'interval must be an int >= 1, got {interval!r}')
+        if isinstance(interval, bool) or not isinstance(interval, int):
+            raise TypeError(f'interval must be an int, got {interval!r}')
+        if interval < 1:
+            raise ValueError(f'interval must be >= 1, got {interval!r}')
+        if not isinstance(dump, bool):
+            raise TypeError(f'dump must be a bool, got {dump!r}')
         self.interval = interval
         self.dump = dump
 
