@@ -233,25 +233,17 @@ def _with_classes(node, num_classes: int):
     return node, False
 
 
-def _classes_override(node: dict, num_classes: int) -> dict:
-    """What a child config writes to set every ``num_classes`` of ``node``
-    to ``num_classes``. mmengine merges a child's dicts into the base's key
-    by key but replaces a list whole, so the keys on the way are written
-    alone and a list of heads (Cascade R-CNN's three box heads) is written
-    out in full."""
-    out = {}
-    for key, value in node.items():
-        if key == 'num_classes' and isinstance(value, int):
-            out[key] = num_classes
-        elif isinstance(value, dict):
-            sub = _classes_override(value, num_classes)
-            if sub:
-                out[key] = sub
-        elif isinstance(value, (list, tuple)):
-            new, found = _with_classes(value, num_classes)
-            if found:
-                out[key] = new
-    return out
+def _changes(old: dict, new: dict) -> dict:
+    """What a child config of ``old`` writes to make it ``new`` (same
+    keys). mmengine merges a child's dicts into the base's key by key but
+    replaces anything else whole: dicts on the way hold the changed keys
+    alone, a changed list (Cascade R-CNN's three box heads) is written out
+    in full."""
+    return {
+        key: (_changes(old[key], value) if isinstance(value, dict)
+              and isinstance(old[key], dict) else value)
+        for key, value in new.items() if value != old[key]
+    }
 
 
 def _merged(a: dict, b: dict) -> dict:
@@ -317,14 +309,14 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
 
     from ce_mmdet.utils.mmdet_tools import config_dicts
     model = Config.fromfile(base)['model'].to_dict()
-    heads = _classes_override(model, len(CLASSES))
-    if not heads:
+    resized, found = _with_classes(model, len(CLASSES))
+    if not found:
         raise ValueError(f'{base}: its model sets no num_classes to resize '
                          f'to the tiny set\'s {len(CLASSES)} classes')
     with_mask = any(
         node.get('mask_head') is not None for _, node in config_dicts(model))
     override = _merged(
-        _merged(dict(backbone=dict(init_cfg=None)), heads),
+        _merged(dict(backbone=dict(init_cfg=None)), _changes(model, resized)),
         _score_thr_override(model, score_thr))
     return TINY_CONFIG_TEMPLATE.format(
         base=osp.abspath(base),
