@@ -291,14 +291,15 @@ def test_user_plugins_still_work():
 def test_basic_block_plugins_run_after_ce_before_the_addition(with_ce):
     """CE-ResNet-18 takes plugins after conv2 (mmdet's BasicBlock takes
     none): conv2 -> norm2 -> CE -> plugin -> + identity -> ReLU, in blocks
-    with and without CE."""
+    with and without CE (float32, so that it also runs with
+    CE_MMDET_IMPL=triton)."""
     plugins = [
         dict(cfg=dict(type='ContextBlock', ratio=1. / 4),
              position='after_conv2', stages=(False, True, False, False))
     ]
     model = randomise(
         CEResNet(depth=18, base_channels=16, plugins=plugins,
-                 ce_stages=(True, with_ce, True, False)).double()).eval()
+                 ce_stages=(True, with_ce, True, False))).eval()
     block = model.layer2[0]
     assert block.after_conv2_plugin_names == ['context_block']
     assert block.with_ce == with_ce
@@ -306,7 +307,7 @@ def test_basic_block_plugins_run_after_ce_before_the_addition(with_ce):
     assert not hasattr(model.layer3[0], 'context_block')
     with torch.no_grad():
         block.context_block.channel_add_conv[-1].weight.normal_(0, 0.1)
-    x = torch.randn(2, 16, 16, 16, dtype=torch.float64)
+    x = torch.randn(2, 16, 16, 16)
     with torch.no_grad():
         out = block.conv2(block.relu(block.norm1(block.conv1(x))))
         out = block.ce(out, bn=block.norm2) if with_ce else block.norm2(out)
@@ -315,7 +316,7 @@ def test_basic_block_plugins_run_after_ce_before_the_addition(with_ce):
         got = block(x)
     # the plugin changes the result: its position is what is checked
     assert rel(block.relu(out + block.downsample(x)), expected) > 1e-3
-    assert rel(got, expected) < 1e-12
+    assert rel(got, expected) < 1e-5
 
 
 def test_basic_block_refuses_plugins_elsewhere():

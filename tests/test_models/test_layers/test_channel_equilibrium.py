@@ -112,9 +112,9 @@ def test_running_buffers_update_only_in_training_without_history():
 
 
 def test_reset_running_stats_restores_the_fresh_buffers():
-    layer = make_layer(32, dtype=torch.float64).train()
-    fresh = ChannelEquilibrium(32, group_size=16).double()
-    layer(bn_like_input(2, 32, 4, 4, dtype=torch.float64))
+    layer = make_layer(32, dtype=torch.float32).train()
+    fresh = ChannelEquilibrium(32, group_size=16)
+    layer(bn_like_input(2, 32, 4, 4, dtype=torch.float32))
     assert not torch.equal(layer.running_wm, fresh.running_wm)
     assert not torch.equal(layer.running_scale, fresh.running_scale)
     wm, scale = layer.running_wm, layer.running_scale
