@@ -217,12 +217,16 @@ def _score_thr_override(model, score_thr: Optional[float]) -> dict:
 
 def _with_classes(node, num_classes: int):
     """``node`` (a config value) with every ``num_classes`` set to
-    ``num_classes``, and whether it had any."""
+    ``num_classes``, and whether it had any. An ``rpn_head`` keeps its
+    own: proposals are class-agnostic (mmdet's two-stage detectors set an
+    RPN head's ``num_classes`` to 1 and warn about any other value)."""
     if isinstance(node, dict):
         out, found = {}, False
         for key, value in node.items():
             if key == 'num_classes' and isinstance(value, int):
                 out[key], hit = num_classes, True
+            elif key == 'rpn_head':
+                out[key], hit = value, False
             else:
                 out[key], hit = _with_classes(value, num_classes)
             found = found or hit

@@ -139,13 +139,16 @@ def test_tiny_config_refuses_a_bad_score_thr(score_thr, tmp_path):
 
 
 def resized(node, n):
-    """The expected model: every int ``num_classes`` of ``node`` set to n
-    (written here apart from tiny_coco's own walk); and how many."""
+    """The expected model: every int ``num_classes`` of ``node`` but the
+    RPN head's set to n (written here apart from tiny_coco's own walk); and
+    how many."""
     if isinstance(node, dict):
         out, count = {}, 0
         for key, value in node.items():
             if key == 'num_classes' and isinstance(value, int):
                 out[key], found = n, 1
+            elif key == 'rpn_head':
+                out[key], found = value, 0
             else:
                 out[key], found = resized(value, n)
             count += found
@@ -157,12 +160,14 @@ def resized(node, n):
 
 
 # mmdet configs whose heads differ in shape: a list of box heads (Cascade),
-# lists of box and mask heads (HTC), no mask (Faster R-CNN, FCOS), a mask
-# head without a box head (SOLO)
+# lists of box and mask heads (HTC), no mask (Faster R-CNN, FCOS), an RPN
+# head that sets its num_classes (an FCOS head, 1 class: kept), a mask head
+# without a box head (SOLO)
 OTHER_DETECTORS = [
     ('cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py', True, 4),
     ('htc/htc-without-semantic_r50_fpn_1x_coco.py', True, 6),
     ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', False, 1),
+    ('faster_rcnn/faster-rcnn_r50_fpn_fcos-rpn_1x_coco.py', False, 1),
     ('fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', False, 1),
     ('solo/solo_r50_fpn_1x_coco.py', True, 1),
 ]
@@ -198,6 +203,7 @@ def test_tiny_config_of_other_detectors(base, with_mask, heads, tmp_path):
     test_cfg = expected['test_cfg']
     (test_cfg.get('rcnn') or test_cfg)['score_thr'] = 0.0
     assert cfg.model.to_dict() == expected
+    assert cfg.model.get('rpn_head', {}).get('num_classes', 1) == 1
     loads = [t for t in cfg.train_pipeline if t['type'] == 'LoadAnnotations']
     assert loads[0]['with_mask'] == with_mask
 
