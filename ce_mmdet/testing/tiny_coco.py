@@ -166,29 +166,43 @@ train_dataloader = dict(
     batch_size=2,
     num_workers=0,
     persistent_workers=False,
+    # the base's dataset replaced whole: wrappers (RepeatDataset,
+    # ClassBalancedDataset...) and other annotation files do not apply here
     dataset=dict(
+        {replace_train_dataset}type='CocoDataset',
         data_root=data_root,
+        ann_file='annotations/instances_train2017.json',
+        data_prefix=dict(img='train2017/'),
         metainfo=metainfo,
         filter_cfg=dict(filter_empty_gt=True, min_size=8),
-        pipeline=train_pipeline))
+        pipeline=train_pipeline,
+        backend_args=backend_args))
 val_dataloader = dict(
     batch_size=1,
     num_workers=0,
     persistent_workers=False,
     dataset=dict(
-        data_root=data_root, metainfo=metainfo, pipeline=test_pipeline))
+        {replace_val_dataset}type='CocoDataset',
+        data_root=data_root,
+        ann_file='annotations/instances_val2017.json',
+        data_prefix=dict(img='val2017/'),
+        metainfo=metainfo,
+        test_mode=True,
+        pipeline=test_pipeline,
+        backend_args=backend_args))
 test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+val_evaluator = {evaluator}
 test_evaluator = val_evaluator
 train_cfg = dict(
-    _delete_=True, type='IterBasedTrainLoop', max_iters={max_iters},
+    {replace_train_cfg}type='IterBasedTrainLoop', max_iters={max_iters},
     val_interval={val_interval})
 param_scheduler = [
     dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0,
          end={max_iters})
 ]
 optim_wrapper = dict(
-    optimizer=dict(lr=0.005), clip_grad=dict(max_norm=10, norm_type=2))
+    optimizer=dict(lr=0.005),
+    clip_grad=dict({replace_clip_grad}max_norm=10, norm_type=2))
 default_hooks = dict(
     logger=dict(interval=1),
     checkpoint=dict(by_epoch=False, interval={ckpt_interval}),
@@ -284,6 +298,37 @@ def _config_text(value, indent: int = 0, lead: int = 0) -> str:
                                        for item in items) + closing
 
 
+def _replacing(base, path: str, sep: str = ' ') -> str:
+    """``'_delete_=True,'`` (and ``sep``) where the base config has the key
+    ``path`` (dotted), so that the child's dict replaces its value whole;
+    else nothing. mmengine consumes ``_delete_`` only where the base has
+    the key: elsewhere it would stay in the dict and reach the built
+    object's arguments."""
+    *parents, key = path.split('.')
+    node = base
+    for name in parents:
+        node = node.get(name) if isinstance(node, dict) else None
+    return f'_delete_=True,{sep}' if isinstance(node, dict) and \
+        key in node else ''
+
+
+def _evaluator(base, data_root: str, with_mask: bool) -> dict:
+    """The tiny config's ``val_evaluator``: the base's COCO metric (its
+    metrics kept) on the tiny set's annotations, or, where the base
+    evaluates otherwise (VOC's mAP...), a COCO metric of boxes, and of
+    masks where the model predicts them."""
+    ann_file = osp.join(osp.abspath(data_root), 'annotations',
+                        'instances_val2017.json')
+    evaluator = base.get('val_evaluator')
+    if isinstance(evaluator, dict) and evaluator.get('type') in (
+            'CocoMetric', 'mmdet.CocoMetric'):
+        return dict(ann_file=ann_file)
+    replace = {'_delete_': True} if 'val_evaluator' in base else {}
+    return dict(replace, type='CocoMetric', ann_file=ann_file,
+                metric=['bbox', 'segm'] if with_mask else 'bbox',
+                format_only=False, backend_args=None)
+
+
 def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
                      max_iters: int = 4, ckpt_interval: int = 2,
                      val_interval: int = 10**6,
@@ -312,7 +357,8 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
     from mmengine.config import Config
 
     from ce_mmdet.utils.mmdet_tools import config_dicts
-    model = Config.fromfile(base)['model'].to_dict()
+    base_cfg = Config.fromfile(base).to_dict()
+    model = base_cfg['model']
     resized, found = _with_classes(model, len(CLASSES))
     if not found:
         raise ValueError(f'{base}: its model sets no num_classes to resize '
@@ -329,7 +375,15 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
         classes=tuple(CLASSES),
         scale=tuple(scale),
         with_mask=with_mask,
-        model=_config_text(override),
+        model=_config_text(override, lead=len('model = ')),
+        evaluator=_config_text(_evaluator(base_cfg, data_root, with_mask),
+                               lead=len('val_evaluator = ')),
+        replace_train_dataset=_replacing(base_cfg, 'train_dataloader.dataset',
+                                         '\n        '),
+        replace_val_dataset=_replacing(base_cfg, 'val_dataloader.dataset',
+                                       '\n        '),
+        replace_train_cfg=_replacing(base_cfg, 'train_cfg'),
+        replace_clip_grad=_replacing(base_cfg, 'optim_wrapper.clip_grad'),
         max_iters=max_iters,
         ckpt_interval=ckpt_interval,
         val_interval=val_interval)

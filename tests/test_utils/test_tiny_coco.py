@@ -170,6 +170,8 @@ OTHER_DETECTORS = [
     ('faster_rcnn/faster-rcnn_r50_fpn_fcos-rpn_1x_coco.py', False, 1),
     ('fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', False, 1),
     ('solo/solo_r50_fpn_1x_coco.py', True, 1),
+    ('vfnet/vfnet_r50_fpn_1x_coco.py', False, 1),
+    ('pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py', False, 1),
 ]
 
 
@@ -206,6 +208,49 @@ def test_tiny_config_of_other_detectors(base, with_mask, heads, tmp_path):
     assert cfg.model.get('rpn_head', {}).get('num_classes', 1) == 1
     loads = [t for t in cfg.train_pipeline if t['type'] == 'LoadAnnotations']
     assert loads[0]['with_mask'] == with_mask
+
+
+@pytest.mark.parametrize('base,metric', [
+    # a RepeatDataset of two VOC sets, VOC's mAP
+    ('pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py', 'bbox'),
+    # a RepeatDataset of COCO-format VOC annotations, COCO's metric
+    ('pascal_voc/faster-rcnn_r50_fpn_1x_voc0712-cocofmt.py', 'bbox'),
+    # no gradient clipping in the base (clip_grad=None)
+    ('vfnet/vfnet_r50_fpn_1x_coco.py', 'bbox'),
+    ('solo/solo_r50_fpn_1x_coco.py', 'segm'),
+    ('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', ['bbox', 'segm']),
+])
+def test_tiny_config_reads_the_tiny_set_whatever_the_base_reads(
+        base, metric, tiny, tmp_path):
+    """The tiny config's datasets are plain CocoDatasets of the tiny set
+    (a base's dataset wrappers and annotation files replaced), its metric
+    COCO's on the tiny annotations (the base's metrics where it has COCO's,
+    boxes, and masks for a mask model, where it has another), and it clips
+    gradients where the base does not."""
+    from mmdet.registry import DATASETS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    path = tmp_path / 'tiny.py'
+    path.write_text(tiny_coco_config(ce_config(tmp_path, base), tiny))
+    cfg = Config.fromfile(str(path))
+    init_default_scope('mmdet')
+    for name, split, count in (('train_dataloader', 'train', 24),
+                               ('test_dataloader', 'val', 8)):
+        dataset = DATASETS.build(cfg[name].dataset)
+        assert type(dataset) is CocoDataset
+        assert dataset.ann_file == osp.join(
+            tiny, 'annotations', f'instances_{split}2017.json')
+        assert dataset.metainfo['classes'] == TINY_COCO_CLASSES
+        # every image of the split but those the train filter drops
+        assert 0 < len(dataset) <= count
+    for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
+        assert evaluator.type == 'CocoMetric'
+        assert evaluator.ann_file == osp.join(tiny, 'annotations',
+                                              'instances_val2017.json')
+        assert evaluator.metric == metric
+    assert cfg.optim_wrapper.clip_grad == dict(max_norm=10, norm_type=2)
 
 
 def test_tiny_config_of_a_model_without_classes(tmp_path):
