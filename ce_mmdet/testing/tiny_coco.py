@@ -200,9 +200,7 @@ param_scheduler = [
     dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0,
          end={max_iters})
 ]
-optim_wrapper = dict(
-    optimizer=dict(lr=0.005),
-    clip_grad=dict({replace_clip_grad}max_norm=10, norm_type=2))
+optim_wrapper = {optim_wrapper}
 default_hooks = dict(
     logger=dict(interval=1),
     checkpoint=dict(by_epoch=False, interval={ckpt_interval}),
@@ -312,6 +310,27 @@ def _replacing(base, path: str, sep: str = ' ') -> str:
         key in node else ''
 
 
+def _optim_wrapper(base) -> dict:
+    """The tiny config's ``optim_wrapper``: the base's, at learning rate
+    0.005, clipping gradients; without a GPU an ``AmpOptimWrapper`` becomes
+    an ``OptimWrapper`` (mmengine's AMP wrapper refuses a CPU), its other
+    settings (``paramwise_cfg``...) kept."""
+    import torch
+    clip = dict(max_norm=10, norm_type=2)
+    wrapper = base.get('optim_wrapper')
+    if isinstance(wrapper, dict) and wrapper.get('type') in (
+            'AmpOptimWrapper', 'mmengine.AmpOptimWrapper') and \
+            not torch.cuda.is_available():
+        kept = {k: v for k, v in wrapper.items()
+                if k not in ('type', 'loss_scale', 'dtype')}
+        return _merged(
+            dict(_delete_=True, type='OptimWrapper', **kept),
+            dict(optimizer=dict(lr=0.005), clip_grad=clip))
+    replace = {'_delete_': True} if _replacing(
+        base, 'optim_wrapper.clip_grad') else {}
+    return dict(optimizer=dict(lr=0.005), clip_grad=dict(replace, **clip))
+
+
 def _evaluator(base, data_root: str, with_mask: bool) -> dict:
     """The tiny config's ``val_evaluator``: the base's COCO metric (its
     metrics kept) on the tiny set's annotations, or, where the base
@@ -334,6 +353,12 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
                      val_interval: int = 10**6,
                      score_thr: Optional[float] = 0.0) -> str:
     """Text of a config that runs ``base`` on the tiny set, for smoke runs.
+
+    Whatever ``base`` is shaped like: every ``num_classes`` of its model but
+    an RPN head's becomes the tiny set's (lists of heads written out whole),
+    its datasets become plain CocoDatasets of the tiny set and its
+    metric COCO's, and without a GPU an ``AmpOptimWrapper`` becomes an
+    ``OptimWrapper``.
 
     Args:
         base (str): path of the config to inherit (its model, schedule...).
@@ -383,7 +408,8 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
         replace_val_dataset=_replacing(base_cfg, 'val_dataloader.dataset',
                                        '\n        '),
         replace_train_cfg=_replacing(base_cfg, 'train_cfg'),
-        replace_clip_grad=_replacing(base_cfg, 'optim_wrapper.clip_grad'),
+        optim_wrapper=_config_text(_optim_wrapper(base_cfg),
+                                   lead=len('optim_wrapper = ')),
         max_iters=max_iters,
         ckpt_interval=ckpt_interval,
         val_interval=val_interval)

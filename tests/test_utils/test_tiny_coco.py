@@ -253,6 +253,37 @@ def test_tiny_config_reads_the_tiny_set_whatever_the_base_reads(
     assert cfg.optim_wrapper.clip_grad == dict(max_norm=10, norm_type=2)
 
 
+AMP_BASE = ('fcos/fcos_r50_fpn_gn-head-center-normbbox-centeronreg-giou_'
+            '8xb8-amp-lsj-200e_coco.py')
+
+
+@pytest.mark.parametrize('cuda', [False, True])
+def test_tiny_config_of_an_amp_config(cuda, tmp_path, monkeypatch):
+    """mmengine's AmpOptimWrapper refuses a CPU: without a GPU the tiny
+    config of an AMP config trains in float32 (OptimWrapper, the base's
+    other settings kept); with one it keeps AMP."""
+    import torch
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+    mine = ce_config(tmp_path, AMP_BASE)
+    base = Config.fromfile(mine).optim_wrapper
+    assert base.type == 'AmpOptimWrapper'
+    path = tmp_path / 'tiny.py'
+    path.write_text(tiny_coco_config(mine, str(tmp_path)))
+    wrapper = Config.fromfile(str(path)).optim_wrapper
+    assert wrapper.type == ('AmpOptimWrapper' if cuda else 'OptimWrapper')
+    assert wrapper.optimizer == dict(base.optimizer, lr=0.005)
+    assert wrapper.paramwise_cfg == base.paramwise_cfg
+    assert wrapper.clip_grad == dict(max_norm=10, norm_type=2)
+    if not cuda:
+        built = build_optim_wrapper(torch.nn.Conv2d(3, 4, 1, bias=True),
+                                    wrapper)
+        assert type(built).__name__ == 'OptimWrapper'
+
+
 def test_tiny_config_of_a_model_without_classes(tmp_path):
     from ce_mmdet.testing.tiny_coco import tiny_coco_config
     with pytest.raises(ValueError, match="sets no num_classes to resize to "
