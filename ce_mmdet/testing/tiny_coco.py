@@ -296,18 +296,23 @@ def _config_text(value, indent: int = 0, lead: int = 0) -> str:
                                        for item in items) + closing
 
 
-def _replacing(base, path: str, sep: str = ' ') -> str:
-    """``'_delete_=True,'`` (and ``sep``) where the base config has the key
-    ``path`` (dotted), so that the child's dict replaces its value whole;
-    else nothing. mmengine consumes ``_delete_`` only where the base has
-    the key: elsewhere it would stay in the dict and reach the built
-    object's arguments."""
+def _in_base(base: dict, path: str) -> bool:
+    """Whether the base config has the key ``path`` (dotted). mmengine
+    consumes a child's ``_delete_`` only where the base has the key:
+    elsewhere it would stay in the dict and reach the built object's
+    arguments, so it is written only where this is True."""
     *parents, key = path.split('.')
     node = base
     for name in parents:
         node = node.get(name) if isinstance(node, dict) else None
-    return f'_delete_=True,{sep}' if isinstance(node, dict) and \
-        key in node else ''
+    return isinstance(node, dict) and key in node
+
+
+def _replacing(base: dict, path: str, sep: str = ' ') -> str:
+    """``'_delete_=True,'`` and ``sep`` for the template where the base
+    has ``path`` (:func:`_in_base`), so that the child's dict replaces its
+    value whole; else nothing."""
+    return f'_delete_=True,{sep}' if _in_base(base, path) else ''
 
 
 def _optim_wrapper(base) -> dict:
@@ -316,19 +321,19 @@ def _optim_wrapper(base) -> dict:
     an ``OptimWrapper`` (mmengine's AMP wrapper refuses a CPU), its other
     settings (``paramwise_cfg``...) kept."""
     import torch
-    clip = dict(max_norm=10, norm_type=2)
+    override = dict(optimizer=dict(lr=0.005),
+                    clip_grad=dict(max_norm=10, norm_type=2))
     wrapper = base.get('optim_wrapper')
     if isinstance(wrapper, dict) and wrapper.get('type') in (
             'AmpOptimWrapper', 'mmengine.AmpOptimWrapper') and \
             not torch.cuda.is_available():
         kept = {k: v for k, v in wrapper.items()
                 if k not in ('type', 'loss_scale', 'dtype')}
-        return _merged(
-            dict(_delete_=True, type='OptimWrapper', **kept),
-            dict(optimizer=dict(lr=0.005), clip_grad=clip))
-    replace = {'_delete_': True} if _replacing(
-        base, 'optim_wrapper.clip_grad') else {}
-    return dict(optimizer=dict(lr=0.005), clip_grad=dict(replace, **clip))
+        return _merged(dict(_delete_=True, type='OptimWrapper', **kept),
+                       override)
+    if _in_base(base, 'optim_wrapper.clip_grad'):
+        override['clip_grad']['_delete_'] = True
+    return override
 
 
 def _evaluator(base, data_root: str, with_mask: bool) -> dict:
@@ -342,7 +347,7 @@ def _evaluator(base, data_root: str, with_mask: bool) -> dict:
     if isinstance(evaluator, dict) and evaluator.get('type') in (
             'CocoMetric', 'mmdet.CocoMetric'):
         return dict(ann_file=ann_file)
-    replace = {'_delete_': True} if 'val_evaluator' in base else {}
+    replace = {'_delete_': True} if _in_base(base, 'val_evaluator') else {}
     return dict(replace, type='CocoMetric', ann_file=ann_file,
                 metric=['bbox', 'segm'] if with_mask else 'bbox',
                 format_only=False, backend_args=None)
@@ -381,15 +386,14 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
     """
     from mmengine.config import Config
 
-    from ce_mmdet.utils.mmdet_tools import config_dicts
+    from ce_mmdet.utils.mmdet_tools import mask_head_paths
     base_cfg = Config.fromfile(base).to_dict()
     model = base_cfg['model']
     resized, found = _with_classes(model, len(CLASSES))
     if not found:
         raise ValueError(f'{base}: its model sets no num_classes to resize '
                          f'to the tiny set\'s {len(CLASSES)} classes')
-    with_mask = any(
-        node.get('mask_head') is not None for _, node in config_dicts(model))
+    with_mask = bool(mask_head_paths(model))
     override = _merged(
         _merged(dict(backbone=dict(init_cfg=None)), _changes(model, resized)),
         _score_thr_override(model, score_thr))

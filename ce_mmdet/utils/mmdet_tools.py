@@ -67,6 +67,15 @@ def config_dicts(node, path: str = 'model') -> Iterator[Tuple[str, Dict]]:
             yield from config_dicts(value, f'{path}[{i}]')
 
 
+def mask_head_paths(model_cfg) -> List[str]:
+    """Where ``model_cfg`` sets a mask head (``'model.roi_head.mask_head'``
+    ...), in :func:`config_dicts`'s order: the model predicts masks."""
+    return [
+        f'{path}.mask_head' for path, node in config_dicts(model_cfg)
+        if node.get('mask_head')
+    ]
+
+
 def missing_pretrained(model_cfg) -> List[Dict]:
     """Pretrained init_cfgs of ``model_cfg`` whose local file is missing."""
     found = []
@@ -123,11 +132,7 @@ def check_tta(cfg, config_path: str) -> None:
     tta_type = cfg.get('tta_model', {}).get('type', 'DetTTAModel')
     if tta_type not in ('DetTTAModel', 'mmdet.DetTTAModel'):
         return
-    found = [
-        f'{path}.mask_head'
-        for path, node in config_dicts(cfg.get('model', {}))
-        if node.get('mask_head')
-    ]
+    found = mask_head_paths(cfg.get('model', {}))
     if found:
         raise SystemExit(
             TTA_MASKS_HELP.format(config=config_path, where=found[0]))

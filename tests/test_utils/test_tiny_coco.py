@@ -184,6 +184,16 @@ def ce_config(tmp_path, base):
     return str(path)
 
 
+def tiny_config_of(tmp_path, base, data_root):
+    """The loaded tiny config of :func:`ce_config` (on ``data_root``)."""
+    from mmengine.config import Config
+
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    path = tmp_path / 'tiny.py'
+    path.write_text(tiny_coco_config(ce_config(tmp_path, base), data_root))
+    return Config.fromfile(str(path))
+
+
 @pytest.mark.parametrize('base,with_mask,heads', OTHER_DETECTORS)
 def test_tiny_config_of_other_detectors(base, with_mask, heads, tmp_path):
     """Any mmdet detector's config becomes a tiny-set config that loads:
@@ -192,14 +202,10 @@ def test_tiny_config_of_other_detectors(base, with_mask, heads, tmp_path):
     the test score threshold, and masks are loaded where a head needs
     them."""
     from mmengine.config import Config
-
-    from ce_mmdet.testing.tiny_coco import tiny_coco_config
-    mine = ce_config(tmp_path, base)
-    tiny = tmp_path / 'tiny.py'
-    tiny.write_text(tiny_coco_config(mine, str(tmp_path)))
-    cfg = Config.fromfile(str(tiny))
-    expected, count = resized(Config.fromfile(mine).model.to_dict(),
-                              len(TINY_COCO_CLASSES))
+    cfg = tiny_config_of(tmp_path, base, str(tmp_path))
+    expected, count = resized(
+        Config.fromfile(ce_config(tmp_path, base)).model.to_dict(),
+        len(TINY_COCO_CLASSES))
     assert count == heads
     expected['backbone']['init_cfg'] = None
     test_cfg = expected['test_cfg']
@@ -228,13 +234,8 @@ def test_tiny_config_reads_the_tiny_set_whatever_the_base_reads(
     boxes, and masks for a mask model, where it has another), and it clips
     gradients where the base does not."""
     from mmdet.registry import DATASETS
-    from mmengine.config import Config
     from mmengine.registry import init_default_scope
-
-    from ce_mmdet.testing.tiny_coco import tiny_coco_config
-    path = tmp_path / 'tiny.py'
-    path.write_text(tiny_coco_config(ce_config(tmp_path, base), tiny))
-    cfg = Config.fromfile(str(path))
+    cfg = tiny_config_of(tmp_path, base, tiny)
     init_default_scope('mmdet')
     for name, split, count in (('train_dataloader', 'train', 24),
                                ('test_dataloader', 'val', 8)):
@@ -265,15 +266,10 @@ def test_tiny_config_of_an_amp_config(cuda, tmp_path, monkeypatch):
     import torch
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
-
-    from ce_mmdet.testing.tiny_coco import tiny_coco_config
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
-    mine = ce_config(tmp_path, AMP_BASE)
-    base = Config.fromfile(mine).optim_wrapper
+    base = Config.fromfile(ce_config(tmp_path, AMP_BASE)).optim_wrapper
     assert base.type == 'AmpOptimWrapper'
-    path = tmp_path / 'tiny.py'
-    path.write_text(tiny_coco_config(mine, str(tmp_path)))
-    wrapper = Config.fromfile(str(path)).optim_wrapper
+    wrapper = tiny_config_of(tmp_path, AMP_BASE, str(tmp_path)).optim_wrapper
     assert wrapper.type == ('AmpOptimWrapper' if cuda else 'OptimWrapper')
     assert wrapper.optimizer == dict(base.optimizer, lr=0.005)
     assert wrapper.paramwise_cfg == base.paramwise_cfg
@@ -305,16 +301,12 @@ def test_tiny_config_of_other_detectors_trains_and_tests(
 
     import torch
     from mmdet.registry import MODELS
-    from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner
 
     from ce_mmdet.models import CEResNet
-    from ce_mmdet.testing.tiny_coco import tiny_coco_config
-    path = tmp_path / 'tiny.py'
-    path.write_text(tiny_coco_config(ce_config(tmp_path, base), tiny))
-    cfg = Config.fromfile(str(path))
+    cfg = tiny_config_of(tmp_path, base, tiny)
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
