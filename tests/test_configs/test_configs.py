@@ -7,12 +7,9 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.optim import build_optim_wrapper
-from mmengine.registry import init_default_scope
-from mmengine.runner import Runner
-from mmdet.registry import MODELS
 
 from ce_mmdet.models import CEFPN, CEResNet, ChannelEquilibrium
+from ce_mmdet.testing import smoke_steps
 from ce_mmdet.testing.tiny_coco import tiny_coco_config
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -51,24 +48,12 @@ def test_config_train_and_test_step(path, tiny_coco, tmp_path):
         tiny = tmp_path / 'tiny.py'
         tiny.write_text(tiny_coco_config(osp.join(ROOT, path), tiny_coco))
         cfg = Config.fromfile(str(tiny))
-    init_default_scope('mmdet')
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
+    model, log_vars, results = smoke_steps(cfg)
     if '-ce' in osp.basename(path):
         assert isinstance(model.backbone, CEResNet)
         assert any(isinstance(m, ChannelEquilibrium) for m in model.modules())
     assert isinstance(model.neck, CEFPN) == ('fpn-ce' in path)
-    loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
-    batch = next(iter(loader))
-    optim = build_optim_wrapper(model, cfg.optim_wrapper)
-    model.train()
-    log_vars = model.train_step(batch, optim)
-    assert math.isfinite(float(log_vars['loss']))
-    model.eval()
-    test_batch = next(iter(Runner.build_dataloader(cfg.test_dataloader)))
-    with torch.no_grad():
-        results = model.test_step(test_batch)
+    assert math.isfinite(log_vars['loss'].item())
     assert len(results) == 1
     pred = results[0].pred_instances
     assert pred.bboxes.shape[-1] == 4
