@@ -32,7 +32,8 @@ def smoke_steps(cfg, seed: int = 0) -> SmokeSteps:
     Python's, numpy's and torch's random generators are seeded (mmengine's
     ``set_random_seed``: the data transforms draw from numpy's), so the same
     ``seed`` gives the same steps. The model is built in mmdet's scope and
-    ``init_weights()`` runs; the
+    ``init_weights()`` runs; outside a process group its SyncBN layers
+    become BN, as mmengine's runner does for a non-distributed run. The
     training step takes the first batch of ``cfg.train_dataloader`` with the
     optimizer of ``cfg.optim_wrapper``; the test step, under ``no_grad``, the
     first batch of ``cfg.test_dataloader``. Use it on the text of
@@ -76,6 +77,8 @@ def smoke_steps(cfg, seed: int = 0) -> SmokeSteps:
         (1, 4, True)
     """
     from mmdet.registry import MODELS
+    from mmengine.dist import is_distributed
+    from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner
@@ -85,6 +88,8 @@ def smoke_steps(cfg, seed: int = 0) -> SmokeSteps:
     set_random_seed(seed)
     model = MODELS.build(cfg.model)
     model.init_weights()
+    if not is_distributed():
+        model = revert_sync_batchnorm(model)
     batch = next(iter(Runner.build_dataloader(cfg.train_dataloader,
                                               seed=seed)))
     optim = build_optim_wrapper(model, cfg.optim_wrapper)

@@ -11,14 +11,16 @@ from ce_mmdet.testing import smoke_steps
 from ce_mmdet.testing.tiny_coco import tiny_coco_config
 
 
-def tiny_retinanet(tmp_path, tiny_coco, loss_weight='1.0'):
-    """The tiny config of a user's CE RetinaNet (classification loss
-    weighted by the expression ``loss_weight``)."""
+def tiny_retinanet(tmp_path, tiny_coco, loss_weight='1.0',
+                   norm="dict(type='BN', requires_grad=True)"):
+    """The tiny config of a user's CE RetinaNet (the expressions
+    ``loss_weight`` weigh its classification loss, ``norm`` is its
+    backbone's norm_cfg)."""
     mine = tmp_path / 'my_config.py'
     mine.write_text(
         "_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'\n"
         "custom_imports = dict(imports=['ce_mmdet'])\n"
-        "model = dict(backbone=dict(type='CEResNet'),\n"
+        f"model = dict(backbone=dict(type='CEResNet', norm_cfg={norm}),\n"
         f"    bbox_head=dict(loss_cls=dict(loss_weight={loss_weight})))\n")
     tiny = tmp_path / 'tiny.py'
     tiny.write_text(tiny_coco_config(str(mine), tiny_coco))
@@ -57,3 +59,15 @@ def test_smoke_steps_refuses_a_non_finite_loss(tmp_path, tiny_coco):
     with pytest.raises(RuntimeError,
                        match="the training step's loss is nan: .*loss_cls"):
         smoke_steps(cfg)
+
+
+def test_smoke_steps_reverts_syncbn_outside_a_process_group(tmp_path,
+                                                            tiny_coco):
+    """As mmengine's runner does for a run without a launcher (a SyncBN
+    refuses to train on a CPU, or without a process group)."""
+    cfg = tiny_retinanet(tmp_path, tiny_coco,
+                         norm="dict(type='SyncBN', requires_grad=True)")
+    model, log_vars, _ = smoke_steps(cfg)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm)
+                   for m in model.modules())
+    assert math.isfinite(log_vars['loss'].item())
