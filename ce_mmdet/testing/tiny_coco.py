@@ -249,6 +249,12 @@ def _with_classes(node, num_classes: int):
     return node, False
 
 
+def sets_num_classes(model_cfg) -> bool:
+    """Whether a model config sets a ``num_classes`` (outside an RPN head):
+    what :func:`tiny_coco_config` resizes, and refuses a model without."""
+    return _with_classes(model_cfg, len(CLASSES))[1]
+
+
 def _changes(old: dict, new: dict) -> dict:
     """What a child config of ``old`` writes to make it ``new`` (same
     keys). mmengine merges a child's dicts into the base's key by key but
