@@ -5,6 +5,7 @@ step on a real batch of its train dataloader gives a finite loss, and the
 trained model predicts on the first batch of its test dataloader.
 """
 import math
+import uuid
 from typing import Dict, List, NamedTuple
 
 import torch
@@ -33,10 +34,13 @@ def smoke_steps(cfg, seed: int = 0) -> SmokeSteps:
     ``set_random_seed``: the data transforms draw from numpy's), so the same
     ``seed`` gives the same steps. The model is built in mmdet's scope and
     ``init_weights()`` runs; outside a process group its SyncBN layers
-    become BN, as mmengine's runner does for a non-distributed run. The
-    training step takes the first batch of ``cfg.train_dataloader`` with the
-    optimizer of ``cfg.optim_wrapper``; the test step, under ``no_grad``, the
-    first batch of ``cfg.test_dataloader``. Use it on the text of
+    become BN, as mmengine's runner does for a non-distributed run. As at a
+    runner's first iteration, a new current ``MessageHub`` holds ``epoch``
+    and ``iter`` 0 (TOOD's head and mmdet's batch-resizing preprocessor
+    read them). The training step takes the first batch of
+    ``cfg.train_dataloader`` with the optimizer of ``cfg.optim_wrapper``; the
+    test step, under ``no_grad``, the first batch of
+    ``cfg.test_dataloader``. Use it on the text of
     :func:`~ce_mmdet.testing.tiny_coco.tiny_coco_config` (the tiny set's
     data loads offline in seconds).
 
@@ -78,6 +82,7 @@ def smoke_steps(cfg, seed: int = 0) -> SmokeSteps:
     """
     from mmdet.registry import MODELS
     from mmengine.dist import is_distributed
+    from mmengine.logging import MessageHub
     from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
@@ -86,6 +91,9 @@ def smoke_steps(cfg, seed: int = 0) -> SmokeSteps:
 
     init_default_scope('mmdet')
     set_random_seed(seed)
+    hub = MessageHub.get_instance(f'ce_mmdet.smoke_steps.{uuid.uuid4().hex}')
+    hub.update_info('epoch', 0)
+    hub.update_info('iter', 0)
     model = MODELS.build(cfg.model)
     model.init_weights()
     if not is_distributed():

@@ -71,3 +71,24 @@ def test_smoke_steps_reverts_syncbn_outside_a_process_group(tmp_path,
     assert not any(isinstance(m, torch.nn.SyncBatchNorm)
                    for m in model.modules())
     assert math.isfinite(log_vars['loss'].item())
+
+
+def test_smoke_steps_give_a_runners_first_iteration(tmp_path, tiny_coco):
+    """TOOD's head reads the epoch from the current MessageHub, which a
+    runner's hooks fill: without it its training step stops with
+    ``'<' not supported between instances of 'NoneType' and 'int'``."""
+    from mmengine.logging import MessageHub
+
+    from ce_mmdet.testing.mmdet_configs import (ce_config_text,
+                                                mmdet_config_root)
+    mine = tmp_path / 'my_config.py'
+    mine.write_text(ce_config_text(
+        f'{mmdet_config_root()}/tood/tood_r50_fpn_1x_coco.py'))
+    tiny = tmp_path / 'tiny.py'
+    tiny.write_text(tiny_coco_config(str(mine), tiny_coco))
+    model, log_vars, _ = smoke_steps(Config.fromfile(str(tiny)))
+    assert type(model.bbox_head).__name__ == 'TOODHead'
+    assert math.isfinite(log_vars['loss'].item())
+    hub = MessageHub.get_current_instance()
+    assert hub.instance_name.startswith('ce_mmdet.smoke_steps.')
+    assert (hub.get_info('epoch'), hub.get_info('iter')) == (0, 0)
