@@ -71,15 +71,17 @@ def resnet50_config(folder: str) -> Optional[str]:
     return osp.relpath(min(ranked)[-1], root) if ranked else None
 
 
-def ce_config_text(base: str) -> str:
-    """The config a user writes to put CE-ResNet in ``base`` (a path)."""
-    return (f'_base_ = {osp.abspath(base)!r}\n'
-            "custom_imports = dict(imports=['ce_mmdet'])\n"
-            "model = dict(backbone=dict(type='CEResNet'))\n")
+def ce_config_text(base: str, ce: bool = True) -> str:
+    """The config a user writes to put CE-ResNet in ``base`` (a path); with
+    ``ce=False``, ``base`` as it is (its BN ResNet: the baseline)."""
+    text = (f'_base_ = {osp.abspath(base)!r}\n'
+            "custom_imports = dict(imports=['ce_mmdet'])\n")
+    return text + ("model = dict(backbone=dict(type='CEResNet'))\n"
+                   if ce else '')
 
 
 def check_mmdet_config(config: str, work_dir: str, data_root: str,
-                       scale=(128, 128)) -> Dict:
+                       scale=(128, 128), ce: bool = True) -> Dict:
     """CE-ResNet in one of mmdet's configs: its tiny config's smoke steps.
 
     Args:
@@ -87,6 +89,8 @@ def check_mmdet_config(config: str, work_dir: str, data_root: str,
         work_dir (str): where the user's and the tiny config are written.
         data_root (str): the tiny set (:func:`make_tiny_coco`'s folder).
         scale (tuple): the tiny config's image scale (w, h).
+        ce (bool): False checks the config's own BN ResNet instead (does a
+            failure come from CE?).
 
     Returns:
         dict: ``config``; ``ok`` (bool); with ``ok``, ``loss`` (the training
@@ -102,9 +106,9 @@ def check_mmdet_config(config: str, work_dir: str, data_root: str,
     result = dict(config=config)
     stage = STAGES[0]
     try:
-        mine = osp.join(work_dir, 'ce_config.py')
+        mine = osp.join(work_dir, 'user_config.py')
         with open(mine, 'w') as f:
-            f.write(ce_config_text(osp.join(mmdet_config_root(), config)))
+            f.write(ce_config_text(osp.join(mmdet_config_root(), config), ce))
         Config.fromfile(mine)
         stage = STAGES[1]
         tiny = osp.join(work_dir, 'tiny.py')

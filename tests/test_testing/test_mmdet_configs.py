@@ -49,6 +49,11 @@ def test_ce_config_text_inherits_by_path(tmp_path):
     assert cfg.model.backbone.pop('type') == 'CEResNet'
     assert base_cfg.model.backbone.pop('type') == 'ResNet'
     assert cfg.model.to_dict() == base_cfg.model.to_dict()
+    # the baseline: the base as it is
+    mine.write_text(ce_config_text(base, ce=False))
+    assert Config.fromfile(str(mine)).model.to_dict() == dict(
+        base_cfg.model.to_dict(), backbone=dict(
+            base_cfg.model.backbone.to_dict(), type='ResNet'))
 
 
 def test_check_mmdet_config_passes(tmp_path, tiny_coco):

@@ -67,8 +67,40 @@ def test_check_mmdet_configs_timeout(tool, tiny_coco, tmp_path):
 @pytest.mark.parametrize('argv,message', [
     ([], 'name configs or folders, or pass --all'),
     (['retinanet', '--all'], '--all checks every folder'),
+    (['retinanet', 'retina'],
+     'mmdet has no config folder retina; it has: albu_example, '),
 ])
 def test_check_mmdet_configs_arguments(argv, message, tool, capsys):
     with pytest.raises(SystemExit) as exc:
         tool.parse_args(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_check_mmdet_configs_baseline(tool, tiny_coco, tmp_path):
+    """--baseline checks mmdet's config with its own BN ResNet."""
+    from mmengine.config import Config
+    args = tool.parse_args(['retinanet', '--baseline', '--data-root',
+                            tiny_coco, '--work-dir', str(tmp_path)])
+    result = tool.run_one('retinanet/retinanet_r50_fpn_1x_coco.py', args)
+    assert result['ok'] is True, result
+    tiny = Config.fromfile(str(tmp_path / 'retinanet' / 'tiny.py'))
+    assert tiny.model.backbone.type == 'ResNet'
+
+
+def test_docs_table_is_the_recorded_run(tool):
+    """docs/mmdet_configs.md shows the table and counts of the run that
+    docs/mmdet_configs.json keeps (the file --compare reads)."""
+    with open(osp.join(ROOT, 'docs', 'mmdet_configs.json')) as f:
+        results = json.load(f)
+    with open(osp.join(ROOT, 'docs', 'mmdet_configs.md')) as f:
+        doc = f.read()
+    assert tool.table(results) in doc
+    passed = sum(r['ok'] is True for r in results)
+    failed = sum(r['ok'] is False for r in results)
+    assert (f'**{passed} passed, {failed} failed, '
+            f'{len(results) - passed - failed} folders without a ResNet-50 '
+            'config.**') in doc
+    # every failure's folder is named in the doc's table of causes
+    causes = doc[doc.index('## Why'):doc.index('## The table')]
+    assert all(r['config'].split('/')[0] in causes for r in results
+               if r['ok'] is False)

@@ -4,7 +4,7 @@ Usage:
     python tools/misc/check_mmdet_configs.py [CONFIG_OR_FOLDER ...] [--all]
         [--data-root data/tiny_coco] [--work-dir work_dirs/check_mmdet_configs]
         [--scale 128 128] [--timeout 600] [--json OUT.json]
-        [--compare OLD.json]
+        [--compare OLD.json] [--baseline]
 
 CONFIG_OR_FOLDER: a config mmdet ships, relative to its configs folder
 (``retinanet/retinanet_r50_fpn_1x_coco.py``), or a folder of them
@@ -16,6 +16,9 @@ make_tiny_config.py writes it) and one training and one test step on it
 training loss and the detections on the first test image, or the stage that
 stopped and the error (each traceback is in WORK_DIR/FOLDER/traceback.txt).
 Makes the tiny set first if it is missing.
+
+--baseline checks the configs as mmdet wrote them, with their BN ResNet: does
+a failure come from CE?
 
 Exit status: 0; with --compare, 1 when a config that passed in OLD.json (an
 earlier --json) fails now. A failure's cause may lie outside ce_mmdet (an
@@ -50,12 +53,20 @@ def parse_args(argv=None):
                         help='seconds for one check (default: 600)')
     parser.add_argument('--json', help='write the results here')
     parser.add_argument('--compare', help="an earlier --json's results")
+    parser.add_argument('--baseline', action='store_true',
+                        help="keep the configs' own BN ResNet")
     parser.add_argument('--one', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one is None and not args.configs and not args.all:
         parser.error('name configs or folders, or pass --all')
     if args.configs and args.all:
         parser.error('--all checks every folder: name no configs with it')
+    folders = config_folders()
+    unknown = [name for name in args.configs
+               if not name.endswith('.py') and name not in folders]
+    if unknown:
+        parser.error(f"mmdet has no config folder {', '.join(unknown)}; it "
+                     f"has: {', '.join(folders)}")
     return args
 
 
@@ -72,6 +83,8 @@ def run_one(config, args):
     cmd = [sys.executable, osp.abspath(__file__), '--one', config,
            '--work-dir', work_dir, '--data-root', args.data_root,
            '--scale', *map(str, args.scale)]
+    if args.baseline:
+        cmd.append('--baseline')
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               timeout=args.timeout)
@@ -114,7 +127,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.one is not None:
         result = check_mmdet_config(args.one, args.work_dir, args.data_root,
-                                    args.scale)
+                                    args.scale, ce=not args.baseline)
         print(MARK + json.dumps(result), flush=True)
         return 0
     from ce_mmdet.testing import make_tiny_coco
