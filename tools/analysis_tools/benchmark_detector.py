@@ -56,7 +56,7 @@ from ce_mmdet.analysis.benchmark import (  # noqa: E402
     alternating_samples, cuda_peak_bytes, init_log_quiet, paired_ratio,
     record_samples, spread_summary)
 from ce_mmdet.analysis.launches import LaunchCounter  # noqa: E402
-from ce_mmdet.testing.tiny_coco import (make_tiny_coco,  # noqa: E402
+from ce_mmdet.testing.tiny_coco import (ensure_tiny_coco,  # noqa: E402
                                         tiny_coco_config)
 
 
@@ -182,10 +182,8 @@ def main(argv=None):
     paths = [args.baseline, *args.configs]
     names = [osp.splitext(osp.basename(p))[0] for p in paths]
     with tempfile.TemporaryDirectory() as workdir:
-        data_root = args.data_root or osp.join(workdir, 'tiny_coco')
-        if not osp.isfile(
-                osp.join(data_root, 'annotations', 'instances_val2017.json')):
-            make_tiny_coco(data_root)
+        data_root = ensure_tiny_coco(args.data_root
+                                     or osp.join(workdir, 'tiny_coco'))
         cfgs = [
             load_config(p, data_root, tuple(args.scale), workdir)
             for p in paths

@@ -36,6 +36,7 @@ sys.path.insert(
 
 from ce_mmdet.testing.mmdet_configs import (check_mmdet_config,  # noqa: E402
                                             config_folders, resnet50_config)
+from ce_mmdet.testing.tiny_coco import ensure_tiny_coco  # noqa: E402
 
 MARK = 'CHECK_RESULT '
 STATUS = {True: 'ok', False: 'failed', None: 'no ResNet-50 config'}
@@ -130,10 +131,7 @@ def main(argv=None):
                                     args.scale, ce=not args.baseline)
         print(MARK + json.dumps(result), flush=True)
         return 0
-    from ce_mmdet.testing import make_tiny_coco
-    if not osp.isfile(osp.join(args.data_root, 'annotations',
-                               'instances_val2017.json')):
-        make_tiny_coco(args.data_root)
+    ensure_tiny_coco(args.data_root)
     names = config_folders() if args.all else args.configs
     results = []
     for name, config in configs_to_check(names):

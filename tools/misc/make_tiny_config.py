@@ -20,7 +20,7 @@ import sys
 sys.path.insert(
     0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-from ce_mmdet.testing.tiny_coco import (make_tiny_coco,  # noqa: E402
+from ce_mmdet.testing.tiny_coco import (ensure_tiny_coco,  # noqa: E402
                                         tiny_coco_config)
 
 
@@ -32,9 +32,7 @@ def main(argv=None):
     parser.add_argument('--scale', type=int, nargs=2, default=(128, 128))
     parser.add_argument('--max-iters', type=int, default=4)
     args = parser.parse_args(argv)
-    if not osp.isfile(osp.join(args.data_root, 'annotations',
-                               'instances_val2017.json')):
-        make_tiny_coco(args.data_root)
+    ensure_tiny_coco(args.data_root)
     text = tiny_coco_config(args.config, args.data_root, tuple(args.scale),
                             args.max_iters)
     with open(args.out, 'w') as f:
