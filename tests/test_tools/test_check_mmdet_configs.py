@@ -41,7 +41,8 @@ def test_check_mmdet_configs(tool, tiny_coco, tmp_path, capsys):
             "ValueError: ") in printed
     assert '| tridentnet | no ResNet-50 config |' in printed
     assert '1 passed, 1 failed, 1 without a ResNet-50 config' in printed
-    assert osp.isfile(tmp_path / 'work' / 'rpn' / 'traceback.txt')
+    assert osp.isfile(tmp_path / 'work' / 'rpn' / 'rpn_r50_fpn_1x_coco' /
+                      'traceback.txt')
 
     # --compare: the RPN passed before, fails now: exit status 1
     old = tmp_path / 'old.json'
@@ -64,6 +65,23 @@ def test_check_mmdet_configs_timeout(tool, tiny_coco, tmp_path):
                           error='no result within 0.1 s')
 
 
+def test_check_mmdet_configs_keeps_each_configs_files(tool, tiny_coco,
+                                                      tmp_path):
+    """Two configs of one folder each keep their user config and traceback
+    (a work folder per folder let the second overwrite the first's)."""
+    configs = ['rpn/rpn_r50_fpn_1x_coco.py', 'rpn/rpn_r50_fpn_2x_coco.py']
+    args = tool.parse_args([*configs, '--data-root', tiny_coco,
+                            '--work-dir', str(tmp_path)])
+    for config in configs:
+        assert tool.run_one(config, args)['stage'] == 'tiny config'
+    for config in configs:
+        work_dir = tmp_path / osp.splitext(config)[0]
+        assert osp.basename(config) in (work_dir / 'user_config.py'
+                                        ).read_text()
+        assert str(work_dir / 'user_config.py') in (
+            work_dir / 'traceback.txt').read_text()
+
+
 @pytest.mark.parametrize('argv,message', [
     ([], 'name configs or folders, or pass --all'),
     (['retinanet', '--all'], '--all checks every folder'),
@@ -83,7 +101,8 @@ def test_check_mmdet_configs_baseline(tool, tiny_coco, tmp_path):
                             tiny_coco, '--work-dir', str(tmp_path)])
     result = tool.run_one('retinanet/retinanet_r50_fpn_1x_coco.py', args)
     assert result['ok'] is True, result
-    tiny = Config.fromfile(str(tmp_path / 'retinanet' / 'tiny.py'))
+    tiny = Config.fromfile(
+        str(tmp_path / 'retinanet' / 'retinanet_r50_fpn_1x_coco' / 'tiny.py'))
     assert tiny.model.backbone.type == 'ResNet'
 
 

@@ -14,7 +14,8 @@ mmdet's, with ``backbone.type='CEResNet'``), its tiny-set config (as
 make_tiny_config.py writes it) and one training and one test step on it
 (ce_mmdet.testing.smoke_steps). Prints a markdown table: the result, the
 training loss and the detections on the first test image, or the stage that
-stopped and the error (each traceback is in WORK_DIR/FOLDER/traceback.txt).
+stopped and the error. Each check writes its user config, tiny config and
+(on failure) traceback.txt under WORK_DIR/FOLDER/CONFIG_NAME/.
 Makes the tiny set first if it is missing.
 
 --baseline checks the configs as mmdet wrote them, with their BN ResNet: does
@@ -80,7 +81,8 @@ def configs_to_check(names):
 
 def run_one(config, args):
     """The result of one check, made in a fresh process."""
-    work_dir = osp.join(args.work_dir, config.split('/')[0])
+    # one folder per config: two configs of one mmdet folder keep theirs
+    work_dir = osp.join(args.work_dir, osp.splitext(config)[0])
     cmd = [sys.executable, osp.abspath(__file__), '--one', config,
            '--work-dir', work_dir, '--data-root', args.data_root,
            '--scale', *map(str, args.scale)]
