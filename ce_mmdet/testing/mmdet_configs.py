@@ -109,11 +109,11 @@ def check_mmdet_config(config: str, work_dir: str, data_root: str,
         mine = osp.join(work_dir, 'user_config.py')
         with open(mine, 'w') as f:
             f.write(ce_config_text(osp.join(mmdet_config_root(), config), ce))
-        Config.fromfile(mine)
+        user_cfg = Config.fromfile(mine)
         stage = STAGES[1]
         tiny = osp.join(work_dir, 'tiny.py')
         with open(tiny, 'w') as f:
-            f.write(tiny_coco_config(mine, data_root, tuple(scale)))
+            f.write(tiny_coco_config(user_cfg, data_root, tuple(scale)))
         cfg = Config.fromfile(tiny)
         stage = STAGES[2]
         _, log_vars, predictions = smoke_steps(cfg)

@@ -12,10 +12,14 @@ import math
 import numbers
 import os
 import os.path as osp
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import (TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 CLASSES = ('rectangle', 'circle', 'triangle')
 SIZES = ((320, 240), (256, 256), (240, 320))  # (width, height)
@@ -369,9 +373,9 @@ def _evaluator(base, data_root: str, with_mask: bool) -> dict:
                 format_only=False, backend_args=None)
 
 
-def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
-                     max_iters: int = 4, ckpt_interval: int = 2,
-                     val_interval: int = 10**6,
+def tiny_coco_config(base: Union[str, 'Config'], data_root: str,
+                     scale=(128, 128), max_iters: int = 4,
+                     ckpt_interval: int = 2, val_interval: int = 10**6,
                      score_thr: Optional[float] = 0.0) -> str:
     """Text of a config that runs ``base`` on the tiny set, for smoke runs.
 
@@ -382,7 +386,10 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
     ``OptimWrapper``.
 
     Args:
-        base (str): path of the config to inherit (its model, schedule...).
+        base (str | Config): the config to inherit (its model,
+            schedule...): its path, or the config loaded from a file (its
+            ``filename`` is inherited), so a caller that has loaded it
+            need not load it again.
         data_root (str): where :func:`make_tiny_coco` wrote the set.
         scale (tuple): image scale (w, h) of the Resize transforms.
         max_iters (int): iterations of the IterBasedTrainLoop.
@@ -403,7 +410,14 @@ def tiny_coco_config(base: str, data_root: str, scale=(128, 128),
     from mmengine.config import Config
 
     from ce_mmdet.utils.mmdet_tools import mask_head_paths
-    base_cfg = Config.fromfile(base).to_dict()
+    if isinstance(base, Config):
+        if not base.filename:
+            raise ValueError('base: a Config loaded from a file is needed '
+                             '(its filename is inherited); this one has '
+                             'no filename')
+        base, base_cfg = base.filename, base.to_dict()
+    else:
+        base_cfg = Config.fromfile(base).to_dict()
     model = base_cfg['model']
     resized, found = _with_classes(model, len(CLASSES))
     if not found:

@@ -138,6 +138,21 @@ def test_tiny_config_refuses_a_bad_score_thr(score_thr, tmp_path):
             str(tmp_path), score_thr=score_thr)
 
 
+def test_tiny_config_of_a_loaded_config(tmp_path):
+    """A config loaded from a file gives the text its path gives (a caller
+    that loaded it does not load it again); one with no file is refused."""
+    from mmengine.config import Config
+
+    from ce_mmdet.testing.tiny_coco import tiny_coco_config
+    path = osp.join(ROOT,
+                    'configs/ce_retinanet/retinanet_r50-ce_fpn_1x_coco.py')
+    assert (tiny_coco_config(Config.fromfile(path), str(tmp_path))
+            == tiny_coco_config(path, str(tmp_path)))
+    with pytest.raises(ValueError, match='has no filename'):
+        tiny_coco_config(Config(Config.fromfile(path).to_dict()),
+                         str(tmp_path))
+
+
 def resized(node, n):
     """The expected model: every int ``num_classes`` of ``node`` but the
     RPN head's set to n (written here apart from tiny_coco's own walk); and
