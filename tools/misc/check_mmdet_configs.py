@@ -110,11 +110,11 @@ def table(results):
         if r['ok'] is None:
             rows.append(f"| {r['config']} | {STATUS[None]} | | | |")
         elif r['ok']:
-            rows.append(f"| {r['config']} | ok | {r['loss']:g} | "
+            rows.append(f"| {r['config']} | {STATUS[True]} | {r['loss']:g} | "
                         f"{r['detections']} | |")
         else:
             error = r['error'].replace('|', '\\|')
-            rows.append(f"| {r['config']} | failed | | | "
+            rows.append(f"| {r['config']} | {STATUS[False]} | | | "
                         f"{r['stage']}: {error} |")
     return '\n'.join(rows)
 
