@@ -3,6 +3,7 @@
 The README is short and sends readers to docs/ for details, so a renamed
 file, a retitled section or a moved script must not leave a dead link.
 """
+import functools
 import glob
 import os.path as osp
 import re
@@ -39,9 +40,21 @@ def slug(heading):
     return text.replace(' ', '-')
 
 
+def anchors_of(text):
+    """GitHub's anchors for the headings of a Markdown text: a repeated
+    heading's slug gets ``-1``, ``-2``, ... in order."""
+    seen, found = {}, set()
+    for heading in re.findall(r'^#+ (.*)$', CODE_BLOCK.sub('', text), re.M):
+        base = slug(heading)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(f'{base}-{count}' if count else base)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
 def anchors(rel):
-    text = CODE_BLOCK.sub('', read(rel))
-    return {slug(h) for h in re.findall(r'^#+ (.*)$', text, re.M)}
+    return anchors_of(read(rel))
 
 
 def test_slug_follows_github():
@@ -50,6 +63,11 @@ def test_slug_follows_github():
     assert slug('Install into an existing mmdet 3.x environment') == \
         'install-into-an-existing-mmdet-3x-environment'
     assert slug('`torch.compile`') == 'torchcompile'
+
+
+def test_anchors_number_repeated_headings():
+    text = '# Run\n```\n# not a heading\n```\n## Run\n### Run\n## Other\n'
+    assert anchors_of(text) == {'run', 'run-1', 'run-2', 'other'}
 
 
 @pytest.mark.parametrize('page', LINKING)
