@@ -1,10 +1,7 @@
 import os
-import os.path as osp
 
 import pytest
 import torch
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # Without a GPU, Triton kernels are tested in Triton's interpreter, which must
 # be chosen before triton is first imported (ce_mmdet imports it lazily).
@@ -40,11 +37,6 @@ def pytest_configure(config):
             "Triton kernels' tests without a GPU, fails with numpy "
             f'{numpy.__version__}: {error}. Install numpy<2.4 or '
             'triton>=3.7.')
-
-
-@pytest.fixture(scope='session')
-def repo_root():
-    return ROOT
 
 
 @pytest.fixture(scope='session')
