@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..utils.torch_version import compiles_ce
 from . import functions
-from .export import exporting
+from .export import exporting, traces_sizes
 from .impl import passes_for
 from .types import BatchNormArgs, CEConfig, CEParams, CEState
 
@@ -30,6 +30,8 @@ def _check_input(x: Tensor, state: CEState, config: CEConfig) -> None:
                          f'shape {tuple(x.shape)}, strides {x.stride()}')
     if not x.is_floating_point():
         raise TypeError(f'expected a floating point input, got {x.dtype}')
+    if traces_sizes():
+        return
     g, d = state.running_wm.shape[:2]
     if d != config.group_size or x.shape[1] != g * d:
         raise ValueError(
@@ -63,7 +65,8 @@ class Epilogue(NamedTuple):
             if not isinstance(residual, Tensor):
                 raise TypeError('residual must be a Tensor or None, got '
                                 f'{type(residual).__name__}')
-            if residual.shape != x.shape or residual.device != x.device:
+            if residual.device != x.device or (
+                    not traces_sizes() and residual.shape != x.shape):
                 raise ValueError(
                     f'residual must have the shape and device of the input '
                     f'{tuple(x.shape)} on {x.device}, got '
@@ -266,7 +269,8 @@ def batchnorm_channel_equilibrium(z: Tensor,
                         f'from_module(module)), got {type(bn).__name__}')
     for name in ('weight', 'bias', 'running_mean', 'running_var'):
         t = getattr(bn, name)
-        if t is not None and t.shape != (z.shape[1], ):
+        if t is not None and not traces_sizes() and \
+                t.shape != (z.shape[1], ):
             raise ValueError(f'BN {name} has shape {tuple(t.shape)}, '
                              f'expected ({z.shape[1]},)')
     batch_stats = bn.uses_batch_stats
@@ -294,9 +298,10 @@ def batchnorm_channel_equilibrium(z: Tensor,
     out, wm, scale, batch_mean, batch_var = \
         functions.batchnorm_channel_equilibrium(z, bn_tensors, params, state,
                                                 call, tail.residual)
-    if batch_mean.numel() and bn.running_mean is not None:
-        # the op computed the BN's batch statistics itself: the running
-        # update of native_batch_norm (r + m (x - r), one launch)
+    if batch_stats and batch_mean.numel() and bn.running_mean is not None:
+        # the op computed the BN's batch statistics itself (never without
+        # batch_stats): the running update of native_batch_norm
+        # (r + m (x - r), one launch)
         with torch.no_grad():
             running = [bn.running_mean, bn.running_var]
             torch._foreach_lerp_(running, [

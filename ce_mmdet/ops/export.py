@@ -32,6 +32,16 @@ def torch_exporting() -> bool:
     return torch.compiler._is_exporting_flag
 
 
+def traces_sizes() -> bool:
+    """Whether ``torch.jit`` traces this call (the TorchScript ONNX
+    exporter, mmengine's FLOP analyser). A size is then a 0-dim tensor, and
+    a Python comparison of one is baked into the trace as a constant (a
+    ``TracerWarning``). Shape checks are skipped then, so that a
+    ``TracerWarning`` from ce_mmdet always means a value the graph would
+    not recompute at another input size."""
+    return torch.jit.is_tracing()
+
+
 def exporting_onnx() -> bool:
     """Whether ``torch.onnx.export`` is tracing this call (the cheap check
     first: ``is_in_onnx_export`` costs ~1 us, ten times ``is_tracing``)."""

@@ -24,6 +24,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def unbiased_divisor(hw):
+    """``hw - 1``, the divisor of an unbiased variance over ``hw`` values,
+    and 1 where ``hw`` is 1 (one value: the numerator, and so the variance,
+    is 0). ``hw`` is an int, or a 0-dim tensor where ``torch.jit`` traces
+    sizes (the TorchScript ONNX exporter): there ``max`` would bake the
+    traced size's branch into the graph, and an export traced at H*W > 1
+    would divide by 0 at H*W = 1."""
+    if isinstance(hw, Tensor):
+        return (hw - 1).clamp(min=1)
+    return max(hw - 1, 1)
+
+
 class SmallGraphCache(NamedTuple):
     """What :func:`backward` needs from :func:`forward` (all small)."""
     mean: Tensor
@@ -118,7 +130,7 @@ def forward(mean: Tensor, second: Tensor, hw: int, params: CEParams,
     newton = raw = sums = None
     if training:
         sumsq = second.diagonal(dim1=-2, dim2=-1).reshape(n, c)
-        raw = (sumsq - hw * mean * mean) / max(hw - 1, 1)
+        raw = (sumsq - hw * mean * mean) / unbiased_divisor(hw)
         var = raw.clamp_min(0)
         # the counts by fills on the device (a tensor from Python data
         # would be a synchronous host-to-device copy on a GPU)
@@ -229,7 +241,7 @@ def backward(grad_a: Tensor, cache: SmallGraphCache, hw: int,
         # this process's share: v -> sum v, hw * sum_n mean, sum_n Gram
         grad_var = grad_var + grad_sums[0]
         grad_var = grad_var * (cache.raw_var >= 0)  # clamp_min(0)
-        grad_var = grad_var / max(hw - 1, 1)
+        grad_var = grad_var / unbiased_divisor(hw)
         # v = (diag(Gram) - hw mean^2) / (hw - 1)
         grad_mean = hw * grad_sums[3:3 + c] - 2 * hw * cache.mean * grad_var
         grad_second = torch.diag_embed(grad_var.reshape(n, g, d)).add_(

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import cpu_kernels, small_graph
 from .export import exporting
-from .small_graph import compute_dtype
+from .small_graph import compute_dtype, unbiased_divisor
 
 #: Column chunk of the in-place apply, in bytes (a few MiB: stays in cache).
 INPLACE_CHUNK_BYTES = 4 << 20
@@ -198,7 +198,8 @@ def instance_moments(xg: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
     n, g, d, hw = xg.shape
     mean = xg.mean(-1, dtype=cdt).reshape(n, g * d)
     sumsq = torch.linalg.vector_norm(xg, dim=-1, dtype=cdt).square()
-    var = (sumsq.reshape(n, g * d) - hw * mean * mean) / max(hw - 1, 1)
+    var = (sumsq.reshape(n, g * d) - hw * mean * mean) / \
+        unbiased_divisor(hw)
     return mean, var.clamp_min(0)
 
 
@@ -297,7 +298,7 @@ def input_grad_maps(d_mean: Tensor, d_second: Tensor, mean: Tensor,
         s_mat = d_second + d_second.transpose(-1, -2)
         b = d_mean.reshape(n, g, d, 1) / hw
         return s_mat, b
-    coef = (2 * d_second / max(hw - 1, 1)).reshape(n, g, d)
+    coef = (2 * d_second / unbiased_divisor(hw)).reshape(n, g, d)
     b = (-coef * mean.reshape(n, g, d)).unsqueeze(-1)
     return coef, b
 

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .small_graph import SmallGraphCache
+from .small_graph import SmallGraphCache, unbiased_divisor
 from .torch_impl import (BatchBNStats, BNAffine, GradMaps, MapResult,
                          backward_maps_by, batch_bn_backward_maps_by,
                          batch_bn_map_by, forward_map_by)
@@ -1463,7 +1463,7 @@ class TritonPasses:
         mean = sums / hw
         # unbiased variance; the rounding error of the difference is
         # clamped, never a defined value
-        var = (sumsq - hw * mean * mean) / max(hw - 1, 1)
+        var = (sumsq - hw * mean * mean) / unbiased_divisor(hw)
         return mean, var.clamp_min(0)
 
     @staticmethod

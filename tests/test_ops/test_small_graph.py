@@ -66,3 +66,15 @@ def test_hand_backward_matches_autograd(n, c, d, hw, iters, training,
         else:
             assert got.shape == want.shape, name
             assert rel_err(got, want) < 1e-10, name
+
+
+def test_unbiased_divisor_is_recomputed_at_every_traced_size():
+    """``H*W - 1``, and 1 at ``H*W = 1``, also in a ``torch.jit`` trace
+    made at another size (a size is a 0-dim tensor there, and a Python
+    ``max`` would keep the traced size's branch)."""
+    divisor = small_graph.unbiased_divisor
+    assert [divisor(hw) for hw in (1, 2, 5)] == [1, 1, 4]
+    traced = torch.jit.trace(lambda x: x.sum(-1) / divisor(x.shape[-1]),
+                             torch.ones(1, 5))
+    assert traced(torch.ones(1, 5)).item() == 1.25
+    assert traced(torch.ones(1, 1)).item() == 1.0

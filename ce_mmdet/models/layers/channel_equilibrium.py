@@ -12,6 +12,7 @@ from torch import Tensor
 from ...ops import (BatchNormArgs, CEConfig, CEParams, CEState, Epilogue,
                     batchnorm_channel_equilibrium, channel_equilibrium,
                     check_impl, is_plain_batchnorm)
+from ...ops.export import traces_sizes
 from ...ops.types import check_int
 
 
@@ -189,7 +190,7 @@ class ChannelEquilibrium(nn.Module):
         if x.dim() != 4:
             raise ValueError(f'expected a 4-D (N, C, H, W) input, got shape '
                              f'{tuple(x.shape)}')
-        if x.shape[1] != self.in_channels:
+        if not traces_sizes() and x.shape[1] != self.in_channels:
             raise ValueError(f'expected {self.in_channels} channels, got '
                              f'{x.shape[1]} (input shape {tuple(x.shape)})')
         if not x.is_floating_point():
@@ -235,7 +236,7 @@ class ChannelEquilibrium(nn.Module):
         if bn is not None and not is_plain_batchnorm(bn):
             x, bn = bn(x), None
         self._check_input(x)
-        if x.numel() == 0:
+        if not traces_sizes() and x.numel() == 0:  # (empty: never traced)
             out = (x if bn is None else bn(x)).clone()
             return Epilogue.of(x, residual, relu, fuse=False).finish(out)
         channels_last = (
