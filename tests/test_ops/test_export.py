@@ -52,11 +52,19 @@ def randomised(model):
 
 
 def export(model, inputs, names):
+    """The TorchScript exporter (mmdeploy's route), chosen on purpose: its
+    deprecation warnings (its own and its internals') are not shown."""
     f = io.BytesIO()
-    torch.onnx.export(model, inputs, f, dynamo=False, opset_version=17,
-                      input_names=names,
-                      dynamic_axes={n: {0: 'n', 2: 'h', 3: 'w'}
-                                    for n in names})
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'You are using the legacy '
+                                'TorchScript-based ONNX export',
+                                DeprecationWarning)
+        warnings.filterwarnings('ignore', category=DeprecationWarning,
+                                module=r'torch\.onnx\.')
+        torch.onnx.export(model, inputs, f, dynamo=False, opset_version=17,
+                          input_names=names,
+                          dynamic_axes={n: {0: 'n', 2: 'h', 3: 'w'}
+                                        for n in names})
     return f.getvalue()
 
 
@@ -178,6 +186,9 @@ class _ExportingOrNot(torch.nn.Module):
         return x + 1 if exporting() else x - 1
 
 
+# (torch.export is called on a module that calls torch.compile: on purpose)
+@pytest.mark.filterwarnings('ignore:torch.compile is ignored when called '
+                            'inside torch.export region')
 def test_compile_is_not_an_export_even_where_dynamo_says_so(monkeypatch):
     """Dynamo up to torch 2.11 answered ``torch.compiler.is_exporting()``
     with True in every trace (``ce_mmdet.ops.export.torch_exporting``),
