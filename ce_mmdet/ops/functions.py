@@ -64,9 +64,15 @@ the op's (the output is saved, as the ReLU would save it, and
 ``threshold_backward`` masks ``dout``), and that masked gradient is also
 the residual's.
 
+Both backwards are first derivatives only (:func:`_first_derivative_only`):
+a second derivative through a CE op (``create_graph=True``: a gradient
+penalty, a Hessian-vector product) raises ``RuntimeError`` where autograd
+reaches the op's gradients, never a number that leaves out CE's terms.
+
 Statistics, Gram matrices and Newton iterations run in float32 (float64 for
 float64 inputs) whatever the input dtype; outputs have the input dtype.
 """
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
@@ -248,6 +254,55 @@ def _ce_forward(call: OpCall, x: Tensor, residual: Optional[Tensor],
     return out, result.wm, result.scale, saved
 
 
+SECOND_DERIVATIVE_MESSAGE = (
+    'a second derivative through a CE op (ce_mmdet) was asked for: its '
+    'backward is derived by hand and has no derivative itself, so '
+    'create_graph=True gradients (gradient penalties, Hessian-vector '
+    'products) cannot be differentiated through CE layers')
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """A CE op's gradients where autograd records its backward
+    (``create_graph=True``): the gradients unchanged, joined to what they
+    depend on (the incoming gradients, the op's saved inputs), and a
+    backward that raises. ``torch.autograd.function.once_differentiable``
+    would leave the gradients unjoined, so ``torch.autograd.grad`` with
+    ``inputs`` would skip CE's terms without an error."""
+
+    @staticmethod
+    def forward(ctx, num_grads: int, *tensors: Tensor):
+        return tensors[:num_grads]
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(SECOND_DERIVATIVE_MESSAGE)
+
+
+def _first_derivative_only(backward):
+    """An autograd Function's ``backward``, made to refuse a second
+    derivative (see :class:`_NoSecondDerivative`); without
+    ``create_graph`` it runs as it is."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grad_outputs)
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        given = [g for g in grads if g is not None]
+        sources = [
+            t for t in (*grad_outputs, *ctx.saved_tensors)
+            if t is not None and t.requires_grad
+        ]
+        if not given or not sources:
+            return grads
+        joined = iter(_NoSecondDerivative.apply(len(given), *given,
+                                                *sources))
+        return tuple(None if g is None else next(joined) for g in grads)
+
+    return wrapper
+
+
 class _CEFunction(torch.autograd.Function):
     """CE on its input (see the module doc). Inputs: ``call, x, residual
     (or None), *params, *state``; outputs: the result, the batch whitening
@@ -264,6 +319,7 @@ class _CEFunction(torch.autograd.Function):
         return (out, ) + statistics
 
     @staticmethod
+    @_first_derivative_only
     def backward(ctx, grad_out: Tensor, _grad_wm, _grad_scale):
         if grad_out is None:  # the output did not reach the loss
             return (None, ) * (3 + _NUM_PARAMS + _NUM_STATE)
@@ -381,6 +437,7 @@ class _BNCEFunction(torch.autograd.Function):
         return (out, ) + statistics
 
     @staticmethod
+    @_first_derivative_only
     def backward(ctx, grad_out: Tensor, *_grad_statistics):
         if grad_out is None:  # the output did not reach the loss
             return (None, ) * (7 + _NUM_PARAMS + _NUM_STATE)

@@ -71,6 +71,12 @@ class ChannelEquilibrium(nn.Module):
     autocast); the output has the input dtype. channels_last inputs give
     channels_last outputs.
 
+    Gradients are first derivatives, by a hand-derived backward. A second
+    derivative through the layer (``create_graph=True``: a gradient
+    penalty, a Hessian-vector product) raises ``RuntimeError`` when
+    autograd reaches it; the ``create_graph=True`` gradients themselves are
+    the usual ones.
+
     Args:
         in_channels (int): C. Must be a multiple of ``group_size``.
         group_size (int): channels per whitening group d. Default: 16.
