@@ -243,11 +243,12 @@ def test_ce_layers_in_built_model_match_config(tiny_coco):
 
 
 def test_publish_model_keeps_weights_and_meta_loadable_anywhere(
-        mask_run, tmp_path):
+        mask_run, tiny_coco, tmp_path):
     """tools/model_converters/publish_model.py (mmdet's command line) on a
     checkpoint tools/train.py wrote: ``OUT-<first 8 hex digits of its
     SHA-256>.pth`` with the weights and the meta only, which a process
-    without ce_mmdet loads with ``weights_only=True``. mmdet's own tool
+    without ce_mmdet loads with ``weights_only=True`` and mmdet's
+    inferencer runs from alone (its meta holds the config). mmdet's own tool
     stops on the same file with torch >= 2.6 (the reason ours exists)."""
     _, wd, _ = mask_run
     src = str(wd / 'iter_4.pth')
@@ -263,6 +264,17 @@ def test_publish_model_keeps_weights_and_meta_loadable_anywhere(
                "print('KEYS', sorted(ck), 'ce_mmdet' in sys.modules)",
                str(published)], cwd=str(tmp_path))
     assert "KEYS ['meta', 'state_dict'] False" in out
+    # the meta's config builds the model: mmdet's inferencer needs nothing
+    # else (its custom_imports bring ce_mmdet in)
+    val = osp.join(tiny_coco, 'val2017')
+    img = osp.join(val, sorted(os.listdir(val))[0])
+    out = run(['-c', 'import sys; from mmdet.apis import DetInferencer; '
+               "inf = DetInferencer(weights=sys.argv[1], device='cpu'); "
+               'pred = inf(sys.argv[2])["predictions"][0]; '
+               "print('MODEL', type(inf.model.backbone).__name__, "
+               "len(pred['bboxes']) > 0)",
+               str(published), str(img)], cwd=str(tmp_path))
+    assert 'MODEL CEResNet True' in out
     want = torch.load(src, weights_only=True)
     got = torch.load(published, weights_only=True)
     assert got['meta'] == want['meta']
