@@ -161,11 +161,16 @@ def test_frozen_stages_below_minus_one_freeze_nothing(frozen_stages):
     assert all(m.training for m in model.modules())
 
 
-@pytest.mark.parametrize('depth,deep_stem',
-                         [(18, False), (50, False), (50, True)])
-def test_without_ce_equals_resnet(depth, deep_stem):
+DCN = dict(dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False),
+           stage_with_dcn=(False, True, True, True))
+
+
+@pytest.mark.parametrize('depth,deep_stem,extra',
+                         [(18, False, {}), (50, False, {}), (50, True, {}),
+                          (50, False, DCN)])
+def test_without_ce_equals_resnet(depth, deep_stem, extra):
     kwargs = dict(depth=depth, base_channels=16, norm_eval=False,
-                  deep_stem=deep_stem)
+                  deep_stem=deep_stem, **extra)
     ce = CEResNet(ce_stages=(False, ) * 4, stem_ce=False, **kwargs)
     bn = ResNet(**kwargs)
     assert not all_ce(ce)
@@ -177,6 +182,22 @@ def test_without_ce_equals_resnet(depth, deep_stem):
         bn.train(mode)
         for a, b in zip(ce(x), bn(x)):
             assert torch.equal(a, b)
+
+
+def test_dcn_stages_keep_ce_after_the_deformable_conv():
+    """mmdet's DCN settings (``dcn``, ``stage_with_dcn``, as in its
+    ``*_dconv_c3-c5`` configs): conv2 of stages 2-4 is the deformable conv,
+    CE still ends each block, and gradients reach the offsets and CE."""
+    from mmcv.ops import ModulatedDeformConv2dPack
+    model = CEResNet(depth=50, base_channels=16, norm_eval=False,
+                     **DCN).train()
+    assert not isinstance(model.layer1[0].conv2, ModulatedDeformConv2dPack)
+    block = model.layer2[0]
+    assert isinstance(block.conv2, ModulatedDeformConv2dPack)
+    assert isinstance(block.ce, ChannelEquilibrium)
+    sum(o.sum() for o in model(torch.rand(2, 3, 64, 64))).backward()
+    assert block.conv2.conv_offset.weight.grad.abs().sum() > 0
+    assert block.ce.gate.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2])
