@@ -8,6 +8,7 @@ BN itself and adds the identity and applies the ReLU in the same pass over
 the feature map (see :class:`ChannelEquilibrium`).
 """
 import copy
+import math
 import numbers
 from typing import Dict, List, Optional, Sequence
 
@@ -310,6 +311,7 @@ class CEResNet(ResNet):
             raise TypeError(f'ce_cfg must be a dict, got {type(ce_cfg)}')
         self.ce_cfg = {**DEFAULT_CE_CFG, **copy.deepcopy(ce_cfg or {})}
         self.stem_ce = stem_ce
+        self._check_ce_widths(depth, base_channels)
         super().__init__(depth, in_channels, stem_channels, base_channels,
                          num_stages, strides, dilations, out_indices, style,
                          deep_stem, avg_down, frozen_stages, conv_cfg,
@@ -332,6 +334,31 @@ class CEResNet(ResNet):
         if self.ce_stages[stage]:
             kwargs['ce_cfg'] = self.ce_cfg
         return super().make_res_layer(**kwargs)
+
+    def _check_ce_widths(self, depth, base_channels) -> None:
+        """A ValueError that names the stage and the settings that would
+        fix it, where a CE stage's width (``base_channels * 2**i *
+        expansion``) is not a multiple of the CE group size (the layer's
+        own error would name neither)."""
+        group_size = self.ce_cfg.get('group_size')
+        if not isinstance(base_channels, int) or not isinstance(
+                group_size, int) or group_size < 1:
+            return  # mmdet's ResNet or the CE layer reports these
+        expansion = self.arch_settings[depth][0].expansion
+        widths = {
+            i + 1: base_channels * 2**i * expansion
+            for i, on in enumerate(self.ce_stages) if on
+        }
+        bad = [(stage, w) for stage, w in widths.items() if w % group_size]
+        if bad:
+            stage, width = bad[0]
+            raise ValueError(
+                f'CEResNet(depth={depth}, base_channels={base_channels}): '
+                f'stage {stage} has {width} channels, not a multiple of '
+                f'group_size={group_size} (groups are never shrunk '
+                f'silently); set ce_cfg=dict(group_size=...) to a divisor '
+                f'of {math.gcd(*widths.values())}, change base_channels, '
+                f'or leave the stage out with ce_stages')
 
     @classmethod
     def _validate_resnet_args(cls, depth, num_stages, strides, dilations,

@@ -44,6 +44,11 @@ def randomise(model, seed=0):
     (dict(depth=50, ce_stages=(True, True)), 'ce_stages'),
     (dict(depth=50, ce_stages=(1, 1, 1, 0)), 'ce_stages'),
     (dict(depth=50, ce_cfg=dict(group_size=48)), 'multiple of group_size'),
+    (dict(depth=18, base_channels=8),
+     r'stage 1 has 8 channels, not a multiple of group_size=16 .* divisor '
+     r'of 8,'),
+    (dict(depth=50, base_channels=24, ce_cfg=dict(group_size=64)),
+     'stage 1 has 96 channels.* divisor of 96,'),
     (dict(depth=50, ce_cfg=dict(in_channels=64)), 'in_channels'),
 ])
 def test_invalid_arguments_raise_value_error(kwargs, match):
