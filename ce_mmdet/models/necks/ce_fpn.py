@@ -178,11 +178,22 @@ class CEFPN(FPN):
                              ' leaves the lateral convs without a norm layer')
         if ce_cfg is not None and not isinstance(ce_cfg, dict):
             raise TypeError(f'ce_cfg must be a dict, got {type(ce_cfg)}')
+        ce_cfg = {**DEFAULT_CE_CFG, **(ce_cfg or {})}
+        group_size = ce_cfg.get('group_size')
+        if ce_on and isinstance(out_channels, int) and isinstance(
+                group_size, int) and group_size > 0 and \
+                out_channels % group_size:
+            # the CE layers have out_channels channels: say so here, not
+            # as the layer's 'in_channels', a name CEFPN uses for its inputs
+            raise ValueError(
+                f'CEFPN: out_channels ({out_channels}) must be a multiple of '
+                f'the CE group_size ({group_size}); set '
+                f'ce_cfg=dict(group_size=...) to a divisor of {out_channels}')
         super().__init__(in_channels, out_channels, num_outs, start_level,
                          end_level, add_extra_convs, relu_before_extra_convs,
                          no_norm_on_lateral, conv_cfg, norm_cfg, act_cfg,
                          upsample_cfg, init_cfg)
-        self.ce_cfg = {**DEFAULT_CE_CFG, **(ce_cfg or {})}
+        self.ce_cfg = ce_cfg
         self.ce_on = ce_on
         for position, convs in (('lateral', self.lateral_convs),
                                 ('output', self.fpn_convs)):

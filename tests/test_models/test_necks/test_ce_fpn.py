@@ -135,7 +135,8 @@ def test_ce_on_both_changes_the_output():
     (dict(ce_on=('middle', )), 'ce_on entries'),
     (dict(norm_cfg=None), 'norm_cfg must be set'),
     (dict(no_norm_on_lateral=True), 'no_norm_on_lateral'),
-    (dict(ce_cfg=dict(group_size=24)), 'multiple of group_size'),
+    (dict(ce_cfg=dict(group_size=24)),
+     r'out_channels \(32\) must be a multiple of the CE group_size \(24\)'),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
