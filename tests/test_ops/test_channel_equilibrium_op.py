@@ -332,3 +332,22 @@ def test_second_derivative_raises_instead_of_leaving_out_ce(
             torch.autograd.grad((first[0]**2).sum(), wrt)
     with pytest.raises(RuntimeError, match='second derivative'):
         (first[1]**2).sum().backward()
+
+
+def test_second_derivative_of_a_weight_before_ce_raises():
+    """The case ``once_differentiable`` gets silently wrong: conv -> CE,
+    ``g = dL/dx`` with ``create_graph=True``, then ``d|g|^2/d(conv
+    weight)`` by ``autograd.grad``, which also has a path that does not
+    pass through CE's backward (with ``once_differentiable`` it returned
+    that path's terms alone, 57% off the float64 reference, and no
+    error)."""
+    params, state = make(c=16, d=8)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = channel_equilibrium(conv(x), params, state,
+                              config=CEConfig(group_size=8, momentum=0.0),
+                              training=True)
+    g, = torch.autograd.grad((out**2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='second derivative'):
+        torch.autograd.grad((g**2).sum(), conv.weight)
