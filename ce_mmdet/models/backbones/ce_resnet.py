@@ -8,7 +8,6 @@ BN itself and adds the identity and applies the ReLU in the same pass over
 the feature map (see :class:`ChannelEquilibrium`).
 """
 import copy
-import math
 import numbers
 from typing import Dict, List, Optional, Sequence
 
@@ -311,7 +310,6 @@ class CEResNet(ResNet):
             raise TypeError(f'ce_cfg must be a dict, got {type(ce_cfg)}')
         self.ce_cfg = {**DEFAULT_CE_CFG, **copy.deepcopy(ce_cfg or {})}
         self.stem_ce = stem_ce
-        self._check_ce_widths(depth, base_channels)
         super().__init__(depth, in_channels, stem_channels, base_channels,
                          num_stages, strides, dilations, out_indices, style,
                          deep_stem, avg_down, frozen_stages, conv_cfg,
@@ -332,33 +330,28 @@ class CEResNet(ResNet):
         # names
         stage = len(self.res_layers)
         if self.ce_stages[stage]:
+            self._check_ce_width(stage,
+                                 kwargs['planes'] * self.block.expansion)
             kwargs['ce_cfg'] = self.ce_cfg
         return super().make_res_layer(**kwargs)
 
-    def _check_ce_widths(self, depth, base_channels) -> None:
+    def _check_ce_width(self, stage: int, width: int) -> None:
         """A ValueError that names the stage and the settings that would
-        fix it, where a CE stage's width (``base_channels * 2**i *
-        expansion``) is not a multiple of the CE group size (the layer's
-        own error would name neither)."""
+        fix it where a CE stage's width is not a multiple of the CE group
+        size (the layer's own error would name neither). Stage widths
+        double, so the first CE stage is the one that fails, and a divisor
+        of its width fits every later stage."""
         group_size = self.ce_cfg.get('group_size')
-        if not isinstance(base_channels, int) or not isinstance(
-                group_size, int) or group_size < 1:
-            return  # mmdet's ResNet or the CE layer reports these
-        expansion = self.arch_settings[depth][0].expansion
-        widths = {
-            i + 1: base_channels * 2**i * expansion
-            for i, on in enumerate(self.ce_stages) if on
-        }
-        bad = [(stage, w) for stage, w in widths.items() if w % group_size]
-        if bad:
-            stage, width = bad[0]
-            raise ValueError(
-                f'CEResNet(depth={depth}, base_channels={base_channels}): '
-                f'stage {stage} has {width} channels, not a multiple of '
-                f'group_size={group_size} (groups are never shrunk '
-                f'silently); set ce_cfg=dict(group_size=...) to a divisor '
-                f'of {math.gcd(*widths.values())}, change base_channels, '
-                f'or leave the stage out with ce_stages')
+        if not isinstance(group_size, int) or group_size < 1 or \
+                width % group_size == 0:
+            return  # a bad group_size: the CE layer reports it
+        raise ValueError(
+            f'CEResNet(depth={self.depth}, '
+            f'base_channels={self.base_channels}): stage {stage + 1} has '
+            f'{width} channels, not a multiple of group_size={group_size} '
+            f'(groups are never shrunk silently); set '
+            f'ce_cfg=dict(group_size=...) to a divisor of {width}, change '
+            f'base_channels, or leave the stage out with ce_stages')
 
     @classmethod
     def _validate_resnet_args(cls, depth, num_stages, strides, dilations,
