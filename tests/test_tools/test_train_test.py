@@ -34,6 +34,12 @@ def run(args, cwd, timeout=600):
     return out
 
 
+def first_val_image(tiny_coco):
+    """Path of the tiny set's first validation image."""
+    val = osp.join(tiny_coco, 'val2017')
+    return osp.join(val, sorted(os.listdir(val))[0])
+
+
 def ce_buffers(state):
     return {
         k: v
@@ -101,9 +107,8 @@ def test_mmdet_inference_api_runs_a_ce_checkpoint(mask_run, tiny_coco):
     every tensor of the checkpoint lands in the CE model, and it predicts
     boxes and masks."""
     cfg, wd, _ = mask_run
-    img = sorted(os.listdir(osp.join(tiny_coco, 'val2017')))[0]
     out = run(['-c', INFERENCE_SCRIPT, str(cfg), str(wd / 'iter_4.pth'),
-               osp.join(tiny_coco, 'val2017', img)], cwd=ROOT)
+               first_val_image(tiny_coco)], cwd=ROOT)
     line, = [line for line in out.splitlines() if line.startswith('RESULT ')]
     result = json.loads(line[len('RESULT '):])
     assert result['imported_before'] is False
@@ -266,14 +271,13 @@ def test_publish_model_keeps_weights_and_meta_loadable_anywhere(
     assert "KEYS ['meta', 'state_dict'] False" in out
     # the meta's config builds the model: mmdet's inferencer needs nothing
     # else (its custom_imports bring ce_mmdet in)
-    val = osp.join(tiny_coco, 'val2017')
-    img = osp.join(val, sorted(os.listdir(val))[0])
     out = run(['-c', 'import sys; from mmdet.apis import DetInferencer; '
                "inf = DetInferencer(weights=sys.argv[1], device='cpu'); "
                'pred = inf(sys.argv[2])["predictions"][0]; '
                "print('MODEL', type(inf.model.backbone).__name__, "
                "len(pred['bboxes']) > 0)",
-               str(published), str(img)], cwd=str(tmp_path))
+               str(published), first_val_image(tiny_coco)],
+              cwd=str(tmp_path))
     assert 'MODEL CEResNet True' in out
     want = torch.load(src, weights_only=True)
     got = torch.load(published, weights_only=True)
