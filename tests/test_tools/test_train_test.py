@@ -1,6 +1,6 @@
 """End to end on the tiny COCO set: tools/train.py, tools/test.py, --resume,
-mmdet's own train.py on an outside config, the missing-weights stop, and
-publishing a checkpoint."""
+mmdet's own train.py on an outside config, EMAHook, the missing-weights stop,
+and publishing a checkpoint."""
 import hashlib
 import json
 import os
@@ -208,6 +208,45 @@ def test_outside_config_trains(tool, tiny_coco, tmp_path):
     # norm_eval=False: the CE buffers of unfrozen stages (2+) were trained
     assert not torch.equal(state['backbone.layer2.0.ce.running_scale'],
                            torch.ones(1))
+
+
+EMA_CONFIG = """\
+_base_ = '{base}'
+model = dict(backbone=dict(norm_eval=False, init_cfg=None))
+custom_hooks = [
+    dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.3,
+         update_buffers=True, priority=49)
+]
+"""
+
+
+def test_ema_hook_averages_ce_and_its_checkpoint_tests(tiny_coco, tmp_path):
+    """mmengine's EMAHook (RTMDet/YOLOX's, any config may add it): it deep-
+    copies the model, averages CE's parameters and buffers, validates with
+    them, and saves them as the checkpoint's weights; tools/test.py runs it."""
+    user_cfg = tmp_path / 'ema.py'
+    user_cfg.write_text(EMA_CONFIG.format(base=RETINA_CE))
+    tiny = tmp_path / 'tiny_ema.py'
+    tiny.write_text(tiny_coco_config(str(user_cfg), tiny_coco, max_iters=3,
+                                     ckpt_interval=3))
+    log = run(['tools/train.py', str(tiny), '--work-dir',
+               str(tmp_path / 'wd')], cwd=ROOT)
+    assert 'coco/bbox_mAP' in log  # validated with the averaged weights
+    ckpt = torch.load(tmp_path / 'wd' / 'iter_3.pth', weights_only=True)
+    # the checkpoint's weights are the averages, ema_state_dict the model's
+    averaged, trained = ckpt['state_dict'], ckpt['ema_state_dict']
+    assert int(trained['steps']) == 3
+    for name in ('running_wm', 'running_scale', 'gate', 'fc1.weight'):
+        key = f'backbone.layer2.0.ce.{name}'
+        assert not torch.equal(averaged[key], trained['module.' + key]), key
+    # trained buffers, averaged: neither the initial values nor NaN
+    assert torch.isfinite(averaged['backbone.layer2.0.ce.running_wm']).all()
+    assert not torch.equal(averaged['backbone.layer2.0.ce.running_scale'],
+                           torch.ones(1))
+    log = run(['tools/test.py', str(tiny),
+               str(tmp_path / 'wd' / 'iter_3.pth'), '--work-dir',
+               str(tmp_path / 'test')], cwd=ROOT)
+    assert 'coco/bbox_mAP' in log
 
 
 def test_missing_pretrained_stops_before_runner(tmp_path):
