@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class CEParams(NamedTuple):
@@ -132,9 +133,15 @@ class BatchNormArgs(NamedTuple):
 
 
 def is_plain_batchnorm(module) -> bool:
-    """Whether ``module`` computes exactly ``nn.BatchNorm2d.forward`` (an
-    ``nn.BatchNorm2d``, or a subclass that does not override forward), so a
-    CE op may apply it itself. SyncBatchNorm, GroupNorm and the rest do not.
+    """Whether ``module`` computes exactly what ``nn.BatchNorm2d`` computes,
+    once its ``_check_input_dim`` has accepted the input, so a CE op may
+    apply it itself: a ``_BatchNorm`` that keeps ``_BatchNorm.forward``.
+    That is ``nn.BatchNorm2d`` and its subclasses without a forward of
+    their own, and mmengine's ``_BatchNormXd``, which mmengine's runner makes
+    of every SyncBN in a run of one process (``tools/test.py`` on one GPU
+    with a ``*_syncbn`` config). The classes differ only in that check,
+    which the caller runs (``nn.BatchNorm1d`` refuses a 4-D input as it
+    would itself). SyncBatchNorm, GroupNorm and the rest do not qualify.
     """
-    return isinstance(module, nn.BatchNorm2d) and \
-        type(module).forward is nn.BatchNorm2d.forward
+    return isinstance(module, _BatchNorm) and \
+        type(module).forward is _BatchNorm.forward

@@ -52,7 +52,9 @@ class ChannelEquilibrium(nn.Module):
     equals it.
 
     **BN + CE as one op.** ``ce(z, bn=norm)`` computes ``ce(norm(z))``; when
-    ``norm`` is a plain ``nn.BatchNorm2d`` it does so with one fused op
+    ``norm`` is a plain ``nn.BatchNorm2d`` (or mmengine's ``_BatchNormXd``,
+    what its runner makes of a SyncBN in one process;
+    :func:`ce_mmdet.ops.is_plain_batchnorm`) it does so with one fused op
     (:func:`ce_mmdet.ops.batchnorm_channel_equilibrium`): the BN is applied
     inside it, its running statistics and ``num_batches_tracked`` are
     updated exactly as ``nn.BatchNorm2d`` updates them, backward keeps only
@@ -222,8 +224,9 @@ class ChannelEquilibrium(nn.Module):
         Args:
             x (Tensor): (N, C, H, W) input; with ``bn``, the norm's input.
             bn (nn.Module, optional): the norm layer right before CE. A plain
-                ``nn.BatchNorm2d`` is applied inside the fused op (its hooks
-                do not run; see the class doc); any other module is called.
+                ``nn.BatchNorm2d`` (:func:`ce_mmdet.ops.is_plain_batchnorm`)
+                is applied inside the fused op (its hooks do not run; see
+                the class doc); any other module is called.
             inplace (bool): the caller does not read ``x`` after this call
                 (for example a convolution output only this layer reads);
                 the result may then be written into ``x``'s storage where
@@ -242,6 +245,8 @@ class ChannelEquilibrium(nn.Module):
         if bn is not None and not is_plain_batchnorm(bn):
             x, bn = bn(x), None
         self._check_input(x)
+        if bn is not None:
+            bn._check_input_dim(x)  # what its class adds to its forward
         if not traces_sizes() and x.numel() == 0:  # (empty: never traced)
             out = (x if bn is None else bn(x)).clone()
             return Epilogue.of(x, residual, relu, fuse=False).finish(out)

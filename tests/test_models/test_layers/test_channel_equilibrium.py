@@ -523,6 +523,42 @@ def test_hooks_on_a_fused_bn_do_not_run():
     assert torch.allclose(out, layer(torch.nn.BatchNorm2d(16)(z)), atol=1e-5)
 
 
+@pytest.mark.parametrize('training', [True, False])
+def test_reverted_sync_bn_is_fused_like_batchnorm2d(training):
+    """mmengine's runner reverts every SyncBN to its ``_BatchNormXd`` in a
+    run of one process: CE fuses it as it fuses nn.BatchNorm2d (its hooks do
+    not run), with the same bits, running statistics included."""
+    from mmengine.model import revert_sync_batchnorm
+    layer = make_layer(16, dtype=torch.float32).train(training)
+    bn2d = make_bn(16, training).float()
+    sync = torch.nn.SyncBatchNorm(16).train(training)
+    sync.load_state_dict(bn2d.state_dict())
+    reverted = revert_sync_batchnorm(sync)
+    assert type(reverted).__name__ == '_BatchNormXd'
+    calls = []
+    reverted.register_forward_hook(lambda *a: calls.append(1))
+    z = bn_like_input(2, 16, 5, 6, dtype=torch.float32)
+    zx, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out = copy.deepcopy(layer)(zx, bn=reverted)
+    expected = copy.deepcopy(layer)(z2, bn=bn2d)
+    assert calls == []  # fused, not called as a module
+    assert torch.equal(out, expected)
+    for key, value in bn2d.state_dict().items():
+        assert torch.equal(reverted.state_dict()[key], value), key
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert torch.equal(zx.grad, z2.grad)
+    assert torch.equal(reverted.weight.grad, bn2d.weight.grad)
+
+
+def test_fused_bn_keeps_its_class_input_check():
+    """A _BatchNorm without a forward of its own is fused, and its class's
+    input check still runs: BatchNorm1d refuses a 4-D map, as it would."""
+    layer = make_layer(16, dtype=torch.float32)
+    with pytest.raises(ValueError, match='expected 2D or 3D input'):
+        layer(torch.randn(2, 16, 4, 4), bn=torch.nn.BatchNorm1d(16))
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('training', [True, False])
 def test_bn_fused_low_precision(dtype, training):
