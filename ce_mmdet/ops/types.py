@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 
 class CEParams(NamedTuple):
@@ -141,7 +142,10 @@ def is_plain_batchnorm(module) -> bool:
     of every SyncBN in a run of one process (``tools/test.py`` on one GPU
     with a ``*_syncbn`` config). The classes differ only in that check,
     which the caller runs (``nn.BatchNorm1d`` refuses a 4-D input as it
-    would itself). SyncBatchNorm, GroupNorm and the rest do not qualify.
+    would itself). SyncBatchNorm, GroupNorm, a lazy BN before its first call
+    (its parameters are made by a pre-hook; then it becomes a BatchNorm2d)
+    and the rest do not qualify.
     """
     return isinstance(module, _BatchNorm) and \
-        type(module).forward is _BatchNorm.forward
+        type(module).forward is _BatchNorm.forward and \
+        not isinstance(module, LazyModuleMixin)

@@ -559,6 +559,23 @@ def test_fused_bn_keeps_its_class_input_check():
         layer(torch.randn(2, 16, 4, 4), bn=torch.nn.BatchNorm1d(16))
 
 
+def test_lazy_bn_is_called_until_it_has_parameters():
+    """A LazyBatchNorm2d makes its parameters in a pre-hook on its first
+    call (and becomes a BatchNorm2d): CE calls it, then fuses it."""
+    layer = make_layer(16, dtype=torch.float32)
+    bn = torch.nn.LazyBatchNorm2d()
+    z = torch.randn(2, 16, 4, 4)
+    first = layer(z, bn=bn)
+    assert type(bn) is torch.nn.BatchNorm2d
+    assert int(bn.num_batches_tracked) == 1
+    reference = copy.deepcopy(layer)(torch.nn.BatchNorm2d(16)(z))
+    assert torch.allclose(first, reference, atol=1e-5)
+    calls = []
+    bn.register_forward_hook(lambda *a: calls.append(1))
+    layer(z, bn=bn)
+    assert calls == [] and int(bn.num_batches_tracked) == 2
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('training', [True, False])
 def test_bn_fused_low_precision(dtype, training):
