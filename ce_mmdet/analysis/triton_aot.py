@@ -89,8 +89,9 @@ MODES = {
     'forward and backward',
     'ce_train': 'CE alone in training, forward and backward',
     'ce_eval': 'CE alone in eval mode, forward and backward',
-    'sync_train': 'BN (batch statistics) + CE in training with SyncCE sums '
-    '(a reduce function in place of the all-reduce), forward and backward',
+    'sync_train': 'BN (batch statistics) + CE in training with SyncCE sums, '
+    'and with SyncBN and SyncCE sums (a reduce function in place of each '
+    'all-reduce), forward and backward',
 }
 
 
@@ -258,11 +259,14 @@ def run_scenario(scenario: Scenario) -> None:
                relu=True)
         return
     z.requires_grad_()
-    if s.mode == 'sync_train':
-        out = batchnorm_channel_equilibrium(
-            z, BatchNormArgs.from_module(bn), ce.ce_params(), ce.ce_state(),
-            config=ce.config, training=True,
-            reduce_fn=lambda t: t.clone(), impl='triton')
+    if s.mode == 'sync_train':  # after a BN, and after a SyncBN
+        out = sum(
+            batchnorm_channel_equilibrium(
+                z, BatchNormArgs.from_module(bn), ce.ce_params(),
+                ce.ce_state(), config=ce.config, training=True,
+                reduce_fn=lambda t: t.clone(), impl='triton',
+                bn_reduce_fn=bn_reduce_fn)
+            for bn_reduce_fn in (None, lambda t: t.clone()))
     elif s.mode.startswith('ce_'):
         out = ce(z)
     else:  # as CEFPN, and as a residual block (with its tail)

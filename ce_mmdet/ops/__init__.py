@@ -13,10 +13,10 @@ from .channel_equilibrium import (Epilogue, batchnorm_channel_equilibrium,
                                   channel_equilibrium)
 from .impl import IMPLS, check_impl, resolve_impl
 from .types import (BatchNormArgs, CEConfig, CEParams, CEState,
-                    is_plain_batchnorm)
+                    is_plain_batchnorm, is_sync_batchnorm)
 
 __all__ = [
     'BatchNormArgs', 'CEConfig', 'CEParams', 'CEState', 'Epilogue', 'IMPLS',
     'batchnorm_channel_equilibrium', 'channel_equilibrium', 'check_impl',
-    'is_plain_batchnorm', 'resolve_impl'
+    'is_plain_batchnorm', 'is_sync_batchnorm', 'resolve_impl'
 ]

@@ -210,9 +210,12 @@ def batchnorm_channel_equilibrium(z: Tensor,
                                   inplace: bool = False,
                                   impl: str = 'auto',
                                   residual: Optional[Tensor] = None,
-                                  relu: bool = False) -> Tensor:
+                                  relu: bool = False,
+                                  bn_reduce_fn: Optional[Callable[
+                                      [Tensor], Tensor]] = None) -> Tensor:
     """``CE(BN(z))`` as one op, for a plain BatchNorm (optionally
-    ``relu(CE(BN(z)) + residual)``, a residual block's tail).
+    ``relu(CE(BN(z)) + residual)``, a residual block's tail), or a SyncBN
+    across processes (``bn_reduce_fn``).
 
     Equal (up to rounding) to ``channel_equilibrium(F.batch_norm(z, ...))``,
     and the BN's running statistics and ``num_batches_tracked`` are updated
@@ -235,6 +238,15 @@ def batchnorm_channel_equilibrium(z: Tensor,
             convolution's output that only this op reads); the result may
             then be written into ``z`` when autograd does not need it.
         residual, relu: as for :func:`channel_equilibrium`.
+        bn_reduce_fn (callable, optional): sums a small tensor over the
+            processes of a SyncBN (its process group), with batch
+            statistics in the BN and CE (``bn.uses_batch_stats`` and
+            ``training``) only: the BN's statistics are then the global
+            batch's (one call on its per-channel sums and count), and in
+            backward its gradient sums are summed too (one call); the
+            BN's weight and bias gradients stay this process's, as
+            SyncBN's. Default: None (the BN's statistics are this
+            process's batch's).
 
     Returns:
         Tensor: same shape and dtype as ``z``.
@@ -274,8 +286,15 @@ def batchnorm_channel_equilibrium(z: Tensor,
             raise ValueError(f'BN {name} has shape {tuple(t.shape)}, '
                              f'expected ({z.shape[1]},)')
     batch_stats = bn.uses_batch_stats
-    if batch_stats and z.shape[0] * z.shape[2] * z.shape[3] == 1:
-        # what F.batch_norm (and so nn.BatchNorm2d) says
+    if bn_reduce_fn is not None and not (batch_stats and training):
+        raise ValueError(
+            'bn_reduce_fn (a SyncBN across processes) needs batch statistics '
+            f'in the BN and CE; got the BN with batch statistics: '
+            f'{batch_stats}, CE training: {training}')
+    if batch_stats and bn_reduce_fn is None and \
+            z.shape[0] * z.shape[2] * z.shape[3] == 1:
+        # what F.batch_norm (and so nn.BatchNorm2d) says (a SyncBN across
+        # processes takes one value here: the count is global)
         raise ValueError('Expected more than 1 value per channel when '
                          f'training, got input size {z.size()}')
     if not batch_stats and (bn.running_mean is None
@@ -293,7 +312,7 @@ def batchnorm_channel_equilibrium(z: Tensor,
                     (bn.weight, bn.bias, tail.residual) + tuple(params),
                     params.fc1_weight.shape[0], tail.relu,
                     bn_batch_stats=batch_stats, bn_momentum=float(factor),
-                    bn_eps=float(bn.eps))
+                    bn_eps=float(bn.eps), bn_reduce_fn=bn_reduce_fn)
     bn_tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
     out, wm, scale, batch_mean, batch_var = \
         functions.batchnorm_channel_equilibrium(z, bn_tensors, params, state,

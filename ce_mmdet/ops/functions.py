@@ -29,7 +29,10 @@ passes over the feature map are computed (``call.passes``: PyTorch GEMMs,
     M1 dout + M2 Z + c`` (it needs only per-channel sums of ``dX`` and
     ``dX Z``, which follow from ``dout Z^T``, ``dout 1`` and ``Z``'s
     statistics): one reduction pass and one pass writing ``dZ``, the passes
-    a BN alone makes;
+    a BN alone makes. A SyncBN across processes is folded here too
+    (``call.bn_reduce_fn``): the BN's per-channel sums and count are summed
+    over its processes before its statistics are formed, and in backward
+    its gradient sums before ``dZ``'s maps;
   - otherwise, BN with batch statistics (or CE in training): the BN's pass by
     ``torch.native_batch_norm`` (which updates its running statistics as
     ``nn.BatchNorm2d`` does), CE on ``X``, written into ``X`` itself where
@@ -109,6 +112,9 @@ class OpCall:
         bn_momentum (float): the BN's running-average factor for this call.
         bn_eps (float): the BN's eps.
         relu (bool): the op ends with a ReLU (after the residual, if any).
+        bn_reduce_fn (callable, optional): a SyncBN's sum over its
+            processes (its batch moments, and their gradient sums), with
+            ``bn_batch_stats`` and ``training`` only.
     """
     config: CEConfig
     training: bool
@@ -120,6 +126,7 @@ class OpCall:
     bn_momentum: float = 0.0
     bn_eps: float = 1e-5
     relu: bool = False
+    bn_reduce_fn: ReduceFn = None
 
 
 def _forward_map(x: Tensor, params: CEParams, state: CEState, call: OpCall,
@@ -363,7 +370,7 @@ def _bnce_forward(call: OpCall, z: Tensor, residual: Optional[Tensor],
         # gives the BN's statistics and CE's, and A X is applied to z
         result, bn_stats = passes.batch_bn_map(
             z, params, state, call.config, call.reduce_fn, bn_weight,
-            bn_bias, call.bn_eps)
+            bn_bias, call.bn_eps, call.bn_reduce_fn)
         # for the running statistics (updated by the caller, as CE's)
         batch_mean, batch_var = bn_stats.mean, bn_stats.unbiased_var
         a, a_z, bias, wm, scale, _, _, alpha, beta = result
@@ -371,6 +378,10 @@ def _bnce_forward(call: OpCall, z: Tensor, residual: Optional[Tensor],
         out = passes.apply(a_z, z, d, call.inplace and not call.needs_grad,
                            bias, residual, call.relu)
         mode = 'batch_bn'
+    elif call.bn_reduce_fn is not None:
+        raise RuntimeError('a SyncBN is folded only with batch statistics '
+                           'in the BN and CE, by an implementation that '
+                           'folds a batch-statistics BN')
     elif call.bn_batch_stats or call.training:
         # the BN's pass (and its running-statistics update)
         x, save_mean, save_invstd = torch.native_batch_norm(
@@ -402,8 +413,8 @@ def _bnce_forward(call: OpCall, z: Tensor, residual: Optional[Tensor],
         # what the BN's backward needs: the batch mean and inverse std, or
         # the running mean and inverse std (small copies), and for a folded
         # batch-statistics BN the statistics of z
-        extra = (None, None) if bn_stats is None else \
-            (bn_stats.mean_z, bn_stats.gram_z)
+        extra = (None, None, None) if bn_stats is None else \
+            (bn_stats.mean_z, bn_stats.gram_z, bn_stats.positions)
         saved = _Saved((z, alpha, beta, bn_mean, invstd, bn_var, bn_weight,
                         var_z, *extra, a, *params),
                        _cache_to_keep(result, call), mode,
@@ -442,7 +453,7 @@ class _BNCEFunction(torch.autograd.Function):
         if grad_out is None:  # the output did not reach the loss
             return (None, ) * (7 + _NUM_PARAMS + _NUM_STATE)
         (z, alpha, beta, bn_mean, invstd, bn_var, bn_weight, var_z, mean_z,
-         gram_z, a, *rest, out) = ctx.saved_tensors
+         gram_z, positions, a, *rest, out) = ctx.saved_tensors
         params = CEParams(*rest)
         call = ctx.call
         passes, d = call.passes, call.config.group_size
@@ -473,8 +484,8 @@ class _BNCEFunction(torch.autograd.Function):
                 maps = passes.batch_bn_backward_maps(
                     grad_out, z, a, ctx.cache, params, call.config,
                     call.reduce_fn, alpha, beta,
-                    BatchBNStats(bn_mean, None, invstd, mean_z, gram_z),
-                    bn_weight)
+                    BatchBNStats(bn_mean, None, invstd, mean_z, gram_z,
+                                 positions), bn_weight, call.bn_reduce_fn)
                 maps = _only_needed(maps, need_params)
             if need_z:
                 grad_z = passes.apply2(maps.m1, grad_out, maps.m2, z,

@@ -194,8 +194,8 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
     every pass on its own, and the whole ops forward and backward in every
     mode a CE layer runs (CE alone in training and eval; after an eval-mode
     BN, CE in eval and in training; after a batch-statistics BN, with and
-    without SyncCE's sums), so that every kernel is compiled with the
-    constants this configuration uses.
+    without SyncCE's sums, and after a SyncBN), so that every kernel is
+    compiled with the constants this configuration uses.
 
     On a 1x1 map the ops' input gradients are run but not compared: each
     sample's variance is then 0 by definition, its gradient the difference
@@ -235,21 +235,23 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
     bn = (rand(c, scale=0.2, shift=1.0), rand(c, scale=0.2),
           rand(c, scale=0.3), rand(c, scale=0.1, shift=1.0).abs())
     # (CE training, a BN before it, the BN with batch statistics, SyncCE,
-    # autograd): CE alone (training, eval), eval BN + eval CE (folded), eval
-    # BN + CE in training, batch-statistics BN + CE in training (folded),
-    # the same with SyncCE's sums (an identity in place of the all-reduce),
-    # and inference (eval without autograd: only what the apply reads is
-    # written) of CE alone and folded: every constexpr branch of the
-    # kernels the modes of CE layers reach
-    for training, with_bn, batch_bn, sync, grad in (
-            (True, False, False, False, True),
-            (False, False, False, False, True),
-            (False, True, False, False, True),
-            (True, True, False, False, True),
-            (True, True, True, False, True),
-            (True, True, True, True, True),
-            (False, False, False, False, False),
-            (False, True, False, False, False)):
+    # SyncBN, autograd): CE alone (training, eval), eval BN + eval CE
+    # (folded), eval BN + CE in training, batch-statistics BN + CE in
+    # training (folded), the same with SyncCE's sums (an identity in place
+    # of the all-reduce), and with a SyncBN's too, and inference (eval
+    # without autograd: only what the apply reads is written) of CE alone
+    # and folded: every constexpr branch of the kernels the modes of CE
+    # layers reach
+    for training, with_bn, batch_bn, sync, sync_bn, grad in (
+            (True, False, False, False, False, True),
+            (False, False, False, False, False, True),
+            (False, True, False, False, False, True),
+            (True, True, False, False, False, True),
+            (True, True, True, False, False, True),
+            (True, True, True, True, False, True),
+            (True, True, True, True, True, True),
+            (False, False, False, False, False, False),
+            (False, True, False, False, False, False)):
         results = []
         for impl in passes:
             params = CEParams(*(t.clone().requires_grad_(grad)
@@ -261,7 +263,8 @@ def _check_pairs(device: torch.device, layer: tuple) -> list:
             call = functions.OpCall(
                 CEConfig(d, num_iters), training, impl,
                 reduce_fn=torch.clone if sync else None, needs_grad=grad,
-                bn_batch_stats=batch_bn, bn_eps=1e-5)
+                bn_batch_stats=batch_bn, bn_eps=1e-5,
+                bn_reduce_fn=torch.clone if sync_bn else None)
             if with_bn:
                 out = functions.batchnorm_channel_equilibrium(
                     x, bn, params, state, call)[0]

@@ -384,17 +384,33 @@ class BatchBNStats(NamedTuple):
         mean_z (Tensor): (N, C) per-sample means of ``z``.
         gram_z (Tensor): (N, G, d, d) per-sample group Gram matrices of
             ``z``.
+        positions (Tensor, optional): () the number of positions the batch
+            statistics are over, with a SyncBN (``bn_reduce_fn``: every
+            process's); None: this process's ``N * H * W``.
     """
     mean: Tensor
     unbiased_var: Tensor
     invstd: Tensor
     mean_z: Tensor
     gram_z: Tensor
+    positions: Optional[Tensor] = None
+
+
+def global_bn_moments(sum_z: Tensor, sumsq_z: Tensor, positions: int,
+                      bn_reduce_fn) -> Tensor:
+    """A SyncBN's batch moments: this process's per-channel sums of ``z``
+    and ``z^2`` (C each) and its number of positions, summed over the BN's
+    processes by ``bn_reduce_fn`` in one call; returns them in one (2 C +
+    1) tensor, in that order."""
+    return bn_reduce_fn(
+        torch.cat([sum_z, sumsq_z,
+                   sum_z.new_full((1, ), positions)]))
 
 
 def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
                     weight: Optional[Tensor], bias: Optional[Tensor],
-                    eps: float) -> Tuple[MapResult, BatchBNStats]:
+                    eps: float,
+                    bn_reduce_fn=None) -> Tuple[MapResult, BatchBNStats]:
     """``forward_map`` of ``CE(BN(z))`` for a BN with batch statistics and
     CE in training, from one statistics pass over ``z`` (``passes.stats``):
     the BN's batch mean and variance are the sample means of ``z``'s
@@ -407,6 +423,11 @@ def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
     for half and single inputs): exact in float64, and in float32 accurate
     while ``|mean| / std`` of a channel stays below ~100 (conv outputs are
     far inside that).
+
+    ``bn_reduce_fn`` (a SyncBN that synchronises): the BN's per-channel
+    sums and count are summed over its processes first
+    (:func:`global_bn_moments`), so its batch statistics are the global
+    batch's; CE's statistics follow ``reduce_fn`` as without it.
     """
     n, c, h, w = z.shape
     hw = h * w
@@ -414,8 +435,14 @@ def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
     g = c // d
     mean_z, gram_z = passes.stats(z, d, True)
     positions = n * hw
-    mean = mean_z.mean(0)
     sumsq = gram_z.diagonal(dim1=-2, dim2=-1).reshape(n, c).sum(0)
+    if bn_reduce_fn is None:
+        mean = mean_z.mean(0)
+    else:
+        moments = global_bn_moments(hw * mean_z.sum(0), sumsq, positions,
+                                    bn_reduce_fn)
+        sumsq, positions = moments[c:2 * c], moments[2 * c]
+        mean = moments[:c] / positions
     var = (sumsq / positions - mean * mean).clamp_min(0)
     invstd = torch.rsqrt(var + eps)
     alpha, beta = bn_affine(weight, bias, mean, invstd, mean.dtype)
@@ -433,14 +460,16 @@ def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
                        a @ beta.view(1, g, d, 1), wm, scale, cache, None,
                        alpha, beta)
     return result, BatchBNStats(mean, var * (positions / (positions - 1)),
-                                invstd, mean_z, gram_z)
+                                invstd, mean_z, gram_z,
+                                None if bn_reduce_fn is None else positions)
 
 
 def batch_bn_backward_maps_by(passes, grad_out: Tensor, z: Tensor,
                               a: Tensor, cache, params, config, reduce_fn,
                               alpha: Tensor, beta: Tensor,
                               bn: BatchBNStats,
-                              weight: Optional[Tensor]) -> GradMaps:
+                              weight: Optional[Tensor],
+                              bn_reduce_fn=None) -> GradMaps:
     """``backward_maps`` of :func:`batch_bn_map_by`: ``dz = m1 dout + m2 z +
     shift`` and the BN's weight and bias gradients, from one reduction pass
     over ``(dout, z)`` (``passes.cross``).
@@ -450,12 +479,15 @@ def batch_bn_backward_maps_by(passes, grad_out: Tensor, z: Tensor,
     xhat))`` needs only the per-channel sums ``sum dX`` and ``sum dX z``,
     which follow from ``dout z^T``, ``dout 1`` and ``z``'s statistics: the
     BN's backward is folded into the maps (no ``dX`` tensor, no BN pass).
+    With a SyncBN (``bn_reduce_fn``) those sums are summed over its
+    processes for ``dz`` (one call, after SyncCE's); its weight and bias
+    gradients stay this process's, as SyncBN's (DDP sums them).
     """
     gz, go_sum = passes.cross(grad_out, z, config.group_size)
     n, g, d, _ = a.shape
     c = g * d
     hw = z.shape[2] * z.shape[3]
-    positions = n * hw
+    positions = n * hw if bn.positions is None else bn.positions
     # dL/dA = dout X^T = (dout z^T) diag(alpha) + (dout 1) beta^T
     grad_a = gz * alpha.view(1, g, 1, d) + go_sum * beta.view(1, g, 1, d)
     d_mean, d_second, d_params = small_graph.backward(
@@ -472,14 +504,18 @@ def batch_bn_backward_maps_by(passes, grad_out: Tensor, z: Tensor,
     sum_dxz = ((a * gz).sum(-2) + (s_mat * xz.transpose(-1, -2)).sum(-1) +
                hw * b.squeeze(-1) * mz).reshape(n, c).sum(0)
     sum_dx_xhat = (sum_dxz - bn.mean * sum_dx) * bn.invstd
+    all_dx, all_dx_xhat = sum_dx, sum_dx_xhat  # over the BN's batch
+    if bn_reduce_fn is not None:
+        sums = bn_reduce_fn(torch.cat([sum_dx, sum_dx_xhat]))
+        all_dx, all_dx_xhat = sums[:c], sums[c:]
     # dz = c1 dX - c1 invstd k z + c1 (invstd mean k - sum dX / P),
     # c1 = gamma invstd, k = sum(dX xhat) / P
     c1 = bn.invstd if weight is None else bn.invstd * weight.to(a.dtype)
-    k = sum_dx_xhat / positions
+    k = all_dx_xhat / positions
     m1, m2, shift = grad_maps(a, s_mat, b, alpha, beta, out_scale=c1)
     m2 = m2 - torch.diag_embed((c1 * bn.invstd * k).view(1, g, d))
     shift = shift + (c1 * (bn.invstd * bn.mean * k -
-                           sum_dx / positions)).view(1, g, d, 1)
+                           all_dx / positions)).view(1, g, d, 1)
     return GradMaps(m1, m2, shift, d_params, sum_dx_xhat, sum_dx)
 
 
@@ -517,23 +553,25 @@ class TorchPasses:
     @staticmethod
     def batch_bn_map(z: Tensor, params, state, config, reduce_fn,
                      weight: Optional[Tensor], bias: Optional[Tensor],
-                     eps: float) -> Tuple[MapResult, BatchBNStats]:
+                     eps: float,
+                     bn_reduce_fn=None) -> Tuple[MapResult, BatchBNStats]:
         """``forward_map`` with a batch-statistics BN folded in
         (:func:`batch_bn_map_by`)."""
         return batch_bn_map_by(TorchPasses, z, params, state, config,
-                               reduce_fn, weight, bias, eps)
+                               reduce_fn, weight, bias, eps, bn_reduce_fn)
 
     @staticmethod
     def batch_bn_backward_maps(grad_out: Tensor, z: Tensor, a: Tensor,
                                cache, params, config, reduce_fn,
                                alpha: Tensor, beta: Tensor,
                                bn: BatchBNStats,
-                               weight: Optional[Tensor]) -> GradMaps:
+                               weight: Optional[Tensor],
+                               bn_reduce_fn=None) -> GradMaps:
         """``backward_maps`` of :meth:`batch_bn_map`
         (:func:`batch_bn_backward_maps_by`)."""
         return batch_bn_backward_maps_by(TorchPasses, grad_out, z, a, cache,
                                          params, config, reduce_fn, alpha,
-                                         beta, bn, weight)
+                                         beta, bn, weight, bn_reduce_fn)
 
     @staticmethod
     def stats(x: Tensor, group_size: int,

@@ -64,7 +64,7 @@ from torch import Tensor
 from .small_graph import SmallGraphCache, unbiased_divisor
 from .torch_impl import (BatchBNStats, BNAffine, GradMaps, MapResult,
                          backward_maps_by, batch_bn_backward_maps_by,
-                         batch_bn_map_by, forward_map_by)
+                         batch_bn_map_by, forward_map_by, global_bn_moments)
 
 #: Programs to aim for in a statistics launch (a few per SM of a large GPU).
 _TARGET_PROGRAMS = 512
@@ -345,12 +345,13 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
                         MEAN, VAR, VAR_IN, RAW, VSUM_G, SUMS, COV, WM, ITERS,
                         BATCH_MEAN, BATCH_VAR, BATCH_INVSTD, MEAN_Z, GRAM_Z,
-                        W1, HID_PART, H, D: tl.constexpr,
+                        BN_MOMENTS, W1, HID_PART, H, D: tl.constexpr,
                         BLOCK_D: tl.constexpr, TRAINING: tl.constexpr,
                         AFFINE: tl.constexpr, HAS_W: tl.constexpr,
                         HAS_B: tl.constexpr, NEWTON: tl.constexpr,
                         NUM_ITERS: tl.constexpr, BATCH_BN: tl.constexpr,
-                        BLOCK_HC: tl.constexpr, KEEP: tl.constexpr):
+                        BLOCK_HC: tl.constexpr, KEEP: tl.constexpr,
+                        GLOBAL_BN: tl.constexpr):
     """Small graph, per group g (one program each): the per-sample means
     and variances of the group's channels from the partial sums of
     :func:`_stats_kernel`, their batch sums, and in training the covariance
@@ -363,7 +364,10 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
     the running statistics) and its map (ALPHA, BETA),
     z's per-sample means and Gram matrices are kept (MEAN_Z, GRAM_Z), and
     the statistics are those of ``X = alpha z + beta`` (``X - m_X =
-    diag(alpha) (z - m_z)`` per sample). Without NEWTON (SyncCE) it stops at
+    diag(alpha) (z - m_z)`` per sample); with GLOBAL_BN (a SyncBN) the BN's
+    statistics come from BN_MOMENTS, its per-channel sums of z and z^2 and
+    its count of positions summed over its processes, instead of this
+    process's partial sums. Without NEWTON (SyncCE) it stops at
     the batch sums, which are all-reduced before
     :func:`_global_whiten_kernel`. Also the group's share of the IR MLP's
     first layer for every sample, ``fc1[:, group] v[n, group]`` (HID_PART,
@@ -378,16 +382,23 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
     rows, rmask, on_diag, mmask, mat = _group_layout(D, BLOCK_D)
     if BATCH_BN:
         ch = g * D + rows
-        zsum = tl.zeros((BLOCK_D, ), dtype=tl.float32)
-        zsq = tl.zeros((BLOCK_D, ), dtype=tl.float32)
-        for n in range(N):
-            for s in range(NSPLIT):
-                slot = ((n * G + g) * NSPLIT + s).to(tl.int64)
-                zsum += tl.load(PS + slot * D + rows, mask=rmask, other=0.)
-                zsq += tl.load(PQ + slot * D * D + rows * (D + 1),
-                               mask=rmask, other=0.)
-        bmean = zsum * inv_positions
-        bvar = tl.maximum(zsq * inv_positions - bmean * bmean, 0.)
+        if GLOBAL_BN:
+            zsum = tl.load(BN_MOMENTS + ch, mask=rmask, other=0.)
+            zsq = tl.load(BN_MOMENTS + C + ch, mask=rmask, other=0.)
+            bn_inv_positions = 1. / tl.load(BN_MOMENTS + 2 * C)
+        else:
+            zsum = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+            zsq = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+            for n in range(N):
+                for s in range(NSPLIT):
+                    slot = ((n * G + g) * NSPLIT + s).to(tl.int64)
+                    zsum += tl.load(PS + slot * D + rows, mask=rmask,
+                                    other=0.)
+                    zsq += tl.load(PQ + slot * D * D + rows * (D + 1),
+                                   mask=rmask, other=0.)
+            bn_inv_positions = inv_positions
+        bmean = zsum * bn_inv_positions
+        bvar = tl.maximum(zsq * bn_inv_positions - bmean * bmean, 0.)
         invstd = 1. / tl.sqrt(bvar + bn_eps)
         alpha = invstd
         if HAS_W:
@@ -399,7 +410,7 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
         tl.store(BETA + ch, beta, mask=rmask)
         tl.store(BATCH_MEAN + ch, bmean, mask=rmask)
         # unbiased, for the running variance
-        tl.store(BATCH_VAR + ch, bvar / (1. - inv_positions), mask=rmask)
+        tl.store(BATCH_VAR + ch, bvar / (1. - bn_inv_positions), mask=rmask)
         tl.store(BATCH_INVSTD + ch, invstd, mask=rmask)
     if AFFINE:
         ch = g * D + rows
@@ -930,10 +941,11 @@ def _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ, GOS, VAR_Z, MEAN_Z,
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
                       VAR_Z, BN_MEAN, INVSTD, MEAN_Z, GRAM_Z, N, C, hw, M1,
-                      M2, SHIFT, DBN_W, DBN_B, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, TRAINING: tl.constexpr,
-                      AFFINE: tl.constexpr, FOLD: tl.constexpr,
-                      BATCH_BN: tl.constexpr):
+                      M2, SHIFT, DBN_W, DBN_B, BN_SUMS, BN_COUNT,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      TRAINING: tl.constexpr, AFFINE: tl.constexpr,
+                      FOLD: tl.constexpr, BATCH_BN: tl.constexpr,
+                      BN_PHASE: tl.constexpr):
     """The input gradient's maps, per group g: ``dX = M1 dout + M2 kept +
     shift`` for every sample, from the block maps and the statistics'
     gradients (in training from GRAD_SUMS, all-reduced with SyncCE); with
@@ -943,7 +955,12 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
     a first loop over the samples sums ``dX`` and ``dX z`` per channel (from
     ``dout z^T``, ``dout 1`` and z's means and Gram matrices), the second
     writes the maps with the BN's terms (see
-    :func:`~ce_mmdet.ops.torch_impl.batch_bn_backward_maps_by`)."""
+    :func:`~ce_mmdet.ops.torch_impl.batch_bn_backward_maps_by`). A SyncBN
+    takes two launches (BN_PHASE, else 0: both loops): 1, the first loop,
+    writing this process's ``sum dX`` and ``sum dX xhat`` to BN_SUMS and as
+    the BN's weight and bias gradients; 2, after BN_SUMS is summed over
+    the BN's processes, the second loop with those sums and the count of
+    positions at BN_COUNT."""
     g = tl.program_id(0)
     G = C // D
     den = tl.maximum(hw - 1, 1).to(tl.float32)  # unbiased variances
@@ -971,7 +988,8 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
     if FOLD or BATCH_BN:
         bn_mean = tl.load(BN_MEAN + ch, mask=rmask, other=0.)
         invstd = tl.load(INVSTD + ch, mask=rmask, other=0.)
-    if BATCH_BN:  # its terms in the maps need every sample's sums first
+    if BATCH_BN and BN_PHASE != 2:  # its terms in the maps need every
+        # sample's sums first
         for n in range(N):
             a, a_t, s_mat, b, coef = _sample_grad_maps(
                 n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta, sym, dxs,
@@ -982,31 +1000,45 @@ def _grad_maps_kernel(A, MEAN, GVAR, RAW, GRAD_SUMS, ALPHA, BETA, GZ, GOS,
                                     mmask, mat, D, BATCH_BN)
             sum_dx += dx
             sum_dxz += dxz
+    if BATCH_BN and BN_PHASE == 1:  # this process's sums, for the SyncBN's
+        tl.store(BN_SUMS + ch, sum_dx, mask=rmask)
+        tl.store(BN_SUMS + C + ch, (sum_dxz - bn_mean * sum_dx) * invstd,
+                 mask=rmask)
+    elif BATCH_BN:
         # dz = alpha dX - alpha invstd k z + alpha (invstd mean k - sum dX /
         # P), k = sum(dX xhat) / P
-        k = (sum_dxz - bn_mean * sum_dx) * invstd / (N * hw)
+        if BN_PHASE == 2:  # the SyncBN's sums over its processes
+            sum_dx = tl.load(BN_SUMS + ch, mask=rmask, other=0.)
+            positions = tl.load(BN_COUNT)
+            k = tl.load(BN_SUMS + C + ch, mask=rmask, other=0.) / positions
+        else:
+            positions = (N * hw).to(tl.float32)
+            k = (sum_dxz - bn_mean * sum_dx) * invstd / positions
         corr_diag = -alpha * invstd * k
-        corr_shift = alpha * (invstd * bn_mean * k - sum_dx / (N * hw))
-    for n in range(N):
-        ng = (n * G + g).to(tl.int64)
-        a, a_t, s_mat, b, coef = _sample_grad_maps(
-            n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta, sym, dxs,
-            grad_vsum, rows, rmask, on_diag, mmask, mat, D, TRAINING, AFFINE)
-        if FOLD:  # (BATCH_BN summed above)
-            dx, dxz = _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ, GOS,
-                                    VAR_Z, MEAN_Z, GRAM_Z, C, hw, rows, rmask,
-                                    mmask, mat, D, BATCH_BN)
-            sum_dx += dx
-            sum_dxz += dxz
-        if FOLD or BATCH_BN:
-            a_t = a_t * alpha[:, None]
-            s_mat = s_mat * alpha[:, None] + tl.where(
-                on_diag, corr_diag[:, None], 0.)
-            b = b * alpha + corr_shift
-        tl.store(M1 + ng * D * D + mat, a_t, mask=mmask)
-        tl.store(M2 + ng * D * D + mat, s_mat, mask=mmask)
-        tl.store(SHIFT + ng * D + rows, b, mask=rmask)
-    if FOLD or BATCH_BN:  # the BN's weight and bias gradients
+        corr_shift = alpha * (invstd * bn_mean * k - sum_dx / positions)
+    if BN_PHASE != 1:  # (phase 1 writes no maps)
+        for n in range(N):
+            ng = (n * G + g).to(tl.int64)
+            a, a_t, s_mat, b, coef = _sample_grad_maps(
+                n, g, A, MEAN, GVAR, RAW, C, hw, den, alpha, beta, sym, dxs,
+                grad_vsum, rows, rmask, on_diag, mmask, mat, D, TRAINING,
+                AFFINE)
+            if FOLD:  # (BATCH_BN summed above)
+                dx, dxz = _bn_grad_sums(n, g, a, s_mat, b, coef, alpha, GZ,
+                                        GOS, VAR_Z, MEAN_Z, GRAM_Z, C, hw,
+                                        rows, rmask, mmask, mat, D, BATCH_BN)
+                sum_dx += dx
+                sum_dxz += dxz
+            if FOLD or BATCH_BN:
+                a_t = a_t * alpha[:, None]
+                s_mat = s_mat * alpha[:, None] + tl.where(
+                    on_diag, corr_diag[:, None], 0.)
+                b = b * alpha + corr_shift
+            tl.store(M1 + ng * D * D + mat, a_t, mask=mmask)
+            tl.store(M2 + ng * D * D + mat, s_mat, mask=mmask)
+            tl.store(SHIFT + ng * D + rows, b, mask=rmask)
+    if (FOLD or BATCH_BN) and BN_PHASE != 2:  # the BN's weight and bias
+        # gradients (this process's)
         tl.store(DBN_W + ch, (sum_dxz - bn_mean * sum_dx) * invstd,
                  mask=rmask)
         tl.store(DBN_B + ch, sum_dx, mask=rmask)
@@ -1032,7 +1064,7 @@ _MLP_GRAD_WEIGHTS = _Kernel(_mlp_grad_weights_kernel,
                             ('DGATE', 'DFC1', 'DLNW', 'DLNB', 'DFC2',
                              'GRAD_SUMS'))
 _GRAD_MAPS = _Kernel(_grad_maps_kernel, ('M1', 'M2', 'SHIFT', 'DBN_W',
-                                         'DBN_B'))
+                                         'DBN_B', 'BN_SUMS'))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -1161,7 +1193,8 @@ def _setup(t: Tensor, params, config):
 
 
 def _fused_forward_map(x: Tensor, params, state, config, training: bool,
-                       affine, reduce_fn=None, batch_bn=None, keep=True):
+                       affine, reduce_fn=None, batch_bn=None, keep=True,
+                       bn_reduce_fn=None):
     """Statistics and the whole small graph in three launches: the
     statistics kernel, one program per group (sums, Newton, shares of fc1
     v), programs per sample and slice of groups (LayerNorm MLP, the block
@@ -1172,7 +1205,10 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     ``batch_bn`` (``(weight, bias, eps)`` of a BN with batch statistics,
     training only): ``x`` is the BN's input and the BN is folded in (see
     :func:`~ce_mmdet.ops.torch_impl.batch_bn_map_by`); returns ``(MapResult,
-    BatchBNStats)`` then, else the MapResult.
+    BatchBNStats)`` then, else the MapResult. With ``bn_reduce_fn`` (a
+    SyncBN) the BN's per-channel sums and count, from the statistics
+    kernel's partial sums, are summed over its processes before the group
+    kernel (a few small ops and the all-reduce).
 
     ``keep`` False (eval without autograd): what only the backward reads is
     neither allocated nor written (the cache, ``a`` where the map applied is
@@ -1197,10 +1233,17 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     bn = affine
     if affine is not None or batch_bn is not None:
         alpha, beta = new(c), new(c)
+    bn_moments = None
     if batch_bn is not None:
         bn = BNAffine(batch_bn[0], batch_bn[1], ps, ps, batch_bn[2])
-        bn_stats = BatchBNStats(new(c), new(c), new(c), new(n, c),
-                                new(n, g, d, d))
+        if bn_reduce_fn is not None:  # a SyncBN: its global batch's sums
+            parts = pq.view(n, g, split, d, d).diagonal(dim1=-2, dim2=-1)
+            bn_moments = global_bn_moments(
+                ps.view(n, g, split, d).sum((0, 2)).reshape(c),
+                parts.sum((0, 2)).reshape(c), n * hw, bn_reduce_fn)
+        bn_stats = BatchBNStats(
+            new(c), new(c), new(c), new(n, c), new(n, g, d, d),
+            None if bn_moments is None else bn_moments[2 * c])
     elif affine is None:  # unused pointers
         bn = BNAffine(None, None, ps, ps, 0.0)
     _launch(
@@ -1212,14 +1255,15 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
         var, ps if var_in is None else var_in, ps if raw is None else raw,
         vsum_g, ps if sums is None else sums, ps if cov is None else cov, wm,
         ps if iterates is None else iterates,
-        *((ps, ) * 5 if bn_stats is None else bn_stats), params.fc1_weight,
+        *((ps, ) * 5 if bn_stats is None else bn_stats[:5]),
+        ps if bn_moments is None else bn_moments, params.fc1_weight,
         hid_part, hidden, D=d, BLOCK_D=block_d, TRAINING=training,
         AFFINE=affine is not None, HAS_W=bn.weight is not None,
         HAS_B=bn.bias is not None, NEWTON=not sync,
         NUM_ITERS=config.num_iters, BATCH_BN=bn_stats is not None,
         BLOCK_HC=max(16, min(_pow2(hidden),
                              2048 // block_d)), KEEP=keep,
-        num_warps=_warps(block_d))
+        GLOBAL_BN=bn_moments is not None, num_warps=_warps(block_d))
     if sync:
         _launch(_SUMS_HEAD, (1, ), vsum_g, g, n, hw, sums,
                 BLOCK_G=_pow2(g))
@@ -1302,7 +1346,8 @@ def _map(m1: Tensor, p: Tensor, m2: Optional[Tensor], q: Optional[Tensor],
 
 def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
                          params, config, training: bool, affine, fold,
-                         reduce_fn=None, batch_bn=None) -> GradMaps:
+                         reduce_fn=None, batch_bn=None,
+                         bn_reduce_fn=None) -> GradMaps:
     """The backward's small part in five launches: ``dout kept^T`` (the
     statistics kernel), one program per group (dL/dA, the Newton
     iterations' backward), the instance branch in two (a program per 16
@@ -1312,7 +1357,9 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     of the global batch sums is all-reduced before the last one (as
     SyncBN's). ``fold``: an eval-mode
     BN folded in; ``batch_bn`` (:class:`BatchBNStats`): a BN with batch
-    statistics folded in (``affine`` is its map)."""
+    statistics folded in (``affine`` is its map); with ``bn_reduce_fn`` (a
+    SyncBN) the last kernel runs in two launches, with the BN's gradient
+    sums summed over its processes between them."""
     keep_cross = fold is not None or batch_bn is not None
     n, c, hw, g, d, params, hidden, block_d, new = _setup(kept, params,
                                                           config)
@@ -1369,20 +1416,33 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
         mean_z, gram_z = batch_bn.mean_z, batch_bn.gram_z
     d_bn_w = new(c) if keep_cross else None
     d_bn_b = new(c) if keep_cross else None
-    _launch(
-        _GRAD_MAPS, (g, ),
-        a, cache.mean, grad_var,
-        gdiag if cache.raw_var is None else cache.raw_var, grad_sums, alpha,
-        beta, gdiag if gz is None else gz, gdiag if gos is None else gos,
-        gdiag if var_z is None else var_z,
-        gdiag if bn_mean is None else bn_mean,
-        gdiag if invstd is None else invstd,
-        gdiag if mean_z is None else mean_z,
-        gdiag if gram_z is None else gram_z, n, c, hw, m1, m2, shift,
-        gdiag if d_bn_w is None else d_bn_w,
-        gdiag if d_bn_b is None else d_bn_b, D=d, BLOCK_D=block_d,
-        TRAINING=training, AFFINE=affine is not None, FOLD=fold is not None,
-        BATCH_BN=batch_bn is not None, num_warps=_warps(block_d))
+    sync_bn = batch_bn is not None and bn_reduce_fn is not None
+    bn_sums = new(2 * c) if sync_bn else gdiag
+
+    def grad_maps(phase: int) -> None:
+        _launch(
+            _GRAD_MAPS, (g, ),
+            a, cache.mean, grad_var,
+            gdiag if cache.raw_var is None else cache.raw_var, grad_sums,
+            alpha, beta, gdiag if gz is None else gz,
+            gdiag if gos is None else gos, gdiag if var_z is None else var_z,
+            gdiag if bn_mean is None else bn_mean,
+            gdiag if invstd is None else invstd,
+            gdiag if mean_z is None else mean_z,
+            gdiag if gram_z is None else gram_z, n, c, hw, m1, m2, shift,
+            gdiag if d_bn_w is None else d_bn_w,
+            gdiag if d_bn_b is None else d_bn_b, bn_sums,
+            batch_bn.positions if sync_bn else gdiag, D=d,
+            BLOCK_D=block_d, TRAINING=training, AFFINE=affine is not None,
+            FOLD=fold is not None, BATCH_BN=batch_bn is not None,
+            BN_PHASE=phase, num_warps=_warps(block_d))
+
+    if sync_bn:  # this process's BN sums, their sum, then the maps
+        grad_maps(1)
+        bn_sums = bn_reduce_fn(bn_sums)
+        grad_maps(2)
+    else:
+        grad_maps(0)
     return GradMaps(m1, m2, shift, [d_gate, d_fc1, d_lnw, d_lnb, d_fc2],
                     d_bn_w, d_bn_b)
 
@@ -1413,31 +1473,34 @@ class TritonPasses:
     @staticmethod
     def batch_bn_map(z: Tensor, params, state, config, reduce_fn,
                      weight: Optional[Tensor], bias: Optional[Tensor],
-                     eps: float) -> Tuple[MapResult, BatchBNStats]:
+                     eps: float,
+                     bn_reduce_fn=None) -> Tuple[MapResult, BatchBNStats]:
         """``forward_map`` with a batch-statistics BN folded in (see
         :func:`~ce_mmdet.ops.torch_impl.batch_bn_map_by`): fused kernels,
         or with tensors that are not float32, the statistics kernel and
         the torch small graph."""
         if _all_float32(*params, *state, weight, bias):
             return _fused_forward_map(z, params, state, config, True, None,
-                                      reduce_fn, (weight, bias, eps))
+                                      reduce_fn, (weight, bias, eps),
+                                      bn_reduce_fn=bn_reduce_fn)
         return batch_bn_map_by(TritonPasses, z, params, state, config,
-                               reduce_fn, weight, bias, eps)
+                               reduce_fn, weight, bias, eps, bn_reduce_fn)
 
     @staticmethod
     def batch_bn_backward_maps(grad_out: Tensor, z: Tensor, a: Tensor,
                                cache, params, config, reduce_fn,
                                alpha: Tensor, beta: Tensor,
                                bn: BatchBNStats,
-                               weight: Optional[Tensor]) -> GradMaps:
+                               weight: Optional[Tensor],
+                               bn_reduce_fn=None) -> GradMaps:
         """``backward_maps`` of :meth:`batch_bn_map`."""
         if _fused_cache(cache, params, True):
             return _fused_backward_maps(grad_out, z, a, cache, params, config,
                                         True, (alpha, beta), None, reduce_fn,
-                                        bn)
+                                        bn, bn_reduce_fn)
         return batch_bn_backward_maps_by(TritonPasses, grad_out, z, a, cache,
                                          params, config, reduce_fn, alpha,
-                                         beta, bn, weight)
+                                         beta, bn, weight, bn_reduce_fn)
 
     @staticmethod
     def forward_map(x: Tensor, params, state, config, training: bool,

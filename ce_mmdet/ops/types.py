@@ -10,6 +10,7 @@ import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -134,18 +135,53 @@ class BatchNormArgs(NamedTuple):
 
 
 def is_plain_batchnorm(module) -> bool:
-    """Whether ``module`` computes exactly what ``nn.BatchNorm2d`` computes,
-    once its ``_check_input_dim`` has accepted the input, so a CE op may
-    apply it itself: a ``_BatchNorm`` that keeps ``_BatchNorm.forward``.
-    That is ``nn.BatchNorm2d`` and its subclasses without a forward of
-    their own, and mmengine's ``_BatchNormXd``, which mmengine's runner makes
-    of every SyncBN in a run of one process (``tools/test.py`` on one GPU
-    with a ``*_syncbn`` config). The classes differ only in that check,
-    which the caller runs (``nn.BatchNorm1d`` refuses a 4-D input as it
-    would itself). SyncBatchNorm, GroupNorm, a lazy BN before its first call
-    (its parameters are made by a pre-hook; then it becomes a BatchNorm2d)
-    and the rest do not qualify.
+    """Whether a call of ``module`` now computes exactly what
+    ``nn.BatchNorm2d`` computes, once its ``_check_input_dim`` has accepted
+    the input, so a CE op may apply it itself.
+
+    * a ``_BatchNorm`` that keeps ``_BatchNorm.forward``: ``nn.BatchNorm2d``
+      and its subclasses without a forward of their own, and mmengine's
+      ``_BatchNormXd``, which mmengine's runner makes of every SyncBN in a
+      run of one process (``tools/test.py`` on one GPU with a ``*_syncbn``
+      config). The classes differ only in that check, which the caller runs
+      (``nn.BatchNorm1d`` refuses a 4-D input as it would itself);
+    * an ``nn.SyncBatchNorm`` that keeps its forward (mmengine's
+      ``SyncBatchNorm``, mmcv's ``SyncBN``, too) and would not synchronise in
+      this call (:func:`synchronises`): in eval mode (inference, validation
+      and test of a multi-GPU run, ``norm_eval=True``) or outside a process
+      group of more than one process, its forward is ``F.batch_norm``, as
+      ``nn.BatchNorm2d``'s. In training across processes it sums its
+      statistics over its processes and does not qualify (a CE layer in
+      training folds it all the same, with that sum:
+      :func:`is_sync_batchnorm`).
+
+    GroupNorm, mmcv's ``MMSyncBN``, a lazy BN before its first call (its
+    parameters are made by a pre-hook; then it becomes a BatchNorm2d) and
+    the rest do not qualify.
     """
-    return isinstance(module, _BatchNorm) and \
-        type(module).forward is _BatchNorm.forward and \
-        not isinstance(module, LazyModuleMixin)
+    if not isinstance(module, _BatchNorm) or \
+            isinstance(module, LazyModuleMixin):
+        return False
+    if type(module).forward is _BatchNorm.forward:
+        return True
+    return is_sync_batchnorm(module) and not synchronises(module)
+
+
+def is_sync_batchnorm(module) -> bool:
+    """Whether ``module`` is an ``nn.SyncBatchNorm`` that keeps its forward
+    (mmengine's ``SyncBatchNorm``, mmcv's ``SyncBN``, qualifies: it only
+    changes the input check), so that a CE op may apply it itself with its
+    statistics summed over ``module.process_group``."""
+    return isinstance(module, nn.SyncBatchNorm) and \
+        type(module).forward is nn.SyncBatchNorm.forward
+
+
+def synchronises(bn: nn.SyncBatchNorm) -> bool:
+    """Whether a call of ``bn`` now all-reduces its batch statistics, as
+    ``nn.SyncBatchNorm.forward`` decides: in training mode, under an
+    initialised ``torch.distributed`` process group (``bn.process_group``,
+    or the default one) of more than one process."""
+    if not (bn.training and dist.is_available() and dist.is_initialized()):
+        return False
+    group = bn.process_group if bn.process_group else dist.group.WORLD
+    return dist.get_world_size(group) > 1

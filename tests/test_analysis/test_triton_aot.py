@@ -207,12 +207,14 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     import triton
     assert {r['triton'] for r in reports} == {triton.__version__}
     for flag in ('TRAINING', 'AFFINE', 'BATCH_BN', 'FOLD', 'GLOBAL_SUMS',
-                 'CROSS', 'FULL', 'HAS_Q', 'KEEP'):
+                 'CROSS', 'FULL', 'HAS_Q', 'KEEP', 'GLOBAL_BN'):
         values = {
             dict(map(tuple, r['record']['kwargs'])).get(flag)
             for r in reports
         }
         assert {True, False} <= values, flag
+    assert {dict(map(tuple, r['record']['kwargs'])).get('BN_PHASE')
+            for r in reports} >= {0, 1, 2}
     assert {dict(map(tuple, r['record']['kwargs']))['D']
             for r in reports if r['record']['kernel'] == '_map_kernel'
             } == {16, 64}

@@ -91,6 +91,38 @@ def test_input_checks_name_the_problem():
             config=config, training=True)
 
 
+def test_sync_bn_reduce_needs_batch_statistics_in_bn_and_ce():
+    """``bn_reduce_fn`` (a SyncBN across processes) is taken only where the
+    op folds a batch-statistics BN; in one process (the sum over one
+    process: a copy) it gives the plain BN's result, and a one-position
+    batch is allowed (the count is every process's)."""
+    params, state = make()
+    z = torch.randn(2, 32, 3, 4, dtype=torch.float64) + 0.4
+    bn = torch.nn.BatchNorm2d(32).double()
+    for bn_training, training in ((False, True), (True, False)):
+        with pytest.raises(ValueError, match='needs batch statistics in the '
+                           'BN and CE'):
+            batchnorm_channel_equilibrium(
+                z, BatchNormArgs.from_module(bn.train(bn_training)), params,
+                state, config=CEConfig(group_size=16), training=training,
+                bn_reduce_fn=torch.clone)
+    results = []
+    for reduce in (None, torch.clone):
+        bn = torch.nn.BatchNorm2d(32).double()
+        zr = z.clone().requires_grad_()
+        out = batchnorm_channel_equilibrium(
+            zr, BatchNormArgs.from_module(bn), *make(), config=CEConfig(),
+            training=True, bn_reduce_fn=reduce, impl='torch')
+        out.square().sum().backward()
+        results.append((out, zr.grad, bn.running_var))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    one = batchnorm_channel_equilibrium(
+        z[:1, :, :1, :1].contiguous(), BatchNormArgs.from_module(bn),
+        *make(), config=CEConfig(), training=True, bn_reduce_fn=torch.clone)
+    assert one.shape == (1, 32, 1, 1) and torch.isfinite(one).all()
+
+
 def test_batchnorm_args_follow_the_module():
     bn = torch.nn.BatchNorm2d(8, momentum=None, track_running_stats=False)
     args = BatchNormArgs.from_module(bn.eval())
@@ -158,18 +190,19 @@ def _impls():
 
 @pytest.mark.parametrize('impl', _impls())
 @pytest.mark.parametrize(
-    'with_bn,bn_training,training,sync,grad',
+    'with_bn,bn_training,training,sync,grad,sync_bn',
     [
-        (False, False, True, False, True),  # CE alone, training
-        (False, False, False, False, True),  # CE alone, eval
-        (True, False, False, False, False),  # inference (BN folded)
-        (True, False, False, False, True),  # norm_eval training
-        (True, False, True, False, True),  # eval BN, CE in training
-        (True, True, True, False, True),  # batch-statistics BN and CE
-        (True, True, True, True, True),  # the same, SyncCE
+        (False, False, True, False, True, False),  # CE alone, training
+        (False, False, False, False, True, False),  # CE alone, eval
+        (True, False, False, False, False, False),  # inference (BN folded)
+        (True, False, False, False, True, False),  # norm_eval training
+        (True, False, True, False, True, False),  # eval BN, CE in training
+        (True, True, True, False, True, False),  # batch-statistics BN, CE
+        (True, True, True, True, True, False),  # the same, SyncCE
+        (True, True, True, True, True, True),  # SyncBN and SyncCE
     ])
 def test_no_host_sync_in_any_mode(impl, with_bn, bn_training, training, sync,
-                                  grad):
+                                  grad, sync_bn):
     """Neither forward nor backward makes a GPU's host wait for the device
     (no value read into Python, no tensor made from Python data): a
     launch-bound step runs at the GPU's speed only while the host queues
@@ -185,7 +218,8 @@ def test_no_host_sync_in_any_mode(impl, with_bn, bn_training, training, sync,
         with LaunchCounter() as counter:
             if with_bn:
                 out = batchnorm_channel_equilibrium(
-                    z, BatchNormArgs.from_module(bn), params, state, **kwargs)
+                    z, BatchNormArgs.from_module(bn), params, state,
+                    bn_reduce_fn=torch.clone if sync_bn else None, **kwargs)
             else:
                 out = channel_equilibrium(z, params, state, **kwargs)
             if grad:

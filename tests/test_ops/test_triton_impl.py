@@ -454,17 +454,35 @@ def test_launch_through_the_custom_op_equals_direct(monkeypatch, bn_training,
         assert torch.equal(a, b)
 
 
+def _other_process(c, n, hw):
+    """A SyncBN's sum over two processes in one: adds what another process
+    would contribute (the BN's sums of its own batch of ``n * hw``
+    positions forward, fixed gradient sums backward)."""
+    other = torch.randn(n, c, hw, device=DEVICE) * 1.2 + 0.5
+    extra = {
+        2 * c + 1:
+        torch.cat([other.sum((0, 2)), other.square().sum((0, 2)),
+                   torch.full((1, ), n * hw, device=DEVICE)]),
+        2 * c:
+        torch.randn(2 * c, device=DEVICE)
+    }
+    return lambda t: t + extra[t.numel()]
+
+
 @pytest.mark.parametrize('n,c,h,w,d,reduction', BACKWARD_SHAPES)
-@pytest.mark.parametrize('sync', [False, True])
+@pytest.mark.parametrize('sync,sync_bn', [(False, False), (True, False),
+                                          (True, True), (False, True)])
 @pytest.mark.parametrize('affine_bn', [True, False])
 def test_fused_batch_bn_matches_torch(n, c, h, w, d, reduction, sync,
-                                      affine_bn):
+                                      sync_bn, affine_bn):
     """A batch-statistics BN folded into the kernels (BATCH_BN in the
     per-group statistics and maps kernels) against the torch composition
     (:func:`batch_bn_map_by` / :func:`batch_bn_backward_maps_by`): the maps,
     the BN's statistics, z's kept statistics, the input gradient's maps and
     every gradient; with SyncCE sums (a reduction that doubles them, as two
-    processes with the same data) and without the BN's affine."""
+    processes with the same data), with a SyncBN's (GLOBAL_BN and the two
+    launches of the maps kernel; another process's sums added) and without
+    the BN's affine."""
     from ce_mmdet.ops.torch_impl import TorchPasses
     from ce_mmdet.ops.triton_impl import TritonPasses
     ce = make_ce(c, d, reduction)
@@ -473,17 +491,22 @@ def test_fused_batch_bn_matches_torch(n, c, h, w, d, reduction, sync,
     z = torch.randn(n, c, h, w, device=DEVICE) * 1.5 + 0.7
     go = torch.randn(n, c, h, w, device=DEVICE)
     reduce_fn = (lambda t: 2 * t) if sync else None
+    bn_reduce_fn = _other_process(c, 2, 9) if sync_bn else None
     args = (z, ce.ce_params(), ce.ce_state(), ce.config, reduce_fn, weight,
-            bias, 1e-5)
+            bias, 1e-5, bn_reduce_fn)
     (got, got_bn), (want, want_bn) = (TritonPasses.batch_bn_map(*args),
                                       TorchPasses.batch_bn_map(*args))
     for name in ('a', 'a_in', 'bias', 'wm', 'scale', 'alpha', 'beta'):
         u, v = getattr(got, name), getattr(want, name)
         assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+    assert (got_bn.positions is None) == (not sync_bn)
     for name, u, v in zip(got_bn._fields, got_bn, want_bn):
-        assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+        if u is not None:
+            assert rel_err(u, v.reshape(u.shape)) < 1e-4, name
+    if sync_bn:  # (the other process's batch counted)
+        assert float(got_bn.positions) == n * h * w + 18
     back = (go, z, got.a, got.cache, ce.ce_params(), ce.config, reduce_fn,
-            got.alpha, got.beta, got_bn, weight)
+            got.alpha, got.beta, got_bn, weight, bn_reduce_fn)
     g, t = (TritonPasses.batch_bn_backward_maps(*back),
             TorchPasses.batch_bn_backward_maps(*back))
     for name in ('m1', 'm2', 'shift', 'bn_weight', 'bn_bias'):

@@ -1,4 +1,5 @@
 """Channel Equilibrium (CE) layer, Shao et al., ICML 2020."""
+import functools
 from contextlib import nullcontext
 from typing import Optional
 
@@ -11,15 +12,16 @@ from torch import Tensor
 
 from ...ops import (BatchNormArgs, CEConfig, CEParams, CEState, Epilogue,
                     batchnorm_channel_equilibrium, channel_equilibrium,
-                    check_impl, is_plain_batchnorm)
+                    check_impl, is_plain_batchnorm, is_sync_batchnorm)
 from ...ops.export import traces_sizes
 from ...ops.types import check_int
 
 
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum of ``tensor`` over the default process group (a new tensor)."""
+def _all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+    """Sum of ``tensor`` over ``group`` (default: the default process
+    group), a new tensor."""
     out = tensor.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
 
@@ -53,16 +55,21 @@ class ChannelEquilibrium(nn.Module):
 
     **BN + CE as one op.** ``ce(z, bn=norm)`` computes ``ce(norm(z))``; when
     ``norm`` is a plain ``nn.BatchNorm2d`` (or mmengine's ``_BatchNormXd``,
-    what its runner makes of a SyncBN in one process;
+    what its runner makes of a SyncBN in one process, or a SyncBN that does
+    not synchronise in this call: eval mode, one process;
     :func:`ce_mmdet.ops.is_plain_batchnorm`) it does so with one fused op
     (:func:`ce_mmdet.ops.batchnorm_channel_equilibrium`): the BN is applied
     inside it, its running statistics and ``num_batches_tracked`` are
     updated exactly as ``nn.BatchNorm2d`` updates them, backward keeps only
     ``z`` (the tensor the BN keeps anyway), and in eval mode the BN's pass
-    is folded into CE's. Forward hooks and pre-hooks registered on
-    ``norm`` do **not** run on this path (``norm`` is not called as a
-    module); any other norm (SyncBN, GN, ``nn.Identity`` after mmcv's
-    ``fuse_conv_bn``...) is called as a module and CE follows it.
+    is folded into CE's. A SyncBN in training across processes
+    (:func:`ce_mmdet.ops.is_sync_batchnorm`) is fused as well while CE is
+    in training, with its batch statistics and their gradient sums summed
+    over its process group, as ``nn.SyncBatchNorm`` sums them (CPU tensors
+    too). Forward hooks and pre-hooks registered on ``norm`` do **not** run
+    on this path (``norm`` is not called as a module); any other norm (a
+    SyncBN in training before CE in eval mode, GN, ``nn.Identity`` after
+    mmcv's ``fuse_conv_bn``...) is called as a module and CE follows it.
     :class:`~ce_mmdet.models.CEResNet` and :class:`~ce_mmdet.models.CEFPN`
     call their CE layers this way. ``ce(z, bn=norm, residual=identity,
     relu=True)`` is a residual block's tail, ``relu(ce(norm(z)) +
@@ -224,9 +231,10 @@ class ChannelEquilibrium(nn.Module):
         Args:
             x (Tensor): (N, C, H, W) input; with ``bn``, the norm's input.
             bn (nn.Module, optional): the norm layer right before CE. A plain
-                ``nn.BatchNorm2d`` (:func:`ce_mmdet.ops.is_plain_batchnorm`)
-                is applied inside the fused op (its hooks do not run; see
-                the class doc); any other module is called.
+                ``nn.BatchNorm2d`` (:func:`ce_mmdet.ops.is_plain_batchnorm`),
+                or a SyncBN with CE in training, is applied inside the fused
+                op (its hooks do not run; see the class doc); any other
+                module is called.
             inplace (bool): the caller does not read ``x`` after this call
                 (for example a convolution output only this layer reads);
                 the result may then be written into ``x``'s storage where
@@ -242,8 +250,16 @@ class ChannelEquilibrium(nn.Module):
         Returns:
             Tensor: the shape and dtype of ``x``.
         """
+        bn_reduce_fn = None
         if bn is not None and not is_plain_batchnorm(bn):
-            x, bn = bn(x), None
+            if self.training and is_sync_batchnorm(bn):
+                # a SyncBN that synchronises (else it is plain), with CE's
+                # batch statistics: folded, its moments summed over its
+                # process group
+                bn_reduce_fn = functools.partial(_all_reduce_sum,
+                                                 group=bn.process_group)
+            else:
+                x, bn = bn(x), None
         self._check_input(x)
         if bn is not None:
             bn._check_input_dim(x)  # what its class adds to its forward
@@ -270,7 +286,7 @@ class ChannelEquilibrium(nn.Module):
             else:
                 out = batchnorm_channel_equilibrium(
                     x, BatchNormArgs.from_module(bn), self.ce_params(),
-                    self.ce_state(), **kwargs)
+                    self.ce_state(), bn_reduce_fn=bn_reduce_fn, **kwargs)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out

@@ -523,32 +523,45 @@ def test_hooks_on_a_fused_bn_do_not_run():
     assert torch.allclose(out, layer(torch.nn.BatchNorm2d(16)(z)), atol=1e-5)
 
 
-@pytest.mark.parametrize('training', [True, False])
-def test_reverted_sync_bn_is_fused_like_batchnorm2d(training):
-    """mmengine's runner reverts every SyncBN to its ``_BatchNormXd`` in a
-    run of one process: CE fuses it as it fuses nn.BatchNorm2d (its hooks do
-    not run), with the same bits, running statistics included."""
+def _sync_bn_as(kind, state, training):
+    """A SyncBN with ``state`` as mmdet builds one (``SyncBN``: mmengine's
+    subclass of nn.SyncBatchNorm), reverted by mmengine's runner (one
+    process) or kept (outside a process group it does not synchronise)."""
+    from mmcv.cnn import build_norm_layer
     from mmengine.model import revert_sync_batchnorm
+    sync = build_norm_layer(dict(type='SyncBN'), 16)[1].train(training)
+    assert isinstance(sync, torch.nn.SyncBatchNorm)
+    sync.load_state_dict(state)
+    if kind == 'reverted':
+        sync = revert_sync_batchnorm(sync)
+        assert type(sync).__name__ == '_BatchNormXd'
+    return sync
+
+
+@pytest.mark.parametrize('kind', ['reverted', 'sync'])
+@pytest.mark.parametrize('training', [True, False])
+def test_sync_bn_in_one_process_is_fused_like_batchnorm2d(kind, training):
+    """A SyncBN that does not synchronise (no process group here), and the
+    ``_BatchNormXd`` mmengine's runner reverts it to in a run of one
+    process: CE fuses it as it fuses nn.BatchNorm2d (its hooks do not run),
+    with the same bits, running statistics included."""
     layer = make_layer(16, dtype=torch.float32).train(training)
     bn2d = make_bn(16, training).float()
-    sync = torch.nn.SyncBatchNorm(16).train(training)
-    sync.load_state_dict(bn2d.state_dict())
-    reverted = revert_sync_batchnorm(sync)
-    assert type(reverted).__name__ == '_BatchNormXd'
+    norm = _sync_bn_as(kind, bn2d.state_dict(), training)
     calls = []
-    reverted.register_forward_hook(lambda *a: calls.append(1))
+    norm.register_forward_hook(lambda *a: calls.append(1))
     z = bn_like_input(2, 16, 5, 6, dtype=torch.float32)
     zx, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
-    out = copy.deepcopy(layer)(zx, bn=reverted)
+    out = copy.deepcopy(layer)(zx, bn=norm)
     expected = copy.deepcopy(layer)(z2, bn=bn2d)
     assert calls == []  # fused, not called as a module
     assert torch.equal(out, expected)
     for key, value in bn2d.state_dict().items():
-        assert torch.equal(reverted.state_dict()[key], value), key
+        assert torch.equal(norm.state_dict()[key], value), key
     out.square().sum().backward()
     expected.square().sum().backward()
     assert torch.equal(zx.grad, z2.grad)
-    assert torch.equal(reverted.weight.grad, bn2d.weight.grad)
+    assert torch.equal(norm.weight.grad, bn2d.weight.grad)
 
 
 def test_fused_bn_keeps_its_class_input_check():
