@@ -64,7 +64,7 @@ from torch import Tensor
 from .small_graph import SmallGraphCache, unbiased_divisor
 from .torch_impl import (BatchBNStats, BNAffine, GradMaps, MapResult,
                          backward_maps_by, batch_bn_backward_maps_by,
-                         batch_bn_map_by, forward_map_by, global_bn_moments)
+                         batch_bn_map_by, forward_map_by)
 
 #: Programs to aim for in a statistics launch (a few per SM of a large GPU).
 _TARGET_PROGRAMS = 512
@@ -340,6 +340,39 @@ def _group_layout(D: tl.constexpr, BLOCK_D: tl.constexpr):
     return rows, rmask, on_diag, mmask, mat
 
 
+@triton.jit
+def _channel_sums(PQ, PS, NSPLIT, N, g, G, rows, rmask, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Group g's per-channel sums of z and z^2 over every sample and
+    position, from :func:`_stats_kernel`'s partial sums (a BN's batch
+    moments)."""
+    zsum = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    zsq = tl.zeros((BLOCK_D, ), dtype=tl.float32)
+    for n in range(N):
+        for s in range(NSPLIT):
+            slot = ((n * G + g) * NSPLIT + s).to(tl.int64)
+            zsum += tl.load(PS + slot * D + rows, mask=rmask, other=0.)
+            zsq += tl.load(PQ + slot * D * D + rows * (D + 1), mask=rmask,
+                           other=0.)
+    return zsum, zsq
+
+
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _bn_sums_kernel(PQ, PS, NSPLIT, N, C, hw, OUT, D: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """A SyncBN's share of its batch moments, per group g (one program
+    each): OUT = [sum z (C), sum z^2 (C), positions], this process's, for
+    the all-reduce before :func:`_group_stats_kernel` (GLOBAL_BN)."""
+    g = tl.program_id(0)
+    rows, rmask, _, _, _ = _group_layout(D, BLOCK_D)
+    zsum, zsq = _channel_sums(PQ, PS, NSPLIT, N, g, C // D, rows, rmask, D,
+                              BLOCK_D)
+    tl.store(OUT + g * D + rows, zsum, mask=rmask)
+    tl.store(OUT + C + g * D + rows, zsq, mask=rmask)
+    if g == 0:
+        tl.store(OUT + 2 * C, (N * hw).to(tl.float32))
+
+
 @triton.jit(do_not_specialize=_UNSPECIALISED)
 def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
                         BN_W, BN_B, BN_MEAN, BN_VAR, bn_eps, ALPHA, BETA,
@@ -387,15 +420,8 @@ def _group_stats_kernel(PQ, PS, NSPLIT, N, C, hw, eps,
             zsq = tl.load(BN_MOMENTS + C + ch, mask=rmask, other=0.)
             bn_inv_positions = 1. / tl.load(BN_MOMENTS + 2 * C)
         else:
-            zsum = tl.zeros((BLOCK_D, ), dtype=tl.float32)
-            zsq = tl.zeros((BLOCK_D, ), dtype=tl.float32)
-            for n in range(N):
-                for s in range(NSPLIT):
-                    slot = ((n * G + g) * NSPLIT + s).to(tl.int64)
-                    zsum += tl.load(PS + slot * D + rows, mask=rmask,
-                                    other=0.)
-                    zsq += tl.load(PQ + slot * D * D + rows * (D + 1),
-                                   mask=rmask, other=0.)
+            zsum, zsq = _channel_sums(PQ, PS, NSPLIT, N, g, G, rows, rmask,
+                                      D, BLOCK_D)
             bn_inv_positions = inv_positions
         bmean = zsum * bn_inv_positions
         bvar = tl.maximum(zsq * bn_inv_positions - bmean * bmean, 0.)
@@ -1051,6 +1077,7 @@ _GROUP_STATS = _Kernel(_group_stats_kernel,
                         'VSUM_G', 'SUMS', 'COV', 'WM', 'ITERS', 'BATCH_MEAN',
                         'BATCH_VAR', 'BATCH_INVSTD', 'MEAN_Z', 'GRAM_Z',
                         'HID_PART'))
+_BN_SUMS = _Kernel(_bn_sums_kernel, ('OUT', ))
 _SUMS_HEAD = _Kernel(_sums_head_kernel, ('SUMS', ))
 _GLOBAL_WHITEN = _Kernel(_global_whiten_kernel, ('COV', 'WM', 'ITERS'))
 _SAMPLE_MAP = _Kernel(_sample_map_kernel,
@@ -1207,8 +1234,8 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     :func:`~ce_mmdet.ops.torch_impl.batch_bn_map_by`); returns ``(MapResult,
     BatchBNStats)`` then, else the MapResult. With ``bn_reduce_fn`` (a
     SyncBN) the BN's per-channel sums and count, from the statistics
-    kernel's partial sums, are summed over its processes before the group
-    kernel (a few small ops and the all-reduce).
+    kernel's partial sums (:func:`_bn_sums_kernel`), are summed over its
+    processes before the group kernel.
 
     ``keep`` False (eval without autograd): what only the backward reads is
     neither allocated nor written (the cache, ``a`` where the map applied is
@@ -1237,10 +1264,10 @@ def _fused_forward_map(x: Tensor, params, state, config, training: bool,
     if batch_bn is not None:
         bn = BNAffine(batch_bn[0], batch_bn[1], ps, ps, batch_bn[2])
         if bn_reduce_fn is not None:  # a SyncBN: its global batch's sums
-            parts = pq.view(n, g, split, d, d).diagonal(dim1=-2, dim2=-1)
-            bn_moments = global_bn_moments(
-                ps.view(n, g, split, d).sum((0, 2)).reshape(c),
-                parts.sum((0, 2)).reshape(c), n * hw, bn_reduce_fn)
+            bn_moments = new(2 * c + 1)
+            _launch(_BN_SUMS, (g, ), pq, ps, split, n, c, hw, bn_moments,
+                    D=d, BLOCK_D=block_d, num_warps=_warps(block_d))
+            bn_moments = bn_reduce_fn(bn_moments)
         bn_stats = BatchBNStats(
             new(c), new(c), new(c), new(n, c), new(n, g, d, d),
             None if bn_moments is None else bn_moments[2 * c])
