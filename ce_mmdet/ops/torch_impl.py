@@ -396,17 +396,6 @@ class BatchBNStats(NamedTuple):
     positions: Optional[Tensor] = None
 
 
-def global_bn_moments(sum_z: Tensor, sumsq_z: Tensor, positions: int,
-                      bn_reduce_fn) -> Tensor:
-    """A SyncBN's batch moments: this process's per-channel sums of ``z``
-    and ``z^2`` (C each) and its number of positions, summed over the BN's
-    processes by ``bn_reduce_fn`` in one call; returns them in one (2 C +
-    1) tensor, in that order."""
-    return bn_reduce_fn(
-        torch.cat([sum_z, sumsq_z,
-                   sum_z.new_full((1, ), positions)]))
-
-
 def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
                     weight: Optional[Tensor], bias: Optional[Tensor],
                     eps: float,
@@ -425,9 +414,9 @@ def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
     far inside that).
 
     ``bn_reduce_fn`` (a SyncBN that synchronises): the BN's per-channel
-    sums and count are summed over its processes first
-    (:func:`global_bn_moments`), so its batch statistics are the global
-    batch's; CE's statistics follow ``reduce_fn`` as without it.
+    sums of ``z`` and ``z^2`` and its count of positions are summed over
+    its processes first, in one call, so its batch statistics are the
+    global batch's; CE's statistics follow ``reduce_fn`` as without it.
     """
     n, c, h, w = z.shape
     hw = h * w
@@ -439,8 +428,9 @@ def batch_bn_map_by(passes, z: Tensor, params, state, config, reduce_fn,
     if bn_reduce_fn is None:
         mean = mean_z.mean(0)
     else:
-        moments = global_bn_moments(hw * mean_z.sum(0), sumsq, positions,
-                                    bn_reduce_fn)
+        moments = bn_reduce_fn(
+            torch.cat([hw * mean_z.sum(0), sumsq,
+                       sumsq.new_full((1, ), positions)]))
         sumsq, positions = moments[c:2 * c], moments[2 * c]
         mean = moments[:c] / positions
     var = (sumsq / positions - mean * mean).clamp_min(0)

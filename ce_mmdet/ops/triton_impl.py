@@ -1444,9 +1444,8 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
     d_bn_w = new(c) if keep_cross else None
     d_bn_b = new(c) if keep_cross else None
     sync_bn = batch_bn is not None and bn_reduce_fn is not None
-    bn_sums = new(2 * c) if sync_bn else gdiag
 
-    def grad_maps(phase: int) -> None:
+    def grad_maps(phase: int, bn_sums: Tensor) -> None:
         _launch(
             _GRAD_MAPS, (g, ),
             a, cache.mean, grad_var,
@@ -1465,11 +1464,11 @@ def _fused_backward_maps(grad_out: Tensor, kept: Tensor, a: Tensor, cache,
             BN_PHASE=phase, num_warps=_warps(block_d))
 
     if sync_bn:  # this process's BN sums, their sum, then the maps
-        grad_maps(1)
-        bn_sums = bn_reduce_fn(bn_sums)
-        grad_maps(2)
+        local = new(2 * c)
+        grad_maps(1, local)
+        grad_maps(2, bn_reduce_fn(local))
     else:
-        grad_maps(0)
+        grad_maps(0, gdiag)
     return GradMaps(m1, m2, shift, [d_gate, d_fc1, d_lnw, d_lnb, d_fc2],
                     d_bn_w, d_bn_b)
 

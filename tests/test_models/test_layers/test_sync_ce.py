@@ -119,6 +119,13 @@ def run_ranks(splits, tmp_path, momentum=0.1, impl='torch', compiled=False):
     ]
 
 
+def skip_without_triton():
+    from ce_mmdet.ops.impl import triton_importable, triton_interpreting
+    if not triton_importable() or not (torch.cuda.is_available()
+                                       or triton_interpreting()):
+        pytest.skip('needs triton (and a GPU or TRITON_INTERPRET=1)')
+
+
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
@@ -155,10 +162,7 @@ def test_sync_ce_triton_equals_global_batch(tmp_path):
     """SyncCE with the Triton kernels (the batch sums and their gradient
     all-reduced between the small-graph kernels): the float64
     single-process result to fp32 accuracy."""
-    from ce_mmdet.ops.impl import triton_importable, triton_interpreting
-    if not triton_importable() or not (torch.cuda.is_available()
-                                       or triton_interpreting()):
-        pytest.skip('needs triton (and a GPU or TRITON_INTERPRET=1)')
+    skip_without_triton()
     ref = single_process(4)
     ranks = run_ranks([3, 1], tmp_path, impl='triton')
     out = torch.cat([r['out'] for r in ranks])
@@ -381,10 +385,7 @@ def test_sync_bn_in_training_triton_equals_global_batch(tmp_path):
     the statistics and group kernels, and between the two launches of the
     input gradient's maps), with SyncCE: the float64 single-process result
     to fp32 accuracy."""
-    from ce_mmdet.ops.impl import triton_importable, triton_interpreting
-    if not triton_importable() or not (torch.cuda.is_available()
-                                       or triton_interpreting()):
-        pytest.skip('needs triton (and a GPU or TRITON_INTERPRET=1)')
+    skip_without_triton()
     splits = [3, 1]
     spawn(sync_bn_train_worker, 2, str(tmp_path / 'dist_init'),
           str(tmp_path), splits, True, 'triton')
